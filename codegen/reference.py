@@ -1,0 +1,166 @@
+"""What the MoE operator computes: the one semantics every kernel, pass and EP path is tested against.
+
+Readable plain torch, in the spirit of torchtitan's ``_run_experts_for_loop``: a loop over
+(sub-)experts, kept for comparison and readability. Sub-expert ``s`` of a block with partition P is
+neuron group ``s % P`` of expert ``s // P`` and is read as a strided view of the original weights,
+never a copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe_compiler.ir import MoESpec
+
+
+@functools.lru_cache(maxsize=None)
+def parse_spec(spec_json: str) -> MoESpec:
+    return MoESpec.from_json(spec_json)
+
+
+def _param(spec: MoESpec, params, name: str):
+    return params[spec.slots.index(name)] if name in spec.slots else None
+
+
+# ---- routing -------------------------------------------------------------------------------------
+def router_logits(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
+    weight, bias = _param(spec, params, "router_weight"), _param(spec, params, "router_bias")
+    if spec.routing.logits_fp32:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(x, weight, bias)
+
+
+def _group_mask(choice: torch.Tensor, spec: MoESpec, copies: int) -> torch.Tensor:
+    """Boolean [T, E'] mask of the experts in the best topk_groups groups (DeepSeek group-limited routing)."""
+    r = spec.routing
+    grouped = choice.view(choice.shape[0], r.num_groups, -1)
+    if r.group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:  # sum of the two best distinct experts; with P equal copies each, the 2P best sum to P times it
+        group_scores = grouped.topk(2 * copies, dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_scores, k=r.topk_groups, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+
+
+def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router: returns (logits [T, E'], weights [T, K'], sub-expert indices [T, K'])."""
+    r = spec.routing
+    logits = router_logits(x, params, spec)
+    copies = spec.partition if spec.transform == "complete" else 1
+    k = spec.top_k * copies
+    if copies > 1:  # complete transformation: router rows repeated P times, expert e -> e*P .. e*P+P-1
+        logits = logits.repeat_interleave(copies, dim=-1)
+    if r.score_after_topk:
+        values, index = torch.topk(logits, k, dim=-1)
+        weights = torch.softmax(values, dim=-1, dtype=values.dtype)
+    else:
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32) if r.score_func == "softmax" else logits.sigmoid()
+        choice = scores
+        if r.score_bias:
+            choice = scores + _param(spec, params, "score_bias").repeat_interleave(copies)
+        if r.num_groups > 1:
+            fill = 0.0 if r.group_mask_value == "zero" else float("-inf")
+            choice = choice.masked_fill(~_group_mask(choice, spec, copies), fill)
+        index = torch.topk(choice, k, dim=-1).indices
+        weights = scores.gather(1, index)
+        if r.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + r.renorm_eps)
+        weights = weights * r.scale
+    if copies > 1:
+        weights = weights * spec.complete_scale
+    if not r.weights_fp32:
+        weights = weights.to(x.dtype)
+    return logits, weights, index
+
+
+def partial_transform(index: torch.Tensor, weights: torch.Tensor, partition: int):
+    """Paper Eq. 12: [i1, .., iK] -> [i1*P, .., iK*P, i1*P+1, .., iK*P+P-1]; weights tiled P times."""
+    if partition == 1:
+        return index, weights
+    offsets = torch.arange(partition, device=index.device).repeat_interleave(index.shape[-1])
+    return index.repeat(1, partition) * partition + offsets, weights.repeat(1, partition)
+
+
+# ---- experts -------------------------------------------------------------------------------------
+def _rows(w: torch.Tensor, transposed: bool, start: int, stop: int, step: int = 1) -> torch.Tensor:
+    """Output-channel slice of a 2-D [out, in] (or transposed [in, out]) weight, as a [out', in] view."""
+    return w[:, start:stop:step].t() if transposed else w[start:stop:step]
+
+
+def sub_expert_weights(params, spec: MoESpec, sub: int):
+    """(gate [c, H], up [c, H], down [H, c], gate_bias, up_bias, down_bias) views of sub-expert `sub`."""
+    ex, P = spec.experts, spec.partition
+    e, p = divmod(sub, P)
+    c = spec.intermediate // P
+    lo, hi = p * c, (p + 1) * c
+    if ex.layout == "separate":
+        w1, w3, w2 = (_param(spec, params, f"{n}.{e}") for n in ("w1", "w3", "w2"))
+        b1, b3, b2 = (_param(spec, params, f"{n}_bias.{e}") for n in ("w1", "w3", "w2"))
+        pick = lambda b: None if b is None else b[lo:hi]  # noqa: E731
+        return w1[lo:hi], w3[lo:hi], w2[:, lo:hi], pick(b1), pick(b3), (b2 if p == 0 else None)
+    gate_up, down = _param(spec, params, "gate_up")[e], _param(spec, params, "down")[e]
+    gub, db = _param(spec, params, "gate_up_bias"), _param(spec, params, "down_bias")
+    I = spec.intermediate
+    if ex.interleaved:
+        g_sl, u_sl = (2 * lo, 2 * hi, 2), (2 * lo + 1, 2 * hi, 2)
+    else:
+        g_sl, u_sl = (lo, hi, 1), (I + lo, I + hi, 1)
+    gate, up = _rows(gate_up, ex.transposed, *g_sl), _rows(gate_up, ex.transposed, *u_sl)
+    dn = down[lo:hi].t() if ex.transposed else down[:, lo:hi]
+    gb = None if gub is None else gub[e][slice(*g_sl)]
+    ub = None if gub is None else gub[e][slice(*u_sl)]
+    # The down bias belongs to the whole expert: sub-expert p == 0 (the Major half) carries it.
+    return gate, up, dn, gb, ub, (db[e] if db is not None and p == 0 else None)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0):
+    if activation == "gptoss":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    act = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
+    return act(gate) * up
+
+
+def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts: sum over kept (token, slot) pairs of weight * sub_expert(x). index holds sub-expert ids."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    mask = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
+    ex = spec.experts
+    for sub in range(spec.num_experts * spec.partition):
+        token, slot = torch.where((index == sub) & mask)
+        if token.numel() == 0:
+            continue
+        gate, up, down, gb, ub, db = sub_expert_weights(params, spec, sub)
+        xs = x[token]
+        h = glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
+        y = F.linear(h, down, db)
+        out.index_add_(0, token, (y * weights[token, slot, None]).float())
+    return out.to(x.dtype)
+
+
+def shared_experts(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
+    s = spec.shared
+    gate, up, down = (_param(spec, params, f"shared_{n}") for n in ("gate", "up", "down"))
+    y = F.linear(glu(F.linear(x, gate), F.linear(x, up), s.activation), down)
+    if s.gated:
+        y = torch.sigmoid(F.linear(x, _param(spec, params, "shared_gate_weight"))) * y
+    return y
+
+
+# ---- the whole block -----------------------------------------------------------------------------
+def moe(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
+    """The MoE block on x [T, H]: route, (partial transform), experts, shared experts."""
+    _, weights, index = route(x, params, spec)
+    if spec.transform == "partial":
+        index, weights = partial_transform(index, weights, spec.partition)
+    out = experts(x, index, weights, params, spec)
+    if spec.shared is not None:
+        out = out + shared_experts(x, params, spec)
+    return out

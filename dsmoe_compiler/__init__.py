@@ -1,0 +1,11 @@
+"""dualsparse: a torch.compile backend for Mixture-of-Experts inference (DualSparse-MoE).
+
+    torch.compile(model, backend="dualsparse", options={...})
+"""
+
+from dsmoe_compiler.backend import dualsparse_backend
+from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
+from dsmoe_compiler.options import Options
+from dsmoe_compiler.report import last_report
+
+__all__ = ["dualsparse_backend", "last_report", "MoESpec", "RoutingSpec", "ExpertsSpec", "SharedSpec", "Options"]

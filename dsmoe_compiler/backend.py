@@ -1,0 +1,105 @@
+"""The ``dualsparse`` dynamo backend: capture MoE blocks, run the passes, hand the rest to inductor."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.fx as fx
+
+from dsmoe_compiler import dump, ops  # noqa: F401  (ops registers torch.ops.dualsparse.*)
+from dsmoe_compiler import report as report_mod
+from dsmoe_compiler.capture import fuse_markers, transformers_hf, user_moe
+from dsmoe_compiler.capture.graph_utils import ssa_inplace
+from dsmoe_compiler.options import Options
+
+log = logging.getLogger("dsmoe_compiler")
+
+
+def _set_impl(gm: fx.GraphModule, options: Options, example_inputs) -> None:
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    impl = "triton" if options.kernels == "triton" or (options.kernels == "auto" and on_cuda) else "reference"
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fuse_markers.MOE:
+            x, params, spec = node.args[:3]
+            node.args = (x, params, spec, impl)
+
+
+def _run_passes(gm: fx.GraphModule, options: Options, report, dumper) -> None:
+    from dsmoe_compiler.passes import PASSES
+
+    for name, run in PASSES:
+        if run(gm, options, report):
+            gm.recompile()
+            dumper.graph(gm, f"after_{name}")
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options):
+    if options.inner == "eager":
+        return gm.forward
+    if options.inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
+    """``torch.compile(model, backend="dualsparse", options={...})``."""
+    opts = Options.from_dict(options)
+    report = report_mod.current()
+    report.graphs += 1
+    dumper = dump.Dumper(opts.dump_dir, report.graphs)
+    dumper.graph(gm, "captured")
+
+    fuse_markers.collect_left_alone(gm, report)
+    if ssa_inplace(gm):
+        report.counters["ssa_inplace"] += 1
+    fuse_markers.fuse_markers(gm, report)
+    user_moe.capture_user_moe(gm, example_inputs, opts, report)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    dumper.graph(gm, "after_capture")
+    _run_passes(gm, opts, report, dumper)
+    _set_impl(gm, opts, example_inputs)
+    gm.recompile()
+    dumper.moe_pictures(gm)
+    log.info("%s", report)
+    return _inner_compile(gm, example_inputs, opts)
+
+
+@contextlib.contextmanager
+def _capture_context():
+    """Entered around every call of a model compiled with dualsparse (tracing included)."""
+    with transformers_hf.TransformersCapture(), torch._dynamo.config.patch(
+        capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True
+    ):
+        yield
+
+
+dualsparse_backend.backend_ctx_ctor = _capture_context
+dualsparse_backend.reset = report_mod.reset
+
+
+def _forward_backend_ctx_through_torch_compile() -> None:
+    """Let ``torch.compile(backend=...)`` honour ``backend_ctx_ctor`` as ``torch._dynamo.optimize`` does.
+
+    ``torch.compile`` wraps every non-inductor backend in ``_TorchCompileWrapper`` and then in
+    ``WrapBackendDebug``; ``optimize`` looks ``backend_ctx_ctor`` up on the outer wrapper only, so a
+    backend's context would be lost. Two read-only properties forward the lookup to the wrapped
+    backend; backends without the attribute still get ``contextlib.nullcontext``.
+    """
+    from torch._dynamo.repro.after_dynamo import WrapBackendDebug
+
+    def forward_to(attr):
+        return property(lambda self: getattr(getattr(self, attr), "backend_ctx_ctor", contextlib.nullcontext))
+
+    for cls, attr in ((torch._TorchCompileWrapper, "compiler_fn"), (WrapBackendDebug, "_torchdynamo_orig_backend")):
+        if "backend_ctx_ctor" not in cls.__dict__:
+            cls.backend_ctx_ctor = forward_to(attr)
+
+
+_forward_backend_ctx_through_torch_compile()

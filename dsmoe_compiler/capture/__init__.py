@@ -1,0 +1,1 @@
+"""Recognisers: FX graph (or module) -> MoESpec, one file per form."""

@@ -1,0 +1,87 @@
+"""Small FX helpers shared by the recognisers."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+_VIEW_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+
+
+def source_path(node: fx.Node) -> str | None:
+    """Dotted module path of a placeholder holding a parameter/buffer ("model.layers.0.mlp.gate.weight")."""
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    keys = [k for k in _KEY.findall(source.name) if k != "self"]
+    return ".".join(keys) if keys else None
+
+
+def _params(node: fx.Node):
+    for arg in node.all_input_nodes:
+        if arg.op == "placeholder":
+            yield arg
+        elif arg.op == "call_function" and arg.target in (list, tuple):
+            yield from _params(arg)
+
+
+def block_name(node: fx.Node) -> str | None:
+    """The MoE block's module path, from the longest common prefix of its parameters' paths."""
+    paths = [p.split(".") for a in node.all_input_nodes for p in [source_path(a)] if p]
+    for a in node.args:
+        if isinstance(a, (list, tuple)):
+            paths += [p.split(".") for n in a if isinstance(n, fx.Node) for p in [source_path(n)] if p]
+    if not paths:
+        return None
+    prefix = paths[0][:-1]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(p) - 1) and prefix[n] == p[n]:
+            n += 1
+        prefix = prefix[:n]
+    if prefix and prefix[-1] in ("experts", "gate", "router"):
+        prefix = prefix[:-1]
+    return ".".join(prefix) or None
+
+
+def strip_views(node: fx.Node) -> fx.Node:
+    while node.op == "call_method" and node.target in _VIEW_METHODS:
+        node = node.args[0]
+    return node
+
+
+def same_base(a: fx.Node, b: fx.Node) -> bool:
+    """Whether a and b hold the same values up to view/reshape."""
+    return strip_views(a) is strip_views(b)
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def ssa_inplace(gm: fx.GraphModule) -> int:
+    """Make in-place tensor methods explicit in the data flow (``out.index_add_(...)`` returns ``out``).
+
+    Later uses of the mutated tensor are rewired to the in-place node itself, which is exact because
+    in-place tensor methods return their ``self``. Afterwards the MoE region of a loop that accumulates
+    with ``index_add_`` ends in one node that the recogniser can replace.
+    """
+    rewired = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_method" or not node.target.endswith("_") or node.target.startswith("__"):
+            continue
+        target = node.args[0]
+        if not isinstance(target, fx.Node) or isinstance(example_value(target), torch.SymInt):
+            continue
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+                rewired += 1
+    return rewired

@@ -1,0 +1,245 @@
+"""Capture of Hugging Face transformers MoE blocks: routers and experts become traceable markers.
+
+Mechanism (and why): transformers v5 dispatches an experts module's forward at call time through
+``ExpertsInterface.get_interface(config._experts_implementation, ...)``. Its "eager" implementation
+loops over ``nonzero()`` results and breaks the graph; "grouped_mm" and "batched_mm" trace but bury
+the block in dozens of ops. While a model compiled with ``dualsparse`` runs (our backend's
+``backend_ctx_ctor``, entered around every call, tracing included), this module:
+
+- makes ``get_interface`` hand out ``experts_forward`` below, whatever the configured
+  implementation is: for an experts module it can describe exactly, it emits one
+  ``torch.ops.dualsparse.experts`` call (no data-dependent shapes, so no graph break); otherwise it
+  falls back to the configured implementation and leaves a ``dualsparse.left_alone`` marker saying
+  why;
+- replaces the ``forward`` of the router classes it knows (``ROUTERS``) by one
+  ``torch.ops.dualsparse.route`` call.
+
+The backend then fuses each route/experts pair into one ``dualsparse.moe`` node. Everything is
+restored when the call returns, so other compiles in the process never see these patches.
+
+Limits: routers are recognised by class (a new router class is left as plain ops, exact but not
+fused); experts need a known activation or GPT-OSS's ``_apply_gate``; ``has_gate=False``,
+post-expert norms and expert-parallel sentinels fall back. Calls of the model from several threads
+at once, one compiled with dualsparse and one not, would see the patches too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+
+import torch
+
+from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
+
+_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTanh": "gelu_tanh",
+                "GELUActivation": "gelu", "PytorchGELUTanh": "gelu_tanh"}
+
+
+# ---- routers --------------------------------------------------------------------------------------
+def _topk_softmax_router(module, *, always_renorm=False, weights_fp32=False) -> RoutingSpec:
+    return RoutingSpec(score_func="softmax", renormalize=always_renorm or bool(module.norm_topk_prob),
+                       weights_fp32=weights_fp32)
+
+
+def _deepseek_v2_router(module) -> RoutingSpec | None:
+    if module.topk_method not in ("greedy", "group_limited_greedy"):
+        return None
+    groups = module.num_group if module.topk_method == "group_limited_greedy" else 1
+    return RoutingSpec(score_func="softmax", scale=float(module.routed_scaling_factor), logits_fp32=True,
+                       weights_fp32=True, num_groups=groups, topk_groups=module.topk_group if groups > 1 else 1,
+                       group_score="max", group_mask_value="zero")
+
+
+def _deepseek_v3_router(module) -> RoutingSpec:
+    return RoutingSpec(score_func="sigmoid", score_bias=True, num_groups=module.num_group,
+                       topk_groups=module.topk_group, group_score="top2_sum", group_mask_value="-inf",
+                       renormalize=bool(module.norm_topk_prob), renorm_eps=1e-20,
+                       scale=float(module.routed_scaling_factor), logits_fp32=True, weights_fp32=True)
+
+
+ROUTERS = {
+    "OlmoeTopKRouter": _topk_softmax_router,
+    "Qwen2MoeTopKRouter": _topk_softmax_router,
+    "Qwen3MoeTopKRouter": _topk_softmax_router,
+    "MixtralTopKRouter": functools.partial(_topk_softmax_router, always_renorm=True, weights_fp32=True),
+    "DeepseekV2TopkRouter": _deepseek_v2_router,
+    "DeepseekV3TopkRouter": _deepseek_v3_router,
+    "GptOssTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True, router_bias=True),
+}
+"""Router class name -> function reading its RoutingSpec from the module (None: not expressible)."""
+
+
+def _router_slots(routing: RoutingSpec) -> tuple[tuple[str, str], ...]:
+    """(slot, module attribute) pairs of the router's tensors."""
+    slots = [("router_weight", "weight")]
+    if routing.router_bias:
+        slots.append(("router_bias", "bias"))
+    if routing.score_bias:
+        slots.append(("score_bias", "e_score_correction_bias"))
+    return tuple(slots)
+
+
+@torch._dynamo.assume_constant_result
+def router_plan(module) -> tuple[str, tuple[str, ...]] | None:
+    """(spec JSON, attribute names of its tensors) for a known router; computed once at trace time.
+
+    ``assume_constant_result`` makes dynamo call this eagerly and bake the answer in as a constant,
+    so building the spec costs no graph break.
+    """
+    routing = ROUTERS[type(module).__name__](module)
+    if routing is None:
+        return None
+    slots = _router_slots(routing)
+    E, H = module.weight.shape
+    spec = MoESpec(name="router", num_experts=E, top_k=module.top_k, hidden=H, intermediate=0,
+                   routing=routing, slots=tuple(s for s, _ in slots))
+    return spec.to_json(), tuple(a for _, a in slots)
+
+
+def route_forward(self, hidden_states):
+    plan = router_plan(self)
+    if plan is None:
+        return _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
+    spec_json, attributes = plan
+    params = [getattr(self, a) for a in attributes]
+    return torch.ops.dualsparse.route(hidden_states.reshape(-1, self.weight.shape[1]), params, spec_json)
+
+
+# ---- experts --------------------------------------------------------------------------------------
+def describe_experts(module) -> ExpertsSpec | str:
+    """The ExpertsSpec of a transformers experts module, or the reason it cannot be described."""
+    if not getattr(module, "has_gate", True):
+        return "experts without a gate projection (has_gate=False)"
+    if getattr(module, "has_post_expert_norm", False):
+        return "experts with a post-expert norm"
+    if getattr(module, "_is_expert_parallel", False):
+        return "experts already sharded for expert parallelism"
+    apply_gate = getattr(type(module), "_apply_gate", None)
+    gate_name = getattr(apply_gate, "__qualname__", "")
+    if gate_name.endswith("GptOssExperts._apply_gate"):
+        activation = "gptoss"
+    elif gate_name == "_default_apply_gate":
+        act_name = type(getattr(module, "act_fn", None)).__name__
+        activation = _ACTIVATIONS.get(act_name)
+        if activation is None:
+            return f"activation {act_name} not supported"
+    else:
+        return f"custom gate function {gate_name}"
+    return ExpertsSpec(layout="fused", interleaved=not module.is_concatenated, transposed=module.is_transposed,
+                       has_bias=module.has_bias, activation=activation,
+                       alpha=float(getattr(module, "alpha", 1.702)), limit=float(getattr(module, "limit", 7.0)))
+
+
+@torch._dynamo.assume_constant_result
+def experts_plan(module, top_k: int) -> tuple[str, tuple[str, ...]] | str:
+    """(spec JSON, attribute names of its tensors), or the reason the module is left alone."""
+    described = describe_experts(module)
+    if isinstance(described, str):
+        return f"{type(module).__name__}: {described}"
+    slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")]
+    if described.has_bias:
+        slots += [("gate_up_bias", "gate_up_proj_bias"), ("down_bias", "down_proj_bias")]
+    shape = module.gate_up_proj.shape
+    hidden, inter2 = (shape[1], shape[2]) if described.transposed else (shape[2], shape[1])
+    spec = MoESpec(name="experts", num_experts=shape[0], top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
+                   experts=described, slots=tuple(s for s, _ in slots))
+    return spec.to_json(), tuple(a for _, a in slots)
+
+
+def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback):
+    plan = experts_plan(self, top_k_index.shape[-1])
+    if isinstance(plan, str):
+        out = fallback(self, hidden_states, top_k_index, top_k_weights)
+        return torch.ops.dualsparse.left_alone(out, plan)
+    spec_json, attributes = plan
+    params = [getattr(self, a) for a in attributes]
+    return torch.ops.dualsparse.experts(hidden_states, top_k_index, top_k_weights, params, spec_json)
+
+
+# ---- the scoped patch -----------------------------------------------------------------------------
+_ORIGINAL_FORWARDS: dict[type, object] = {}
+_lock = threading.Lock()
+_depth = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _router_classes() -> tuple[type, ...]:
+    return tuple(_find_router_classes())
+
+
+def _find_router_classes():
+    import transformers
+
+    for name in ROUTERS:
+        for module_name in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"):
+            cls = getattr(getattr(transformers.models, module_name, None), name, None)
+            if cls is None:
+                try:
+                    mod = __import__(f"transformers.models.{module_name}.modeling_{module_name}", fromlist=[name])
+                except ImportError:
+                    continue
+                cls = getattr(mod, name, None)
+            if cls is not None:
+                yield cls
+                break
+
+
+def _patched_get_interface(original):
+    @functools.wraps(original)
+    def get_interface(self, experts_implementation, default):
+        fallback = original(self, experts_implementation, default)
+        return functools.partial(experts_forward, fallback=fallback)
+
+    return get_interface
+
+
+class TransformersCapture:
+    """Context manager applying the patches (re-entrant, counted)."""
+
+    def __enter__(self):
+        global _depth
+        with _lock:
+            _depth += 1
+            if _depth == 1:
+                _install()
+        return self
+
+    def __exit__(self, *exc):
+        global _depth
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _uninstall()
+        return False
+
+
+def _transformers_moe():
+    if "transformers" not in sys.modules:  # a model not built with transformers: nothing to patch
+        return None
+    try:
+        from transformers.integrations import moe
+    except ImportError:  # transformers not installed: nothing to patch
+        return None
+    return moe
+
+
+def _install():
+    moe = _transformers_moe()
+    if moe is None:
+        return
+    _ORIGINAL_FORWARDS["get_interface"] = moe.ExpertsInterface.get_interface
+    moe.ExpertsInterface.get_interface = _patched_get_interface(moe.ExpertsInterface.get_interface)
+    for cls in _router_classes():
+        _ORIGINAL_FORWARDS[cls] = cls.forward
+        cls.forward = route_forward
+
+
+def _uninstall():
+    moe = _transformers_moe()
+    if moe is None:
+        return
+    moe.ExpertsInterface.get_interface = _ORIGINAL_FORWARDS.pop("get_interface")
+    for cls in [c for c in _ORIGINAL_FORWARDS if isinstance(c, type)]:
+        cls.forward = _ORIGINAL_FORWARDS.pop(cls)

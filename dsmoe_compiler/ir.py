@@ -1,0 +1,155 @@
+"""MoE IR: one documented description of a Mixture-of-Experts block.
+
+A recogniser (``dsmoe_compiler/capture``) turns a block found in an FX graph into a ``MoESpec``;
+passes (``passes/``) return new specs; ``codegen/reference.py`` defines what a spec computes.
+The spec travels inside the graph as the JSON string argument of ``torch.ops.dualsparse.moe``,
+next to the flat list of tensors it names in ``slots`` (weights are graph inputs since torch 2.5,
+so the op takes them as arguments rather than holding them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingSpec:
+    """How a token picks its experts and their weights (the torchtitan ``TokenChoiceTopKRouter`` fields)."""
+
+    score_func: ScoreFunc = "softmax"
+    """softmax or sigmoid of the router logits."""
+    score_after_topk: bool = False
+    """GPT-OSS: top-k on raw logits first, then the score function over the k selected logits."""
+    renormalize: bool = False
+    """Divide the k selected weights by their sum (Mixtral, Qwen3, DeepSeek-V3 with norm_topk_prob)."""
+    renorm_eps: float = 0.0
+    """Added to the denominator of the renormalisation (DeepSeek-V3 uses 1e-20)."""
+    scale: float = 1.0
+    """routed_scaling_factor, applied after renormalisation."""
+    router_bias: bool = False
+    """The router linear has a bias (GPT-OSS)."""
+    score_bias: bool = False
+    """Per-expert bias added to the scores for selection only (DeepSeek-V3 e_score_correction_bias)."""
+    num_groups: int = 1
+    """Group-limited routing: experts split in num_groups contiguous groups ..."""
+    topk_groups: int = 1
+    """... and only the best topk_groups groups may be chosen from."""
+    group_score: Literal["max", "top2_sum"] = "max"
+    """How a group is scored: max score (DeepSeek-V2) or sum of its two best (DeepSeek-V3)."""
+    group_mask_value: Literal["zero", "-inf"] = "zero"
+    """What excluded groups' scores become before the final top-k (V2: 0.0, V3: -inf)."""
+    logits_fp32: bool = False
+    """Router matmul in fp32 (DeepSeek); else in the input dtype."""
+    weights_fp32: bool = False
+    """Top-k weights stay fp32 (Mixtral); else cast back to the input dtype."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsSpec:
+    """Where the expert weights are and what one expert computes."""
+
+    layout: Literal["fused", "separate"] = "fused"
+    """fused: 3-D gate_up [E, 2I, H] and down [E, H, I]; separate: per-expert 2-D w1, w3, w2."""
+    interleaved: bool = False
+    """fused only: gate/up rows interleaved (g0, u0, g1, u1, ...) instead of concatenated [gate; up]."""
+    transposed: bool = False
+    """fused only: weights stored [E, in, out] (GPT-OSS) instead of [E, out, in]."""
+    has_bias: bool = False
+    """Per-expert biases for gate_up and down."""
+    activation: str = "silu"
+    """Gate activation of the GLU; "gptoss" is GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedSpec:
+    """Always-active shared experts (Qwen2-MoE, DeepSeek), one SwiGLU MLP of intermediate size I_s."""
+
+    intermediate: int
+    gated: bool = False
+    """Qwen2-MoE: output scaled by sigmoid(x @ w_gate.T)."""
+    activation: str = "silu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropSpec:
+    """Threshold dropping of (token, sub-expert) pairs; thresholds are run-time tensors (slots)."""
+
+    mode: Literal["none", "1t", "2t"] = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoESpec:
+    name: str
+    """Module path of the block, for reports."""
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+    experts: ExpertsSpec = field(default_factory=ExpertsSpec)
+    shared: SharedSpec | None = None
+    partition: int = 1
+    """P: each expert is split into P sub-experts of intermediate/P neurons (views, no copies)."""
+    transform: Literal["partial", "complete"] = "partial"
+    """partial: indices e*P+p after top-k; complete: router repeated, top-(k*P), W2 (or scores) * P."""
+    complete_scale: float = 1.0
+    """complete only: factor restoring the output (P for softmax or renormalised routing, 1 for plain sigmoid)."""
+    drop: DropSpec = field(default_factory=DropSpec)
+    slots: tuple[str, ...] = ()
+    """Names of the tensors passed to the op, in order (router_weight, gate_up, down, w1.0, ...)."""
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        """Short routing description for reports."""
+        r = self.routing
+        parts = [r.score_func + ("(topk logits)" if r.score_after_topk else "")]
+        if r.renormalize:
+            parts.append("renorm")
+        if r.scale != 1.0:
+            parts.append(f"scale={r.scale:g}")
+        if r.score_bias:
+            parts.append("score-bias")
+        if r.num_groups > 1:
+            parts.append(f"groups={r.num_groups}/{r.topk_groups}({r.group_score})")
+        if self.shared is not None:
+            parts.append("shared" + ("+gate" if self.shared.gated else ""))
+        if self.experts.activation == "gptoss":
+            parts.append("clamped-swiglu")
+        if self.partition > 1:
+            parts.append(f"P={self.partition}({self.transform})")
+        if self.drop.mode != "none":
+            parts.append(f"drop={self.drop.mode}")
+        return " ".join(parts)
+
+    def slot(self, name: str) -> int:
+        return self.slots.index(name)
+
+    def replace(self, **changes) -> "MoESpec":
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation (the op's string argument) ----------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "MoESpec":
+        return _spec_from_json(text)
+
+
+def _spec_from_json(text: str) -> MoESpec:
+    d = json.loads(text)
+    d["routing"] = RoutingSpec(**d["routing"])
+    d["experts"] = ExpertsSpec(**d["experts"])
+    d["shared"] = SharedSpec(**d["shared"]) if d["shared"] is not None else None
+    d["drop"] = DropSpec(**d["drop"])
+    d["slots"] = tuple(d["slots"])
+    return MoESpec(**d)

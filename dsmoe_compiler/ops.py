@@ -1,0 +1,81 @@
+"""The MoE operator and the capture markers, as ``torch.library`` custom ops.
+
+- ``dualsparse::moe(x, params, spec, impl)``: one whole MoE block. ``spec`` is ``MoESpec.to_json()``;
+  ``params`` the tensors named by ``spec.slots``; ``impl`` picks the kernels ("reference" | "triton").
+- ``dualsparse::route`` and ``dualsparse::experts``: what the transformers router and experts modules
+  become while a model compiled with ``dualsparse`` is traced (``capture/transformers_hf.py``); the
+  backend fuses each pair into one ``moe`` node. Each is exact on its own, so an unfused marker is
+  never a wrong answer.
+- ``dualsparse::left_alone(x, reason)``: identity that carries into the graph why a block was not
+  captured, so the backend can report it; the backend removes it.
+
+Fake implementations make the ops opaque leaves for dynamo, AOT autograd and inductor, dynamic
+shapes included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen.reference import parse_spec
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _run_moe(x, params, spec_json, impl):
+    spec = parse_spec(spec_json)
+    if impl == "triton" and x.is_cuda:
+        from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
+
+        return moe_triton(_flat(x), params, spec).view_as(x)
+    return reference.moe(_flat(x), params, spec).view_as(x)
+
+
+@torch.library.custom_op("dualsparse::moe", mutates_args=())
+def moe(x: torch.Tensor, params: list[torch.Tensor], spec: str, impl: str = "reference") -> torch.Tensor:
+    return _run_moe(x, params, spec, impl)
+
+
+@moe.register_fake
+def _(x, params, spec, impl="reference"):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dualsparse::route", mutates_args=())
+def route(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, weights, index = reference.route(_flat(x), params, parse_spec(spec))
+    return logits, weights, index
+
+
+@route.register_fake
+def _(x, params, spec):
+    s = parse_spec(spec)
+    tokens = x.numel() // x.shape[-1]
+    r = s.routing
+    logits = x.new_empty(tokens, s.num_experts, dtype=torch.float32 if r.logits_fp32 else x.dtype)
+    weights = x.new_empty(tokens, s.top_k, dtype=torch.float32 if r.weights_fp32 else x.dtype)
+    return logits, weights, x.new_empty(tokens, s.top_k, dtype=torch.long)
+
+
+@torch.library.custom_op("dualsparse::experts", mutates_args=())
+def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params: list[torch.Tensor],
+            spec: str) -> torch.Tensor:
+    return reference.experts(x, index, weights, params, parse_spec(spec))
+
+
+@experts.register_fake
+def _(x, index, weights, params, spec):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dualsparse::left_alone", mutates_args=())
+def left_alone(x: torch.Tensor, reason: str) -> torch.Tensor:
+    return x.clone()
+
+
+@left_alone.register_fake
+def _(x, reason):
+    return torch.empty_like(x)

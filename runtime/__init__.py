@@ -1,0 +1,1 @@
+"""Runtime: calibration, statistics, expert parallelism."""
