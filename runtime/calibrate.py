@@ -1,0 +1,236 @@
+"""Neuron importance profiling (paper §4.2(b), §5.3.4): run a model on calibration batches, return a Plan.
+
+    plan = dsmoe_compiler.calibrate(model, batches, metric="abs_gate")
+
+The model runs eagerly under ``torch.no_grad`` (and in eval mode, restored afterwards) with a forward
+pre-hook on every transformers experts module (a module with ``gate_up_proj`` and ``down_proj`` that
+``capture.transformers_hf.describe_experts`` can describe). Each hook sees the experts' inputs
+(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) and, for every expert e and the tokens
+routed to it, accumulates in fp32 per neuron
+
+    gate        Σ act(x·W1)            (Eq. 14; act = the model's gate activation, Swish for SwiGLU)
+    abs_gate    Σ |act(x·W1)|          (Eq. 15)
+    gate_up     Σ glu(x·W1, x·W3)      (Eq. 16; glu = act(x·W1) ⊙ (x·W3), GPT-OSS's clamped variant)
+    abs_gate_up Σ |glu(x·W1, x·W3)|    (Eq. 17)
+
+with biases where the model has them, reading W1/W3 through ``reference.sub_expert_weights`` so that
+every layout (concatenated or interleaved, transposed or not) is read the way the model reads it.
+All four are kept; ``metric`` only picks which one orders the neurons (``plan.with_metric`` switches).
+Each hook also keeps a bounded uniform sample of the normalised top-k scores (weights / their sum)
+and per-expert token counts, for threshold calibration.
+
+Tokens are not weighted by their gating score (the paper's formulas show no weighting). Calibrating a
+model whose experts were already reconstructed gives the same plan as calibrating the original: the
+statistics are mapped back to the original neuron indices (``passes/reconstruct.py`` records the
+order it applied on the parameters).
+
+Limits: only transformers experts modules are profiled (user-written ModuleList or 3-D-weight MoE
+blocks are not hooked yet); the per-expert loop synchronises with the host, which is fine for
+calibration and never happens in the compiled forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.ir import ExpertsSpec, MoESpec
+from dsmoe_compiler.runtime.plan import METRICS, LayerPlan, Plan, tensor_sha256
+
+
+# ---- finding the MoE layers -------------------------------------------------------------------------
+def unwrap(model):
+    """The eager module behind a ``torch.compile``d one."""
+    return getattr(model, "_orig_mod", model)
+
+
+def model_architecture(model) -> str:
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def _router_of(parent, experts_module):
+    from dsmoe_compiler.capture.transformers_hf import ROUTERS
+
+    children = [c for c in parent.children() if c is not experts_module]
+    for child in children:
+        if type(child).__name__ in ROUTERS:
+            return child
+    for name in ("gate", "router"):
+        child = getattr(parent, name, None)
+        if isinstance(getattr(child, "weight", None), torch.Tensor):
+            return child
+    return None
+
+
+def find_experts(model):
+    """[(layer name, experts module, router module or None)] for every describable transformers experts module.
+
+    The layer name is the experts module's parent path ("model.layers.0.mlp"), the name the backend
+    gives the fused MoE block.
+    """
+    from dsmoe_compiler.capture.transformers_hf import describe_experts
+
+    model = unwrap(model)
+    modules = dict(model.named_modules())
+    found = []
+    for path, module in modules.items():
+        if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
+            continue
+        if not isinstance(describe_experts(module), ExpertsSpec):
+            continue
+        parent_path = path.rpartition(".")[0]
+        found.append((parent_path or path, module, _router_of(modules[parent_path], module)))
+    return found
+
+
+def experts_spec(module, name: str = "experts") -> MoESpec:
+    """A partition-1 MoESpec of a transformers experts module, slots gate_up, down[, biases]."""
+    from dsmoe_compiler.capture.transformers_hf import describe_experts
+
+    ex = describe_experts(module)
+    shape = module.gate_up_proj.shape
+    hidden, inter2 = (shape[1], shape[2]) if ex.transposed else (shape[2], shape[1])
+    slots = ("gate_up", "down") + (("gate_up_bias", "down_bias") if ex.has_bias else ())
+    return MoESpec(name=name, num_experts=shape[0], top_k=1, hidden=hidden, intermediate=inter2 // 2,
+                   experts=ex, slots=slots)
+
+
+def experts_params(module, spec: MoESpec) -> list[torch.Tensor]:
+    attrs = {"gate_up": "gate_up_proj", "down": "down_proj", "gate_up_bias": "gate_up_proj_bias",
+             "down_bias": "down_proj_bias"}
+    return [getattr(module, attrs[s]) for s in spec.slots]
+
+
+def layer_fingerprint(module, router) -> dict:
+    spec = experts_spec(module)
+    ex = spec.experts
+    return {"num_experts": spec.num_experts, "intermediate": spec.intermediate, "hidden": spec.hidden,
+            "interleaved": ex.interleaved, "transposed": ex.transposed, "has_bias": ex.has_bias,
+            "activation": ex.activation,
+            "router_sha256": None if router is None else tensor_sha256(router.weight)}
+
+
+# ---- the statistics -----------------------------------------------------------------------------------
+def gate_activation(gate: torch.Tensor, ex: ExpertsSpec) -> torch.Tensor:
+    """act(x·W1) as the model computes it inside its GLU (GPT-OSS: clamp then gate * sigmoid(alpha * gate))."""
+    if ex.activation == "gptoss":
+        gate = gate.clamp(max=ex.limit)
+        return gate * torch.sigmoid(gate * ex.alpha)
+    return reference.glu(gate, torch.ones_like(gate), ex.activation)
+
+
+def neuron_statistics(x: torch.Tensor, params, spec: MoESpec, expert: int) -> dict[str, torch.Tensor]:
+    """The four metrics of one expert over the rows of x (tokens routed to it), each [I] fp32."""
+    gate, up, _, gb, ub, _ = reference.sub_expert_weights(params, spec, expert)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    x = x.float()
+    g, u = F.linear(x, f32(gate), f32(gb)), F.linear(x, f32(up), f32(ub))
+    ex = spec.experts
+    act = gate_activation(g, ex)
+    gu = reference.glu(g, u, ex.activation, ex.alpha, ex.limit)
+    return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
+
+
+class _LayerStats:
+    def __init__(self, name, module, router, sample_size: int, generator: torch.Generator):
+        self.name, self.module, self.router = name, module, router
+        self.spec = experts_spec(module, name)
+        E, I = self.spec.num_experts, self.spec.intermediate
+        device = module.gate_up_proj.device
+        self.sums = {m: torch.zeros(E, I, dtype=torch.float32, device=device) for m in METRICS}
+        self.tokens = torch.zeros(E, dtype=torch.int64, device=device)
+        self.sample_size, self.generator = sample_size, generator
+        self.scores = torch.zeros(0, 0)
+        self.keys = torch.zeros(0)
+
+    def update(self, hidden, index, weights) -> None:
+        x = hidden.reshape(-1, self.spec.hidden)
+        index = index.reshape(x.shape[0], -1)
+        weights = weights.reshape(x.shape[0], -1)
+        params = experts_params(self.module, self.spec)
+        self.tokens += torch.bincount(index.flatten(), minlength=self.spec.num_experts)[: self.spec.num_experts]
+        for e in torch.unique(index).tolist():  # NOTE: host sync per layer call; calibration only
+            if not 0 <= e < self.spec.num_experts:  # expert-parallel sentinels
+                continue
+            token, _ = torch.where(index == e)
+            for m, v in neuron_statistics(x[token], params, self.spec, e).items():
+                self.sums[m][e] += v
+        self._sample(weights)
+
+    def _sample(self, weights) -> None:
+        """Reservoir by random keys: keep the sample_size rows with the largest keys seen so far (uniform)."""
+        w = weights.detach().float().cpu()
+        s = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        keys = torch.rand(s.shape[0], generator=self.generator)
+        if self.scores.numel():
+            s, keys = torch.cat([self.scores, s]), torch.cat([self.keys, keys])
+        if s.shape[0] > self.sample_size:
+            keep = torch.topk(keys, self.sample_size).indices
+            s, keys = s[keep], keys[keep]
+        self.scores, self.keys = s, keys
+
+    def result(self) -> LayerPlan:
+        from dsmoe_compiler.passes.reconstruct import applied_order
+
+        metrics = {m: v.cpu() for m, v in self.sums.items()}
+        current = applied_order(self.module.gate_up_proj)
+        if current is not None:  # statistics of position j belong to original neuron current[e, j]
+            metrics = {m: torch.zeros_like(v).scatter_(1, current.cpu(), v) for m, v in metrics.items()}
+        scores = self.scores if self.scores.numel() else torch.zeros(0, 1)
+        return LayerPlan(metrics=metrics, tokens=self.tokens.cpu(), scores=scores,
+                         fingerprint=layer_fingerprint(self.module, self.router))
+
+
+def _hook(stats: _LayerStats):
+    def pre_hook(module, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+        with torch.no_grad():
+            stats.update(*values)
+
+    return pre_hook
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def calibrate(model, batches: Iterable, metric: str = "abs_gate", *, sample_size: int = 65536,
+              seed: int = 0, progress: bool = True) -> Plan:
+    """Profile neuron importance on ``batches`` (input-id tensors or model keyword dicts) and return a Plan.
+
+    ``metric`` orders the neurons ("abs_gate" is the paper's choice for Mixtral and OLMoE,
+    "abs_gate_up" for DeepSeek-V2-Lite); all four metrics are stored in the plan. ``sample_size``
+    bounds the per-layer sample of normalised top-k scores.
+    """
+    from tqdm.auto import tqdm
+
+    if metric not in METRICS:
+        raise ValueError(f"dualsparse: unknown importance metric {metric!r}; choose one of {METRICS}")
+    model = unwrap(model)
+    layers = find_experts(model)
+    if not layers:
+        raise ValueError("dualsparse: calibrate found no transformers experts module it can describe in the model")
+    generator = torch.Generator().manual_seed(seed)
+    stats = [_LayerStats(name, module, router, sample_size, generator) for name, module, router in layers]
+    device = layers[0][1].gate_up_proj.device
+    was_training = model.training
+    with contextlib.ExitStack() as stack:
+        for s in stats:
+            stack.callback(s.module.register_forward_pre_hook(_hook(s), with_kwargs=True).remove)
+        stack.callback(model.train, was_training)
+        model.eval()
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="dualsparse calibrate", disable=not progress):
+                batch = _to(batch, device)
+                model(**batch) if isinstance(batch, dict) else model(batch)
+    return Plan(metric=metric, layers={s.name: s.result() for s in stats}, architecture=model_architecture(model))
