@@ -7,5 +7,8 @@ from dsmoe_compiler.backend import dualsparse_backend
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
 from dsmoe_compiler.options import Options
 from dsmoe_compiler.report import last_report
+from dsmoe_compiler.runtime.calibrate import calibrate
+from dsmoe_compiler.runtime.plan import Plan
 
-__all__ = ["dualsparse_backend", "last_report", "MoESpec", "RoutingSpec", "ExpertsSpec", "SharedSpec", "Options"]
+__all__ = ["dualsparse_backend", "last_report", "MoESpec", "RoutingSpec", "ExpertsSpec", "SharedSpec", "Options",
+           "calibrate", "Plan"]

@@ -26,6 +26,9 @@ class Options:
     """How partition is applied: "partial" (after top-k) or "complete" (router repeated, top-(k*P))."""
     dump_dir: str | None = None
     """Write every graph before/after each pass (text) and a picture of each MoE subgraph here."""
+    plan: Any = None
+    """A calibration ``Plan`` (or the path of a saved one): reorder every expert's neurons by importance,
+    in place (passes/reconstruct.py); makes ``partition`` default to 2 (Major/Minor halves)."""
     verify: bool = True
     """Check each user-written MoE recognised from plain ops against the original subgraph once, at compile time."""
 
@@ -46,6 +49,12 @@ class Options:
         for key in ("verify",):
             if key in options and not isinstance(options[key], bool):
                 raise ValueError(f"dualsparse: option {key!r} must be True or False, got {options[key]!r}")
+        if options.get("plan") is not None:
+            from dsmoe_compiler.runtime.plan import Plan
+
+            if not isinstance(options["plan"], (Plan, str, os.PathLike)):
+                raise ValueError(f"dualsparse: option 'plan' must be a Plan or a path, got {type(options['plan'])}")
+            options.setdefault("partition", 2)
         if options.get("dump_dir") is None and os.environ.get("DUALSPARSE_DUMP_DIR"):
             options["dump_dir"] = os.environ["DUALSPARSE_DUMP_DIR"]
         return Options(**options)

@@ -1,3 +1,7 @@
 """Passes on the MoE operator: each takes (gm, options, report) and returns whether it changed the graph."""
 
-PASSES = []
+from dsmoe_compiler.passes.reconstruct import reconstruct
+
+PASSES = [
+    ("reconstruct", reconstruct),  # before partition: sub-expert p of P becomes the p-th importance tier
+]
