@@ -1,0 +1,79 @@
+"""Grouped GEMM h @ down of each sub-expert, routing weight applied in the epilogue, one row per pair.
+
+Program (pid_m, pid_n) owns BLOCK_SIZE_M sorted rows of sub-expert s and BLOCK_SIZE_N hidden
+channels. The down weight of neuron group p of expert e is the [H, c] column slice starting at
+p * c of down[e] (or the row slice of a transposed [I, H] layout), read through the original strides.
+The down bias belongs to the whole expert, so only sub-expert p == 0 adds it (as the reference does).
+Each result row, scaled by its pair's routing weight, goes to its own row of the pair buffer
+[T * PAIRS, H]; ``combine.py`` then sums a token's rows in a fixed order (deterministic, no atomics).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
+
+
+def _cfg(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8):
+    return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
+                          "MIN_ROWS": lo, "MAX_ROWS": hi}, num_warps=warps, num_stages=stages)
+
+
+# (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for.
+CONFIGS = [
+    _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
+    _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
+    _cfg(64, 256, 64, 8, 3, lo=32), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 256, 64, 8, 3, lo=64),
+    _cfg(128, 128, 64, 4, 4, lo=128),
+]
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
+    CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2)]
+
+
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.jit
+def down_weighted_kernel(
+    h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
+    N, K, num_subs, pairs, PAIRS, TOPK, P,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+    ROWS_BUCKET,
+    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
+):
+    max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
+    pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+    if sub >= num_subs:
+        return
+    expert = sub // P
+    part = sub % P
+
+    offs_m = tl.arange(0, BLOCK_SIZE_M)
+    mask_m = offs_m < rows_left
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+              + (part * K + offs_k)[:, None] * stride_wk)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        h_ptrs += BLOCK_SIZE_K
+        w_ptrs += BLOCK_SIZE_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=mask_n & (offs_n * 0 + part == 0), other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
+    # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
+    slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
+    acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -1,0 +1,105 @@
+"""Grouped GEMM x @ [gate; up] of each sub-expert with the GLU activation in its epilogue.
+
+Program (pid_m, pid_n) owns BLOCK_SIZE_M sorted rows of one sub-expert s (``schedule.tile_of``) and
+BLOCK_SIZE_N of its c = I / P neurons. Sub-expert s is neuron group p = s % P of expert e = s // P:
+gate neuron n is weight row GATE_STEP * (p * c + n) and the matching up row is UP_OFFSET further
+(concatenated [gate; up]: step 1, offset I; interleaved g0, u0, g1, u1: step 2, offset 1). The rows
+are read through the strides of the original 3-D tensor (stride_wn along output channels,
+stride_wk along the hidden input), so a transposed [E, H, 2I] layout is the same kernel with the
+two strides swapped and no weight is ever copied. The activation rows of x are gathered by token
+(pair // PAIRS), never permuted into a copy; h is written in sorted order for the down GEMM.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
+
+
+def _cfg(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8):
+    return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
+                          "MIN_ROWS": lo, "MAX_ROWS": hi}, num_warps=warps, num_stages=stages)
+
+
+# (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
+# per program, so BLOCK_SIZE_N stays at or under 128.
+CONFIGS = [
+    _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
+    _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
+    _cfg(64, 128, 64, 4, 4, lo=32), _cfg(128, 64, 64, 8, 4, lo=64), _cfg(128, 128, 64, 8, 3, lo=64),
+    _cfg(128, 128, 64, 8, 4, lo=128),
+]
+if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
+    CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2)]
+
+
+@triton.jit
+def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
+    if ACTIVATION == "gptoss":
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    elif ACTIVATION == "silu":
+        return gate * tl.sigmoid(gate) * up
+    elif ACTIVATION == "relu":
+        return tl.maximum(gate, 0.0) * up
+    elif ACTIVATION == "gelu":
+        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    else:  # gelu_tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        return gate * tl.sigmoid(2.0 * z) * up
+
+
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.jit
+def gate_up_glu_kernel(
+    x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
+    N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
+    ROWS_BUCKET,
+    GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
+):
+    max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
+    pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
+    sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+    if sub >= num_subs:
+        return
+    expert = sub // P
+    first_neuron = (sub % P) * N
+
+    offs_m = tl.arange(0, BLOCK_SIZE_M)
+    mask_m = offs_m < rows_left
+    token = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0) // PAIRS
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    mask_n = offs_n < N
+    gate_rows = GATE_STEP * (first_neuron + offs_n)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+
+    x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
+    w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
+    g_ptrs = w_base + gate_rows[None, :] * stride_wn
+    u_ptrs = w_base + (gate_rows + UP_OFFSET)[None, :] * stride_wn
+    acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        k_left = K - k * BLOCK_SIZE_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc_g = tl.dot(a, wg, acc_g)
+        acc_u = tl.dot(a, wu, acc_u)
+        x_ptrs += BLOCK_SIZE_K
+        g_ptrs += BLOCK_SIZE_K * stride_wk
+        u_ptrs += BLOCK_SIZE_K * stride_wk
+
+    if HAS_BIAS:
+        b_base = b_ptr + expert * stride_be
+        acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    h = _glu(acc_g, acc_u, ACTIVATION, alpha, limit)
+    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

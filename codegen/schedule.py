@@ -1,0 +1,52 @@
+"""Which rows a grouped-GEMM program owns: the tile schedule shared by both grouped GEMMs.
+
+Rows are the kept pairs sorted by sub-expert (``align.py``), group s holding counts[s] rows from
+start[s] = sum of the counts before it. Group s takes ceil(counts[s] / BLOCK_SIZE_M) M-tiles; the
+grid is launched for the worst case (cdiv(pairs, BLOCK_SIZE_M) + groups tiles), so it never
+depends on the routing (no host synchronisation, CUDA-graph capturable), and a program whose tile
+lies past the last group returns at once. BLOCK_SIZE_M is an autotuning choice, so the schedule is
+recomputed from the counts inside each program rather than stored by the alignment step.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+    """(group, first sorted row of the tile, rows of the group left from there); group == num_subs: no work."""
+    groups = tl.arange(0, BLOCK_SUBS)
+    counts = tl.load(counts_ptr + groups, mask=groups < num_subs, other=0)
+    tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
+    tiles_end = tl.cumsum(tiles, 0)
+    group = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    mine = groups == group
+    first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
+    start = tl.sum(tl.where(groups < group, counts, 0), 0)
+    count = tl.sum(tl.where(mine, counts, 0), 0)
+    local = (pid_m - first_tile) * BLOCK_SIZE_M
+    return group, start + local, count - local
+
+
+@triton.jit
+def swizzle(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
+    """Tutorial-style grouped order: GROUP_SIZE_M M-tiles (mostly one expert) sweep N together for L2 reuse."""
+    width = GROUP_SIZE_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_SIZE_M
+    size_m = min(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+def rows_bucket(pairs: int, groups: int) -> int:
+    """Autotuning key: average rows per group, rounded to a power of two (decode ~1, prefill hundreds)."""
+    return min(triton.next_power_of_2(max(1, pairs // max(1, groups))), 1024)
+
+
+def prune_by_rows(configs, named_args, **kwargs):
+    """Keep the tiles whose BLOCK_SIZE_M suits the rows per group: 16 for decode, up to 128 for prefill."""
+    rows = named_args["ROWS_BUCKET"] if "ROWS_BUCKET" in named_args else kwargs["ROWS_BUCKET"]
+    fit = [c for c in configs if c.kwargs.get("MIN_ROWS", 0) <= rows <= c.kwargs.get("MAX_ROWS", 1 << 30)]
+    return fit or configs[:1]
