@@ -80,8 +80,6 @@ def align(index: torch.Tensor, keep: torch.Tensor | None, num_subs: int, expand:
 def _layout(spec: MoESpec, params):
     """gate_up / down tensors with (stride over experts, over output channels, over input channels)."""
     ex = spec.experts
-    if ex.layout != "fused":
-        raise NotImplementedError("triton kernels: separate per-expert weights are not supported yet")
     gate_up, down = reference._param(spec, params, "gate_up"), reference._param(spec, params, "down")
     gu = (gate_up.stride(0), gate_up.stride(2), gate_up.stride(1)) if ex.transposed else gate_up.stride()
     dn = (down.stride(0), down.stride(2), down.stride(1)) if ex.transposed else down.stride()
@@ -130,8 +128,18 @@ def experts(x, weights, index, params, spec: MoESpec, keep=None) -> torch.Tensor
     return out
 
 
+def _reference_with_keep(x, params, spec: MoESpec, keep):
+    _, weights, index = reference.route(x, params, spec)
+    if spec.transform == "partial":
+        index, weights = reference.partial_transform(index, weights, spec.partition)
+    out = reference.experts(x, index, weights, params, spec, keep=keep)
+    return out + reference.shared_experts(x, params, spec) if spec.shared is not None else out
+
+
 def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The whole MoE block on x [T, H]; keep [T, K*P] (bool) marks the pairs a drop pass kept."""
+    if spec.experts.layout != "fused":  # NOTE: list / separate weights still run the reference loop
+        return reference.moe(x, params, spec) if keep is None else _reference_with_keep(x, params, spec, keep)
     x = x.contiguous()
     if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
         keep = keep.contiguous().view(torch.uint8)
