@@ -36,7 +36,7 @@ def router_logits(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
 def _group_mask(choice: torch.Tensor, spec: MoESpec, copies: int) -> torch.Tensor:
     """Boolean [T, E'] mask of the experts in the best topk_groups groups (DeepSeek group-limited routing)."""
     r = spec.routing
-    grouped = choice.view(choice.shape[0], r.num_groups, -1)
+    grouped = choice.view(choice.shape[0], r.num_groups, choice.shape[1] // r.num_groups)  # explicit: T may be 0
     if r.group_score == "max":
         group_scores = grouped.max(dim=-1).values
     else:  # sum of the two best distinct experts; with P equal copies each, the 2P best sum to P times it
@@ -61,7 +61,10 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32) if r.score_func == "softmax" else logits.sigmoid()
         choice = scores
         if r.score_bias:
-            choice = scores + _param(spec, params, "score_bias").repeat_interleave(copies)
+            bias = _param(spec, params, "score_bias").repeat_interleave(copies)
+            if copies > 1 and r.score_func == "softmax":  # copy scores are s/P: bias/P keeps (s + b)/P in order
+                bias = bias / copies
+            choice = scores + bias
         if r.num_groups > 1:
             fill = 0.0 if r.group_mask_value == "zero" else float("-inf")
             choice = choice.masked_fill(~_group_mask(choice, spec, copies), fill)
@@ -97,11 +100,15 @@ def sub_expert_weights(params, spec: MoESpec, sub: int):
     e, p = divmod(sub, P)
     c = spec.intermediate // P
     lo, hi = p * c, (p + 1) * c
-    if ex.layout == "separate":
-        w1, w3, w2 = (_param(spec, params, f"{n}.{e}") for n in ("w1", "w3", "w2"))
-        b1, b3, b2 = (_param(spec, params, f"{n}_bias.{e}") for n in ("w1", "w3", "w2"))
-        pick = lambda b: None if b is None else b[lo:hi]  # noqa: E731
-        return w1[lo:hi], w3[lo:hi], w2[:, lo:hi], pick(b1), pick(b3), (b2 if p == 0 else None)
+    if ex.layout in ("list", "separate"):
+        pick = (lambda n: _param(spec, params, f"{n}.{e}")) if ex.layout == "list" else (
+            lambda n: None if n not in spec.slots else _param(spec, params, n)[e])
+        gate, up, down = pick("gate"), pick("up"), pick("down")
+        if ex.layout == "separate" and ex.transposed:
+            gate, up, down = gate.t(), up.t(), down.t()
+        gb, ub, db = (pick(n) for n in ("gate_bias", "up_bias", "down_bias"))
+        cut = lambda b: None if b is None else b[lo:hi]  # noqa: E731
+        return gate[lo:hi], up[lo:hi], down[:, lo:hi], cut(gb), cut(ub), (db if p == 0 else None)
     gate_up, down = _param(spec, params, "gate_up")[e], _param(spec, params, "down")[e]
     gub, db = _param(spec, params, "gate_up_bias"), _param(spec, params, "down_bias")
     I = spec.intermediate

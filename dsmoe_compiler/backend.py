@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 import torch.fx as fx
@@ -55,12 +56,14 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     dumper = dump.Dumper(opts.dump_dir, report.graphs)
     dumper.graph(gm, "captured")
 
+    already_left = len(report.left_alone)
     fuse_markers.collect_left_alone(gm, report)
     if ssa_inplace(gm):
         report.counters["ssa_inplace"] += 1
     fuse_markers.fuse_markers(gm, report)
     user_moe.capture_user_moe(gm, example_inputs, opts, report)
-    gm.graph.eliminate_dead_code()
+    for entry in report.left_alone[already_left:]:
+        warnings.warn(f"dualsparse: MoE block {entry.name} left to the inner compiler: {entry.reason}", stacklevel=2)
     gm.recompile()
     dumper.graph(gm, "after_capture")
     _run_passes(gm, opts, report, dumper)

@@ -54,12 +54,14 @@ class RoutingSpec:
 class ExpertsSpec:
     """Where the expert weights are and what one expert computes."""
 
-    layout: Literal["fused", "separate"] = "fused"
-    """fused: 3-D gate_up [E, 2I, H] and down [E, H, I]; separate: per-expert 2-D w1, w3, w2."""
+    layout: Literal["fused", "separate", "list"] = "fused"
+    """fused: 3-D gate_up [E, 2I, H] and down [E, H, I] (slots gate_up, down); separate: 3-D gate, up
+    [E, I, H] and down [E, H, I] (slots gate, up, down); list: per-expert 2-D nn.Linear weights
+    (slots gate.e, up.e, down.e)."""
     interleaved: bool = False
     """fused only: gate/up rows interleaved (g0, u0, g1, u1, ...) instead of concatenated [gate; up]."""
     transposed: bool = False
-    """fused only: weights stored [E, in, out] (GPT-OSS) instead of [E, out, in]."""
+    """3-D layouts: weights stored [E, in, out] (GPT-OSS) instead of [E, out, in]."""
     has_bias: bool = False
     """Per-expert biases for gate_up and down."""
     activation: str = "silu"

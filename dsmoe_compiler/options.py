@@ -29,8 +29,6 @@ class Options:
     plan: Any = None
     """A calibration ``Plan`` (or the path of a saved one): reorder every expert's neurons by importance,
     in place (passes/reconstruct.py); makes ``partition`` default to 2 (Major/Minor halves)."""
-    verify: bool = True
-    """Check each user-written MoE recognised from plain ops against the original subgraph once, at compile time."""
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "Options":
@@ -46,9 +44,6 @@ class Options:
             p = options["partition"]
             if not isinstance(p, int) or isinstance(p, bool) or p < 1:
                 raise ValueError(f"dualsparse: option 'partition' must be an integer >= 1, got {p!r}")
-        for key in ("verify",):
-            if key in options and not isinstance(options[key], bool):
-                raise ValueError(f"dualsparse: option {key!r} must be True or False, got {options[key]!r}")
         if options.get("plan") is not None:
             from dsmoe_compiler.runtime.plan import Plan
 

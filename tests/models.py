@@ -1,0 +1,159 @@
+"""Tiny models for the tests: transformers MoE architectures from configs (no hub) and user-written MoEs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+IMPLEMENTATIONS = ["grouped_mm", "batched_mm", "eager"]
+VOCAB = 96
+
+
+def _common(**extra):
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {**base, **extra}
+
+
+def hf_config(arch: str):
+    import transformers as tf
+
+    if arch == "mixtral":
+        return tf.MixtralConfig(**_common(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2))
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**_common(intermediate_size=48, num_experts=8, num_experts_per_tok=2))
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                           num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
+                                           mlp_only_layers=[]))
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=24, num_experts=8,
+                                           num_experts_per_tok=4, norm_topk_prob=True, head_dim=8, decoder_sparse_step=1,
+                                           mlp_only_layers=[]))
+    if arch == "deepseek_v2":
+        return tf.DeepseekV2Config(**_common(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                                             num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
+                                             num_hidden_layers=3, num_key_value_heads=4, topk_method="group_limited_greedy", n_group=4,
+                                             topk_group=2, routed_scaling_factor=1.5, kv_lora_rank=16,
+                                             q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=8))
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**_common(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                                             num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+                                             num_hidden_layers=3, num_key_value_heads=4, n_group=4, topk_group=2, norm_topk_prob=True,
+                                             routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(**_common(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                                         sliding_window=16, layer_types=["sliding_attention", "full_attention"]))
+    raise ValueError(arch)
+
+
+def moe_layer_count(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
+
+
+def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = hf_config(arch)
+    config._experts_implementation = impl
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random, non-degenerate weights everywhere (some buffers start at zero)
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name or "sinks" in name:
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.1)
+    return model
+
+
+# ---- user-written MoEs -------------------------------------------------------------------------
+class SwiGLU(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inter, bias=False)
+        self.w3 = nn.Linear(hidden, inter, bias=False)
+        self.w2 = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListMoE(nn.Module):
+    """Router + softmax + top-k + a loop over an nn.ModuleList of SwiGLU experts (index_add_ combine)."""
+
+    def __init__(self, hidden=32, inter=48, experts=6, top_k=2, renormalize=True, score="softmax"):
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(hidden, inter) for _ in range(experts))
+        self.top_k, self.renormalize, self.score = top_k, renormalize, score
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.view(-1, shape[-1])
+        logits = self.router(x)
+        probs = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.view(shape)
+
+
+class ThreeDMoE(nn.Module):
+    """Router + softmax + top-k, experts as 3-D weights gathered per (token, slot) and applied with einsum."""
+
+    def __init__(self, hidden=32, inter=40, experts=6, top_k=3, renormalize=False, weird=False):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, inter, hidden) * 0.2)
+        self.w3 = nn.Parameter(torch.randn(experts, inter, hidden) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, inter) * 0.2)
+        self.top_k, self.renormalize, self.weird = top_k, renormalize, weird
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        weights, index = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.weird:  # a routing variant the IR cannot express: squared weights
+            weights = weights * weights
+        h = F.silu(torch.einsum("th,tkih->tki", x, self.w1[index])) * torch.einsum("th,tkih->tki", x, self.w3[index])
+        y = torch.einsum("tki,tkhi->tkh", h, self.w2[index])
+        return (y * weights.unsqueeze(-1)).sum(dim=1).reshape(shape)
+
+
+class UserBlockModel(nn.Module):
+    """A small residual stack around a user MoE, so the MoE sits inside a bigger graph."""
+
+    def __init__(self, moe_cls, layers=2, hidden=32, **kw):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        self.moes = nn.ModuleList(moe_cls(hidden=hidden, **kw) for _ in range(layers))
+
+    def forward(self, x):
+        for norm, moe in zip(self.norms, self.moes):
+            x = x + moe(norm(x))
+        return x
+
+
+class DenseModel(nn.Module):
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.mlp = SwiGLU(hidden, 64)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
