@@ -7,6 +7,20 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+try:  # dynamo re-raises ShortenTraceback subclasses as they are instead of wrapping them in BackendCompilerFailed
+    from torch._dynamo.exc import ShortenTraceback as _PassThrough
+except ImportError:  # pragma: no cover - older torch
+    _PassThrough = Exception
+
+
+class OptionsError(ValueError, _PassThrough):
+    """Invalid ``options``: a ValueError that reaches the caller of the compiled model unwrapped."""
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.first_useful_frame = None
+
+
 _CHOICES = {
     "kernels": ("auto", "triton", "reference"),
     "inner": ("inductor", "eager", "aot_eager"),
@@ -36,19 +50,19 @@ class Options:
         names = {f.name for f in dataclasses.fields(Options)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise ValueError(f"dualsparse: unknown option {unknown[0]!r}; allowed options: {sorted(names)}")
+            raise OptionsError(f"dualsparse: unknown option {unknown[0]!r}; allowed options: {sorted(names)}")
         for key, allowed in _CHOICES.items():
             if key in options and options[key] not in allowed:
-                raise ValueError(f"dualsparse: option {key!r} must be one of {allowed}, got {options[key]!r}")
+                raise OptionsError(f"dualsparse: option {key!r} must be one of {allowed}, got {options[key]!r}")
         if "partition" in options:
             p = options["partition"]
             if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-                raise ValueError(f"dualsparse: option 'partition' must be an integer >= 1, got {p!r}")
+                raise OptionsError(f"dualsparse: option 'partition' must be an integer >= 1, got {p!r}")
         if options.get("plan") is not None:
             from dsmoe_compiler.runtime.plan import Plan
 
             if not isinstance(options["plan"], (Plan, str, os.PathLike)):
-                raise ValueError(f"dualsparse: option 'plan' must be a Plan or a path, got {type(options['plan'])}")
+                raise OptionsError(f"dualsparse: option 'plan' must be a Plan or a path, got {type(options['plan'])}")
             options.setdefault("partition", 2)
         if options.get("dump_dir") is None and os.environ.get("DUALSPARSE_DUMP_DIR"):
             options["dump_dir"] = os.environ["DUALSPARSE_DUMP_DIR"]
