@@ -27,6 +27,17 @@ def _set_impl(gm: fx.GraphModule, options: Options, example_inputs) -> None:
             node.args = (x, params, spec, impl)
 
 
+def _refresh_report(gm: fx.GraphModule, report) -> None:
+    """Show each block's routing variant as the passes left it (partition, drop...)."""
+    from dsmoe_compiler.codegen.reference import parse_spec
+
+    final = {parse_spec(n.args[2]).name: parse_spec(n.args[2]) for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is fuse_markers.MOE}
+    for entry in report.rewritten:
+        if entry.name in final:
+            entry.variant = final[entry.name].variant
+
+
 def _run_passes(gm: fx.GraphModule, options: Options, report, dumper) -> None:
     from dsmoe_compiler.passes import PASSES
 
@@ -67,6 +78,7 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     gm.recompile()
     dumper.graph(gm, "after_capture")
     _run_passes(gm, opts, report, dumper)
+    _refresh_report(gm, report)
     _set_impl(gm, opts, example_inputs)
     gm.recompile()
     dumper.moe_pictures(gm)
