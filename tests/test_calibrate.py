@@ -209,7 +209,7 @@ def test_reconstructed_equals_original_profiled(name):
     assert_same(logits(model, ids), want)
 
 
-@pytest.mark.parametrize("name", ["olmoe", "gpt_oss"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_with_plan_equals_eager(name, tmp_path):
     original = make(name, seed=int(torch.randint(0, 2**31, ())))
     model = copy.deepcopy(original)
