@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import types
 
 import torch
 
@@ -81,25 +82,37 @@ def _router_slots(routing: RoutingSpec) -> tuple[tuple[str, str], ...]:
     return tuple(slots)
 
 
+_ROUTER_FACTS = ("top_k", "norm_topk_prob", "topk_method", "num_group", "topk_group", "routed_scaling_factor")
+
+
+def _router_facts(module) -> tuple:
+    """The attributes the router readers use, as plain constants (read in traced code: no graph break)."""
+    return (module.top_k, getattr(module, "norm_topk_prob", None), getattr(module, "topk_method", None),
+            getattr(module, "num_group", None), getattr(module, "topk_group", None),
+            getattr(module, "routed_scaling_factor", None))
+
+
 @torch._dynamo.assume_constant_result
-def router_plan(module) -> tuple[str, tuple[str, ...]] | None:
+def router_plan(class_name: str, weight_shape: tuple, facts: tuple) -> tuple[str, tuple[str, ...]] | None:
     """(spec JSON, attribute names of its tensors) for a known router; computed once at trace time.
 
-    ``assume_constant_result`` makes dynamo call this eagerly and bake the answer in as a constant,
-    so building the spec costs no graph break.
+    ``assume_constant_result`` makes dynamo call this eagerly and bake the answer in as a constant, so
+    building the spec costs no graph break. Its arguments are plain constants (torch 2.11 accepts no
+    module here).
     """
-    routing = ROUTERS[type(module).__name__](module)
+    module = types.SimpleNamespace(**dict(zip(_ROUTER_FACTS, facts)))
+    routing = ROUTERS[class_name](module)
     if routing is None:
         return None
     slots = _router_slots(routing)
-    E, H = module.weight.shape
+    E, H = weight_shape
     spec = MoESpec(name="router", num_experts=E, top_k=module.top_k, hidden=H, intermediate=0,
                    routing=routing, slots=tuple(s for s, _ in slots))
     return spec.to_json(), tuple(a for _, a in slots)
 
 
 def route_forward(self, hidden_states):
-    plan = router_plan(self)
+    plan = router_plan(type(self).__name__, tuple(self.weight.shape), _router_facts(self))
     if plan is None:
         return _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
     spec_json, attributes = plan
@@ -108,48 +121,81 @@ def route_forward(self, hidden_states):
 
 
 # ---- experts --------------------------------------------------------------------------------------
+_EXPERTS_FACTS = ("gate_kind", "act_name", "has_gate", "has_post_expert_norm", "_is_expert_parallel",
+                  "is_concatenated", "is_transposed", "has_bias", "alpha", "limit")
+
+
+def _gate_kind(module) -> str:
+    apply_gate = type(module)._apply_gate
+    if apply_gate is _default_apply_gate():
+        return "default"
+    return "gptoss" if type(module).__name__ == "GptOssExperts" else "custom:" + type(module).__name__
+
+
+def _experts_facts(module) -> tuple:
+    """What ``describe_experts`` needs, as plain constants (read in traced code: no graph break)."""
+    act = getattr(module, "act_fn", None)
+    return (_gate_kind(module), type(act).__name__, getattr(module, "has_gate", True),
+            getattr(module, "has_post_expert_norm", False), getattr(module, "_is_expert_parallel", False),
+            module.is_concatenated, module.is_transposed, module.has_bias,
+            float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0)))
+
+
+_DEFAULT_GATE = None
+
+
+def _default_apply_gate():
+    """transformers' default GLU gate; set by ``_install`` before tracing, so traced code only reads a global."""
+    global _DEFAULT_GATE
+    if _DEFAULT_GATE is None:
+        from transformers.integrations.moe import _default_apply_gate as gate
+
+        _DEFAULT_GATE = gate
+    return _DEFAULT_GATE
+
+
 def describe_experts(module) -> ExpertsSpec | str:
     """The ExpertsSpec of a transformers experts module, or the reason it cannot be described."""
-    if not getattr(module, "has_gate", True):
+    return describe_facts(dict(zip(_EXPERTS_FACTS, _experts_facts(module))))
+
+
+def describe_facts(f: dict) -> ExpertsSpec | str:
+    if not f["has_gate"]:
         return "experts without a gate projection (has_gate=False)"
-    if getattr(module, "has_post_expert_norm", False):
+    if f["has_post_expert_norm"]:
         return "experts with a post-expert norm"
-    if getattr(module, "_is_expert_parallel", False):
+    if f["_is_expert_parallel"]:
         return "experts already sharded for expert parallelism"
-    apply_gate = getattr(type(module), "_apply_gate", None)
-    gate_name = getattr(apply_gate, "__qualname__", "")
-    if gate_name.endswith("GptOssExperts._apply_gate"):
+    if f["gate_kind"] == "gptoss":
         activation = "gptoss"
-    elif gate_name == "_default_apply_gate":
-        act_name = type(getattr(module, "act_fn", None)).__name__
-        activation = _ACTIVATIONS.get(act_name)
+    elif f["gate_kind"] == "default":
+        activation = _ACTIVATIONS.get(f["act_name"])
         if activation is None:
-            return f"activation {act_name} not supported"
+            return f"activation {f['act_name']} not supported"
     else:
-        return f"custom gate function {gate_name}"
-    return ExpertsSpec(layout="fused", interleaved=not module.is_concatenated, transposed=module.is_transposed,
-                       has_bias=module.has_bias, activation=activation,
-                       alpha=float(getattr(module, "alpha", 1.702)), limit=float(getattr(module, "limit", 7.0)))
+        return f"custom gate function ({f['gate_kind']})"
+    return ExpertsSpec(layout="fused", interleaved=not f["is_concatenated"], transposed=f["is_transposed"],
+                       has_bias=f["has_bias"], activation=activation, alpha=f["alpha"], limit=f["limit"])
 
 
 @torch._dynamo.assume_constant_result
-def experts_plan(module, top_k: int) -> tuple[str, tuple[str, ...]] | str:
+def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int) -> tuple[str, tuple[str, ...]] | str:
     """(spec JSON, attribute names of its tensors), or the reason the module is left alone."""
-    described = describe_experts(module)
+    described = describe_facts(dict(zip(_EXPERTS_FACTS, facts)))
     if isinstance(described, str):
-        return f"{type(module).__name__}: {described}"
+        return f"{class_name}: {described}"
     slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")]
     if described.has_bias:
         slots += [("gate_up_bias", "gate_up_proj_bias"), ("down_bias", "down_proj_bias")]
-    shape = module.gate_up_proj.shape
-    hidden, inter2 = (shape[1], shape[2]) if described.transposed else (shape[2], shape[1])
-    spec = MoESpec(name="experts", num_experts=shape[0], top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
+    hidden, inter2 = (gate_up_shape[1], gate_up_shape[2]) if described.transposed else (gate_up_shape[2], gate_up_shape[1])
+    spec = MoESpec(name="experts", num_experts=gate_up_shape[0], top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
                    experts=described, slots=tuple(s for s, _ in slots))
     return spec.to_json(), tuple(a for _, a in slots)
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback):
-    plan = experts_plan(self, top_k_index.shape[-1])
+    plan = experts_plan(type(self).__name__, _experts_facts(self), tuple(self.gate_up_proj.shape),
+                        top_k_index.shape[-1])
     if isinstance(plan, str):
         out = fallback(self, hidden_states, top_k_index, top_k_weights)
         return torch.ops.dualsparse.left_alone(out, plan)
@@ -229,6 +275,7 @@ def _install():
     moe = _transformers_moe()
     if moe is None:
         return
+    _default_apply_gate()
     _ORIGINAL_FORWARDS["get_interface"] = moe.ExpertsInterface.get_interface
     moe.ExpertsInterface.get_interface = _patched_get_interface(moe.ExpertsInterface.get_interface)
     for cls in _router_classes():
