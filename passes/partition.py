@@ -50,7 +50,8 @@ Proven by tests/test_partition.py: ``test_partial_equals_original`` and
 ``test_complete_equals_original`` (hypothesis, random E, k, P, sizes, tokens incl. 0 and 1, softmax /
 sigmoid, renormalisation, score after top-k, score bias, groups, biases, shared experts),
 ``test_reverse_partial_restores_ir``, ``test_scale_derivation``, and ``test_transformers_models``
-(OLMoE, Mixtral, Qwen3-MoE, DeepSeek-V3 compiled with P in {2, 4}).
+(OLMoE, Mixtral, Qwen3-MoE, DeepSeek-V3, GPT-OSS compiled with P in {2, 4}), and
+``test_sub_experts_share_storage_with_parameters`` (no copies).
 """
 
 from __future__ import annotations
@@ -153,7 +154,11 @@ def partition_pass(gm: fx.GraphModule, options, report) -> bool:
         spec = parse_spec(node.args[2])
         if spec.partition == P and spec.transform == transform:
             continue
-        node.args = (node.args[0], node.args[1], partition_spec(spec, P, transform).to_json(), *node.args[3:])
+        new = partition_spec(spec, P, transform)
+        node.args = (node.args[0], node.args[1], new.to_json(), *node.args[3:])
+        for entry in report.rewritten:  # the report's routing column shows "P=..(transform)"
+            if entry.name == spec.name and entry.variant == spec.variant:
+                entry.variant = new.variant
         report.counters["partition"] += 1
         changed = True
     return changed

@@ -199,6 +199,9 @@ def tiny_model(arch: str, hidden: int = 32, inter: int = 48, seed: int = 0):
                                                    norm_topk_prob=True, routed_scaling_factor=2.5, kv_lora_rank=16,
                                                    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                                    v_head_dim=8),
+        "gpt_oss": lambda: tf.GptOssConfig(**common, intermediate_size=inter, num_local_experts=8,
+                                           num_experts_per_tok=2, head_dim=8, sliding_window=16,
+                                           layer_types=["full_attention"]),
     }
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(configs[arch]()).eval()
@@ -217,7 +220,7 @@ def compiled(model, **options):
 
 @pytest.mark.parametrize("transform", ["partial", "complete"])
 @pytest.mark.parametrize("P", [2, 4])
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_transformers_models(arch, P, transform):
     model = tiny_model(arch)
     ids = torch.randint(3, 64, (2, 6))
@@ -226,6 +229,7 @@ def test_transformers_models(arch, P, transform):
         got = compiled(model, partition=P, transform=transform)(ids).logits.float()
     report = dsmoe_compiler.last_report()
     assert report.counters["partition"] == 1 and len(report.rewritten) == 1, str(report)
+    assert f"P={P}({transform})" in report.rewritten[0].variant
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
@@ -293,8 +297,9 @@ def test_memory_before_after_partition(capsys):
         for transform in ("partial", "complete"):
             torch._dynamo.reset()
             fn = compiled(model, partition=4, transform=transform)
-            fn(ids)  # compile
+            compiling = _peak_bytes(lambda: fn(ids))
             peak = _peak_bytes(lambda: fn(ids))
+            lines.append(f"compiling P=4 {transform} (first call) peak {compiling} B")
             lines.append(f"compiled P=4 {transform} forward peak {peak} B")
             assert peak < expert_bytes / 4, lines
     assert param_bytes() == before
