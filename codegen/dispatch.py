@@ -136,14 +136,25 @@ def _reference_with_keep(x, params, spec: MoESpec, keep):
     return out + reference.shared_experts(x, params, spec) if spec.shared is not None else out
 
 
-def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole MoE block on x [T, H]; keep [T, K*P] (bool) marks the pairs a drop pass kept."""
+def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None = None, *,
+               thresholds: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole MoE block on x [T, H]; keep [T, K*P] (bool) marks the pairs a drop pass kept.
+
+    With ``spec.drop`` on, ``keep`` comes from ``reference.keep_mask`` on the routed weights and the
+    block's device-side ``thresholds`` (and ``stats`` are accumulated on the device): no host sync.
+    """
     if spec.experts.layout != "fused":  # NOTE: list / separate weights still run the reference loop
-        return reference.moe(x, params, spec) if keep is None else _reference_with_keep(x, params, spec, keep)
+        if keep is None:
+            return reference.moe(x, params, spec, thresholds, stats)
+        return _reference_with_keep(x, params, spec, keep)
     x = x.contiguous()
+    weights, index = route(x, params, spec)
+    if spec.drop.mode != "none" and thresholds is not None:
+        keep = reference.keep_mask(weights, spec, thresholds)
+        if stats is not None:
+            reference.record_drops(stats, keep, spec)
     if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
         keep = keep.contiguous().view(torch.uint8)
-    weights, index = route(x, params, spec)
     out = experts(x, weights, index, params, spec, keep)
     if spec.shared is not None:
         out = out + reference.shared_experts(x, params, spec)

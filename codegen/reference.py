@@ -58,7 +58,8 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         values, index = torch.topk(logits, k, dim=-1)
         weights = torch.softmax(values, dim=-1, dtype=values.dtype)
     else:
-        scores = torch.softmax(logits, dim=-1, dtype=torch.float32) if r.score_func == "softmax" else logits.sigmoid()
+        scores = (torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+                  if r.score_func == "softmax" else logits.sigmoid())
         choice = scores
         if r.score_bias:
             bias = _param(spec, params, "score_bias").repeat_interleave(copies)
@@ -137,7 +138,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
             keep: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: sum over kept (token, slot) pairs of weight * sub_expert(x). index holds sub-expert ids."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     mask = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
     ex = spec.experts
     for sub in range(spec.num_experts * spec.partition):
@@ -148,7 +149,7 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         xs = x[token]
         h = glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
         y = F.linear(h, down, db)
-        out.index_add_(0, token, (y * weights[token, slot, None]).float())
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out.to(x.dtype)
 
 
@@ -161,13 +162,52 @@ def shared_experts(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
     return y
 
 
+# ---- dropping --------------------------------------------------------------------------------------
+def normalized_scores(weights: torch.Tensor) -> torch.Tensor:
+    """Paper §3.2: the selected weights divided by their sum (identity up to the scale for routers that
+    already renormalise, so one rule serves every router)."""
+    w = weights.float()
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def keep_mask(weights: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor) -> torch.Tensor:
+    """Kept (token, slot) pairs, [T, K'] in the slot order the experts see (partial: Eq. 12 order).
+
+    ``thresholds`` is a 2-element fp32 tensor (T_major, T_minor); 1T uses T_major. The comparison runs
+    on the device: no host synchronisation.
+    """
+    score = normalized_scores(weights)
+    if spec.drop.mode == "1t":
+        keep = score > thresholds[0]
+        return keep.repeat(1, spec.partition) if spec.transform == "partial" else keep
+    major, minor = score >= thresholds[0], score >= thresholds[1]  # 2T: sub-expert 0 Major, 1 Minor
+    return torch.cat([major, minor], dim=1)
+
+
+def routed_units(spec: MoESpec) -> int:
+    """Neurons one token runs through in routed experts without dropping (the drop rate's unit)."""
+    return spec.top_k * spec.intermediate
+
+
+def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec) -> None:
+    """stats[0] += dropped routed neurons, stats[1] += routed + shared neurons (compute-weighted, on device)."""
+    per_slot = spec.intermediate * spec.top_k / keep.shape[1]
+    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+    stats[0].add_((~keep).sum() * per_slot)
+    stats[1].add_(keep.shape[0] * (routed_units(spec) + shared))
+
+
 # ---- the whole block -----------------------------------------------------------------------------
-def moe(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
-    """The MoE block on x [T, H]: route, (partial transform), experts, shared experts."""
+def moe(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor | None = None,
+        stats: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block on x [T, H]: route, drop, (partial transform), experts, shared experts."""
     _, weights, index = route(x, params, spec)
+    keep = keep_mask(weights, spec, thresholds) if spec.drop.mode != "none" else None
     if spec.transform == "partial":
         index, weights = partial_transform(index, weights, spec.partition)
-    out = experts(x, index, weights, params, spec)
+    if stats is not None and keep is not None:
+        record_drops(stats, keep, spec)
+    out = experts(x, index, weights, params, spec, keep)
     if spec.shared is not None:
         out = out + shared_experts(x, params, spec)
     return out

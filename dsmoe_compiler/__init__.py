@@ -9,6 +9,7 @@ from dsmoe_compiler.options import Options
 from dsmoe_compiler.report import last_report
 from dsmoe_compiler.runtime.calibrate import calibrate
 from dsmoe_compiler.runtime.plan import Plan
+from dsmoe_compiler.runtime.state import drop_stats, reset_drop_stats, set_block_thresholds, set_thresholds
 
 __all__ = ["dualsparse_backend", "last_report", "MoESpec", "RoutingSpec", "ExpertsSpec", "SharedSpec", "Options",
-           "calibrate", "Plan"]
+           "calibrate", "Plan", "drop_stats", "reset_drop_stats", "set_thresholds", "set_block_thresholds"]

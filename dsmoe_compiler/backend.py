@@ -96,7 +96,15 @@ def _capture_context():
 
 
 dualsparse_backend.backend_ctx_ctor = _capture_context
-dualsparse_backend.reset = report_mod.reset
+def _reset() -> None:
+    """Called by ``torch._dynamo.reset()``: forget the report and the blocks' run-time state."""
+    from dsmoe_compiler.runtime import state
+
+    report_mod.reset()
+    state.clear()
+
+
+dualsparse_backend.reset = _reset
 
 
 def _forward_backend_ctx_through_torch_compile() -> None:

@@ -85,6 +85,12 @@ class DropSpec:
     """Threshold dropping of (token, sub-expert) pairs; thresholds are run-time tensors (slots)."""
 
     mode: Literal["none", "1t", "2t"] = "none"
+    """1t: keep a (token, expert) pair iff its normalised score > T; 2t: on Major/Minor halves (P = 2),
+    keep the major half iff score >= T_major and the minor half iff score >= T_minor."""
+    key: str = ""
+    """Name of this block's run-time state (thresholds, statistics) in ``runtime.state``."""
+    shared_outside: int = 0
+    """Neurons per token of shared experts computed outside the op (for the compute-weighted drop rate)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,19 +19,32 @@ import torch
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.reference import parse_spec
+from dsmoe_compiler.runtime import state
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _drop_state(spec):
+    """(thresholds, stats) of a dropping block, looked up on every call so new thresholds need no recompile."""
+    if spec.drop.mode == "none":
+        return None, None
+    block = state.lookup(spec.drop.key)
+    if block is None:
+        raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}; was torch._dynamo.reset() "
+                           "called without recompiling?")
+    return block.thresholds, block.stats
+
+
 def _run_moe(x, params, spec_json, impl):
     spec = parse_spec(spec_json)
+    thresholds, stats = _drop_state(spec)
     if impl == "triton" and x.is_cuda:
         from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
 
-        return moe_triton(_flat(x), params, spec).view_as(x)
-    return reference.moe(_flat(x), params, spec).view_as(x)
+        return moe_triton(_flat(x), params, spec, thresholds=thresholds, stats=stats).view_as(x)
+    return reference.moe(_flat(x), params, spec, thresholds, stats).view_as(x)
 
 
 @torch.library.custom_op("dualsparse::moe", mutates_args=())

@@ -25,6 +25,8 @@ _CHOICES = {
     "kernels": ("auto", "triton", "reference"),
     "inner": ("inductor", "eager", "aot_eager"),
     "transform": ("partial", "complete"),
+    "drop": ("none", "1t", "2t"),
+    "threshold_policy": ("global", "per_layer"),
 }
 
 
@@ -43,6 +45,23 @@ class Options:
     plan: Any = None
     """A calibration ``Plan`` (or the path of a saved one): reorder every expert's neurons by importance,
     in place (passes/reconstruct.py); makes ``partition`` default to 2 (Major/Minor halves)."""
+
+    drop: str = "none"
+    """Threshold dropping: "1t" (one threshold per pair) or "2t" (Major/Minor halves, implies partition 2)."""
+    threshold: float | None = None
+    """1T threshold T on normalised scores; for 2T the centre of (T - band, T + band)."""
+    t_major: float | None = None
+    """2T: the Major half of a pair is kept iff its normalised score >= t_major."""
+    t_minor: float | None = None
+    """2T: the Minor half is kept iff its normalised score >= t_minor."""
+    band: float = 0.01
+    """2T: half-width of (T_major, T_minor) around ``threshold`` (the paper's ±0.01)."""
+    drop_rate: float | None = None
+    """Target compute-weighted drop rate; thresholds are fitted to the plan's calibration scores."""
+    threshold_policy: str = "global"
+    """With drop_rate: one "global" threshold for all layers, or "per_layer" thresholds (equal rate per layer)."""
+    stats: bool = False
+    """Accumulate per-layer drop statistics on the device; read them with ``dsmoe_compiler.drop_stats()``."""
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "Options":
@@ -64,6 +83,35 @@ class Options:
             if not isinstance(options["plan"], (Plan, str, os.PathLike)):
                 raise OptionsError(f"dualsparse: option 'plan' must be a Plan or a path, got {type(options['plan'])}")
             options.setdefault("partition", 2)
+        _check_drop(options)
         if options.get("dump_dir") is None and os.environ.get("DUALSPARSE_DUMP_DIR"):
             options["dump_dir"] = os.environ["DUALSPARSE_DUMP_DIR"]
         return Options(**options)
+
+
+def _number(options, key, low, high):
+    value = options.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high):
+        raise OptionsError(f"dualsparse: option {key!r} must be a number in [{low}, {high}], got {value!r}")
+
+
+def _check_drop(options) -> None:
+    for key, low, high in (("threshold", 0.0, 1e9), ("t_major", 0.0, 1e9), ("t_minor", 0.0, 1e9),
+                           ("band", 0.0, 1.0), ("drop_rate", 0.0, 0.999)):
+        _number(options, key, low, high)
+    if "stats" in options and not isinstance(options["stats"], bool):
+        raise OptionsError(f"dualsparse: option 'stats' must be True or False, got {options['stats']!r}")
+    mode = options.get("drop", "none")
+    given = {k for k in ("threshold", "t_major", "t_minor", "drop_rate") if options.get(k) is not None}
+    if mode == "none":
+        if given:
+            raise OptionsError(f"dualsparse: option {sorted(given)[0]!r} needs option 'drop' = '1t' or '2t'")
+        return
+    if options.get("drop_rate") is not None and options.get("plan") is None:
+        raise OptionsError("dualsparse: option 'drop_rate' needs option 'plan' (calibration scores to fit thresholds)")
+    if mode == "1t" and not given & {"threshold", "drop_rate"}:
+        raise OptionsError("dualsparse: drop='1t' needs option 'threshold' or 'drop_rate'")
+    if mode == "2t" and not (given & {"threshold", "drop_rate"} or {"t_major", "t_minor"} <= given):
+        raise OptionsError("dualsparse: drop='2t' needs options 't_major' and 't_minor', or 'threshold', or 'drop_rate'")
+    if mode == "2t" and {"t_major", "t_minor"} <= given and options["t_major"] > options["t_minor"]:
+        raise OptionsError("dualsparse: option 't_major' must be <= 't_minor' (the Major half is kept more readily)")
