@@ -29,7 +29,7 @@ CONFIGS = [
     _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
     _cfg(64, 128, 64, 4, 4, lo=32), _cfg(128, 64, 64, 8, 4, lo=64), _cfg(128, 128, 64, 8, 3, lo=64),
-    _cfg(128, 128, 64, 8, 4, lo=128),
+    _cfg(128, 128, 64, 8, 4, lo=128), _cfg(128, 64, 128, 8, 3, lo=128), _cfg(256, 64, 64, 8, 3, lo=256),
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2)]
