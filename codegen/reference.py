@@ -173,15 +173,24 @@ def normalized_scores(weights: torch.Tensor) -> torch.Tensor:
 def keep_mask(weights: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor) -> torch.Tensor:
     """Kept (token, slot) pairs, [T, K'] in the slot order the experts see (partial: Eq. 12 order).
 
-    ``thresholds`` is a 2-element fp32 tensor (T_major, T_minor); 1T uses T_major. The comparison runs
-    on the device: no host synchronisation.
+    ``thresholds`` is a 2-element fp32 tensor (T_major, T_minor); single-threshold rules use T_major.
+    The comparison runs on the device: no host synchronisation. Rules (s = normalised score):
+    1t keep iff s > T; 2t major half iff s >= T_major, minor half iff s >= T_minor; baselines:
+    "topk" static top-(k-1) (the lowest-weight pair of every token goes), "skip" Lu et al.'s expert
+    skipping generalised to top-k (keep iff s >= T * max s of the token).
     """
     score = normalized_scores(weights)
-    if spec.drop.mode == "1t":
+    mode = spec.drop.mode
+    if mode == "2t":
+        major, minor = score >= thresholds[0], score >= thresholds[1]  # sub-expert 0 Major, 1 Minor
+        return torch.cat([major, minor], dim=1)
+    if mode == "1t":
         keep = score > thresholds[0]
-        return keep.repeat(1, spec.partition) if spec.transform == "partial" else keep
-    major, minor = score >= thresholds[0], score >= thresholds[1]  # 2T: sub-expert 0 Major, 1 Minor
-    return torch.cat([major, minor], dim=1)
+    elif mode == "skip":
+        keep = score >= thresholds[0] * score.max(dim=-1, keepdim=True).values
+    else:  # "topk": drop each token's lowest-weight pair
+        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, score.argmin(dim=-1, keepdim=True), False)
+    return keep.repeat(1, spec.partition) if spec.transform == "partial" else keep
 
 
 def routed_units(spec: MoESpec) -> int:

@@ -84,9 +84,10 @@ class SharedSpec:
 class DropSpec:
     """Threshold dropping of (token, sub-expert) pairs; thresholds are run-time tensors (slots)."""
 
-    mode: Literal["none", "1t", "2t"] = "none"
+    mode: Literal["none", "1t", "2t", "topk", "skip"] = "none"
     """1t: keep a (token, expert) pair iff its normalised score > T; 2t: on Major/Minor halves (P = 2),
-    keep the major half iff score >= T_major and the minor half iff score >= T_minor."""
+    keep the major half iff score >= T_major and the minor half iff score >= T_minor; baselines:
+    topk (static top-(k-1)) and skip (Lu et al.: keep iff score >= T * the token's top score)."""
     key: str = ""
     """Name of this block's run-time state (thresholds, statistics) in ``runtime.state``."""
     shared_outside: int = 0

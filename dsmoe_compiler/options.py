@@ -25,7 +25,7 @@ _CHOICES = {
     "kernels": ("auto", "triton", "reference"),
     "inner": ("inductor", "eager", "aot_eager"),
     "transform": ("partial", "complete"),
-    "drop": ("none", "1t", "2t"),
+    "drop": ("none", "1t", "2t", "topk", "skip"),
     "threshold_policy": ("global", "per_layer"),
 }
 
@@ -47,7 +47,8 @@ class Options:
     in place (passes/reconstruct.py); makes ``partition`` default to 2 (Major/Minor halves)."""
 
     drop: str = "none"
-    """Threshold dropping: "1t" (one threshold per pair) or "2t" (Major/Minor halves, implies partition 2)."""
+    """Dropping: "1t" (one threshold per pair), "2t" (Major/Minor halves, implies partition 2); baselines
+    "topk" (static top-(k-1)) and "skip" (Lu et al.'s skipping, threshold = beta)."""
     threshold: float | None = None
     """1T threshold T on normalised scores; for 2T the centre of (T - band, T + band)."""
     t_major: float | None = None
@@ -109,8 +110,10 @@ def _check_drop(options) -> None:
         return
     if options.get("drop_rate") is not None and options.get("plan") is None:
         raise OptionsError("dualsparse: option 'drop_rate' needs option 'plan' (calibration scores to fit thresholds)")
-    if mode == "1t" and not given & {"threshold", "drop_rate"}:
-        raise OptionsError("dualsparse: drop='1t' needs option 'threshold' or 'drop_rate'")
+    if mode in ("1t", "skip") and not given & {"threshold", "drop_rate"}:
+        raise OptionsError(f"dualsparse: drop={mode!r} needs option 'threshold' or 'drop_rate'")
+    if mode == "topk" and given:
+        raise OptionsError(f"dualsparse: drop='topk' takes no threshold; got option {sorted(given)[0]!r}")
     if mode == "2t" and not (given & {"threshold", "drop_rate"} or {"t_major", "t_minor"} <= given):
         raise OptionsError("dualsparse: drop='2t' needs options 't_major' and 't_minor', or 'threshold', or 'drop_rate'")
     if mode == "2t" and {"t_major", "t_minor"} <= given and options["t_major"] > options["t_minor"]:

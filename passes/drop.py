@@ -49,7 +49,9 @@ def _with_halves(spec: MoESpec) -> MoESpec:
 
 
 def _fixed_thresholds(options) -> tuple[float, float]:
-    if options.drop == "1t":
+    if options.drop == "topk":
+        return 0.0, 0.0
+    if options.drop in ("1t", "skip"):
         return options.threshold, options.threshold
     if options.t_major is not None:
         return options.t_major, options.t_minor

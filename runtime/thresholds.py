@@ -19,11 +19,13 @@ def routed_drop_fraction(scores: torch.Tensor, mode: str, t_major: float, t_mino
         return 0.0
     if mode == "1t":
         return (scores <= t_major).float().mean().item()
+    if mode == "skip":
+        return (scores < t_major * scores.max(dim=-1, keepdim=True).values).float().mean().item()
     return 0.5 * ((scores < t_major).float().mean().item() + (scores < t_minor).float().mean().item())
 
 
 def _thresholds(t: float, mode: str, band: float) -> tuple[float, float]:
-    return (t, t) if mode == "1t" else (max(t - band, 0.0), t + band)
+    return (max(t - band, 0.0), t + band) if mode == "2t" else (t, t)
 
 
 def _bisect(rate_of, target: float, iterations: int = 60) -> float:

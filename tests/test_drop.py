@@ -156,3 +156,16 @@ def test_drop_rate_option_fits_thresholds_from_a_plan():
 def test_invalid_drop_options(options, key):
     with pytest.raises(ValueError, match=key):
         dsmoe_compiler.Options.from_dict(options)
+
+
+def test_baseline_rules():
+    """Static top-(k-1) drops exactly each token's lowest pair; Lu et al.'s skip keeps s >= beta * max s."""
+    spec = MoESpec(name="b", num_experts=E, top_k=3, hidden=H, intermediate=I)
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    topk = reference.keep_mask(w, spec.replace(drop=DropSpec(mode="topk")), torch.zeros(2))
+    skip = reference.keep_mask(w, spec.replace(drop=DropSpec(mode="skip")), torch.tensor([0.5, 0.5]))
+    assert topk.tolist() == [[True, True, False], [False, True, True]]
+    assert skip.tolist() == [[True, True, False], [False, True, True]]
+    skip_hi = reference.keep_mask(w, spec.replace(drop=DropSpec(mode="skip")), torch.tensor([0.7, 0.7]))
+    assert skip_hi.tolist() == [[True, False, False], [False, True, False]]
+    assert abs(fit.routed_drop_fraction(w / w.sum(-1, keepdim=True), "skip", 0.5, 0.5) - 2 / 6) < 1e-6
