@@ -63,6 +63,9 @@ class Options:
     """With drop_rate: one "global" threshold for all layers, or "per_layer" thresholds (equal rate per layer)."""
     stats: bool = False
     """Accumulate per-layer drop statistics on the device; read them with ``dsmoe_compiler.drop_stats()``."""
+    expert_parallel: Any = False
+    """Expert parallelism (passes/expert_parallel.py): True (the default process group) or a ProcessGroup;
+    each rank runs its own tokens and computes a contiguous range of the E*P sub-experts."""
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "Options":
@@ -85,6 +88,7 @@ class Options:
                 raise OptionsError(f"dualsparse: option 'plan' must be a Plan or a path, got {type(options['plan'])}")
             options.setdefault("partition", 2)
         _check_drop(options)
+        _check_expert_parallel(options)
         if options.get("dump_dir") is None and os.environ.get("DUALSPARSE_DUMP_DIR"):
             options["dump_dir"] = os.environ["DUALSPARSE_DUMP_DIR"]
         return Options(**options)
@@ -118,3 +122,13 @@ def _check_drop(options) -> None:
         raise OptionsError("dualsparse: drop='2t' needs options 't_major' and 't_minor', or 'threshold', or 'drop_rate'")
     if mode == "2t" and {"t_major", "t_minor"} <= given and options["t_major"] > options["t_minor"]:
         raise OptionsError("dualsparse: option 't_major' must be <= 't_minor' (the Major half is kept more readily)")
+
+
+def _check_expert_parallel(options) -> None:
+    value = options.get("expert_parallel", False)
+    if value is False or value is True:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise OptionsError(f"dualsparse: option 'expert_parallel' must be True, False or a ProcessGroup, got {value!r}")

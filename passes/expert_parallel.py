@@ -1,0 +1,89 @@
+"""Expert parallelism: route (+ drop) -> dispatch all_to_all -> local experts -> combine all_to_all (paper §3.3, §4.3).
+
+Pattern (a block after partition and drop)::
+
+    y = dualsparse.moe(x, params, spec, impl)
+
+Replacement (``runtime/ep.py`` documents each step)::
+
+    send, token, weight, counts = dualsparse.ep_route(x, params, spec, ep)
+    send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
+    recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(send, recv_splits, send_splits, group))
+    y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
+    back = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(y_local, send_splits, recv_splits, group))
+    y = dualsparse.ep_combine(x, back, token, weight, params, spec, ep)
+
+Setting: per-rank tokens (each rank runs the compiled model on its own share of the batch, the
+usual EP); rank r computes the contiguous sub-experts ``dist.expert_ranges(E*P, W)[r:r+2]``, so
+after a partial transformation E*P sub-experts spread over up to E*P ranks (S-ETP). Every rank
+keeps the full parameters as graph inputs and reads only its local sub-experts (views).
+
+Equivalence preserved: on each rank, y equals ``dualsparse.moe(x, params, spec)`` on that rank's
+x: dropping off, up to the summation order (each pair's expert output is computed unweighted on its
+owner, shipped back, and weighted and summed on the token's rank in fp32 like the reference);
+dropping on with uniform thresholds, the same pairs are kept (``keep_per_destination`` equals
+``reference.keep_mask``). With a load-aware policy (``runtime/load_aware.py``) each pair is judged
+with its destination rank's thresholds. Dropped pairs are removed before the dispatch.
+Tests: ``tests/test_expert_parallel.py`` (gloo, 2 and 4 processes).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from dsmoe_compiler.capture.graph_utils import example_value
+from dsmoe_compiler.codegen.reference import parse_spec
+from dsmoe_compiler.runtime import dist as ds_dist
+from dsmoe_compiler.runtime import ep
+
+MOE = torch.ops.dualsparse.moe.default
+A2A = torch.ops._c10d_functional.all_to_all_single.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+def _impl(options, node) -> str:
+    if len(node.args) > 3 and node.args[3] != "reference":
+        return node.args[3]
+    x = example_value(node.args[0])
+    on_cuda = x is not None and x.is_cuda
+    return "triton" if options.kernels == "triton" or (options.kernels == "auto" and on_cuda) else "reference"
+
+
+def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
+    if not getattr(options, "expert_parallel", False):
+        return False
+    import torch.distributed as dist
+
+    group = ds_dist.resolve_group(options.expert_parallel)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    name = ds_dist.group_name(group)
+    graph = gm.graph
+    changed = False
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is MOE]:
+        x, params, spec_json = node.args[:3]
+        spec = parse_spec(spec_json)
+        ranges = ds_dist.expert_ranges(spec.num_experts * spec.partition, world)
+        ep_spec = ep.EPSpec(group=name, rank=rank, world=world, ranges=tuple(ranges),
+                            key=ep.register(spec.name, rank), stats=bool(options.stats))
+        ep_json = ep_spec.to_json()
+        impl = _impl(options, node)
+        with graph.inserting_before(node):
+            routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json))
+            send, token, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
+            sizes = graph.call_function(ep.splits, (counts, ep_json))
+            send_splits, recv_splits = (graph.call_function(operator.getitem, (sizes, i)) for i in range(2))
+            recv = graph.call_function(WAIT, (graph.call_function(A2A, (send, recv_splits, send_splits, name)),))
+            local = graph.call_function(torch.ops.dualsparse.ep_experts.default,
+                                        (recv, counts, params, spec_json, ep_json, impl))
+            back = graph.call_function(WAIT, (graph.call_function(A2A, (local, send_splits, recv_splits, name)),))
+            out = graph.call_function(torch.ops.dualsparse.ep_combine.default,
+                                      (x, back, token, weight, params, spec_json, ep_json))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        report.counters["expert_parallel"] += 1
+        changed = True
+    return changed

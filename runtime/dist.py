@@ -1,0 +1,115 @@
+"""Process groups and collectives for expert parallelism, on ``torch.distributed`` (NCCL on GPU, gloo on CPU).
+
+No transport of our own: the dispatch and combine exchanges are the functional collective
+``all_to_all_single`` (``torch.distributed._functional_collectives``), which stays an FX node the
+inner compiler can see; the small count exchanges inside the EP operators are plain c10d calls.
+
+Failure behaviour: a collective whose peer is dead or never arrives fails when the process group's
+timeout expires (``init(timeout_s=...)``, default 60 s, ``DUALSPARSE_DIST_TIMEOUT`` in seconds);
+a peer that exits closes its gloo/NCCL connections, which fails the survivors' next collective at
+once. ``check_same`` compares a fingerprint (spec, expert ranges, world size) across the ranks of a
+group before the first exchange, so ranks compiled differently raise instead of exchanging
+mismatched buffers; on gloo it starts with a ``monitored_barrier`` that names the missing ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def default_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get("DUALSPARSE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+
+
+def init(backend: str | None = None, timeout_s: float | None = None, **kwargs) -> dist.ProcessGroup:
+    """Initialise the default process group from the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR...).
+
+    backend defaults to NCCL when CUDA is available, else gloo. Under NCCL the rank's device is set to
+    LOCAL_RANK. Returns the default group.
+    """
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout()
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    return dist.group.WORLD
+
+
+def resolve_group(option) -> dist.ProcessGroup:
+    """The process group named by the ``expert_parallel`` option: True -> the default group, or the group itself."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("dualsparse: option 'expert_parallel' needs torch.distributed initialised "
+                           "(dsmoe_compiler.runtime.dist.init() or torch.distributed.init_process_group)")
+    if option is True:
+        return dist.group.WORLD
+    if isinstance(option, dist.ProcessGroup):
+        return option
+    raise ValueError(f"dualsparse: option 'expert_parallel' must be True or a ProcessGroup, got {option!r}")
+
+
+def group_name(group: dist.ProcessGroup) -> str:
+    return group.group_name
+
+
+def group_by_name(name: str) -> dist.ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def expert_ranges(num_subs: int, world: int) -> list[int]:
+    """Boundaries [b_0 = 0, b_1, ..., b_W = num_subs]: rank r holds sub-experts b_r .. b_{r+1} - 1.
+
+    Contiguous and balanced to one sub-expert. With a partial transformation (P sub-experts per
+    expert) the E*P sub-experts can be spread over up to E*P ranks (S-ETP).
+    """
+    if num_subs < world:
+        raise ValueError(f"dualsparse: {num_subs} (sub-)experts cannot be spread over {world} ranks; "
+                         "raise option 'partition' (S-ETP: E*P sub-experts over up to E*P ranks)")
+    return [(r * num_subs) // world for r in range(world + 1)]
+
+
+# ---- collectives --------------------------------------------------------------------------------
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], name: str) -> torch.Tensor:
+    """Functional ``all_to_all_single`` (rows of x split by ``input_splits``) followed by its wait."""
+    return funcol.wait_tensor(torch.ops._c10d_functional.all_to_all_single(x, output_splits, input_splits, name))
+
+
+def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[W, *t.shape]: every rank's t (blocking c10d call; used inside the opaque EP operators)."""
+    world = dist.get_world_size(group)
+    flat = t.contiguous().view(-1)
+    out = flat.new_empty(world * flat.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, flat, group=group)
+    return out.view(world, *t.shape)
+
+
+def fingerprint(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+def check_same(text: str, group: dist.ProcessGroup, what: str, timeout: datetime.timedelta | None = None) -> None:
+    """Raise on every rank if ``text`` differs between the ranks of ``group`` (fails by the group's timeout
+    if a rank never arrives)."""
+    if dist.get_backend(group) == "gloo":
+        dist.monitored_barrier(group=group, timeout=timeout or default_timeout(), wait_all_ranks=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor([fingerprint(text)], dtype=torch.int64, device=device)
+    every = all_gather_rows(mine, group).view(-1).tolist()
+    if len(set(every)) != 1:
+        ranks = dist.get_process_group_ranks(group)
+        odd = [ranks[i] for i, v in enumerate(every) if v != every[dist.get_rank(group)]]
+        raise RuntimeError(f"dualsparse: {what} differs between ranks of the expert-parallel group "
+                           f"(rank {dist.get_rank()} disagrees with ranks {odd}); compile the same model "
+                           "with the same options on every rank")

@@ -1,0 +1,417 @@
+"""Expert-parallel MoE operators: route (+ drop) -> dispatch -> local experts -> combine, per-rank tokens.
+
+Setting: the usual EP. Each rank of the group runs the model on its *own* tokens (its share of the
+batch); rank r holds the contiguous sub-experts ``ranges[r] .. ranges[r+1] - 1`` of the E*P
+sub-experts (S-ETP after a partial transformation: sub-expert s = e*P + p). Data-replicated
+routing is the special case where every rank passes the same x (each rank then gets the full
+output; the experts still run once per (token, pair, rank)).
+
+The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualsparse.moe`` node::
+
+    send, token, weight, counts = dualsparse.ep_route(x, params, spec, ep)   # route, drop, sort by sub-expert
+    send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
+    recv = all_to_all_single(send, recv_splits, send_splits, group)          # dispatch (functional collective)
+    y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
+    back = all_to_all_single(y, send_splits, recv_splits, group)             # combine
+    out = dualsparse.ep_combine(x, back, token, weight, params, spec, ep)    # weighted sum + shared experts
+
+Semantics: equal to ``reference.moe`` on each rank's x (dropping off: up to the summation order;
+dropping on: with uniform thresholds, the same kept pairs as ``reference.keep_mask``). A dropped
+pair is removed in ``ep_route``, before the dispatch: it is neither sent nor computed.
+
+``counts`` is every rank's per-sub-expert number of kept pairs ([W, E*P], all-gathered inside
+``ep_route``); from it each rank knows what it sends, what it receives, and in which order the
+received rows are (by source rank, then by local sub-expert). With a load-aware policy
+(``runtime/load_aware.py``) the counts before dropping are all-gathered first and the policy picks
+each destination rank's thresholds from them.
+
+Statistics (``options={"stats": True}``): per block, loads before / after dropping of every rank,
+and this rank's time in compute vs communication (host clock on CPU; CUDA events on GPU, read
+back only by ``ep_stats()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen.reference import parse_spec
+from dsmoe_compiler.ir import DropSpec, MoESpec
+from dsmoe_compiler.runtime import dist as ds_dist
+from dsmoe_compiler.runtime import load_aware, state
+
+
+@dataclass(frozen=True)
+class EPSpec:
+    group: str
+    """Process group name (``ProcessGroup.group_name``)."""
+    rank: int
+    """This rank's index in the group."""
+    world: int
+    ranges: tuple[int, ...]
+    """Sub-expert boundaries: rank r holds ranges[r] .. ranges[r+1] - 1."""
+    key: str
+    """Name of the block's EP statistics in ``_STATS``."""
+    stats: bool = False
+
+    @property
+    def lo(self) -> int:
+        return self.ranges[self.rank]
+
+    @property
+    def hi(self) -> int:
+        return self.ranges[self.rank + 1]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def parse_ep(text: str) -> EPSpec:
+    d = json.loads(text)
+    d["ranges"] = tuple(d["ranges"])
+    return EPSpec(**d)
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+@dataclass
+class EPStats:
+    name: str
+    rank: int
+    calls: int = 0
+    load_pre: torch.Tensor | None = None
+    """[W] pairs routed to each rank (all ranks' tokens), summed over calls, before dropping."""
+    load_post: torch.Tensor | None = None
+    """[W] the same after dropping."""
+    max_post: torch.Tensor | None = None
+    """Sum over calls of the maximum per-rank load after dropping (the straggler's load)."""
+    last_pre: torch.Tensor | None = None
+    last_post: torch.Tensor | None = None
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    marks: list = field(default_factory=list)
+    """CUDA events of calls not yet folded into compute_s/comm_s: (kind, start, end)."""
+    _t: dict = field(default_factory=dict)
+
+    def add_loads(self, pre: torch.Tensor, post: torch.Tensor) -> None:
+        pre, post = pre.double(), post.double()
+        if self.load_pre is None:
+            self.load_pre, self.load_post, self.max_post = torch.zeros_like(pre), torch.zeros_like(post), post.new_zeros(())
+        self.load_pre += pre
+        self.load_post += post
+        self.max_post += post.max()
+        self.last_pre, self.last_post = pre, post
+        self.calls += 1
+
+
+_STATS: dict[str, EPStats] = {}
+
+
+_ids = itertools.count()
+
+
+def register(name: str, rank: int) -> str:
+    key = f"{name}#ep{next(_ids)}"
+    _STATS[key] = EPStats(name=name, rank=rank)
+    return key
+
+
+class _Clock:
+    """Section timer: host clock on CPU, CUDA events on GPU (no synchronisation until ep_stats())."""
+
+    def __init__(self, ep: EPSpec, device: torch.device):
+        self.stats = _STATS.get(ep.key) if ep.stats else None
+        self.cuda = device.type == "cuda"
+
+    def mark(self, name: str):
+        if self.stats is None:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stats._t[name] = event
+        else:
+            self.stats._t[name] = time.perf_counter()
+
+    def span(self, kind: str, start: str, end: str):
+        if self.stats is None or start not in self.stats._t or end not in self.stats._t:
+            return
+        a, b = self.stats._t[start], self.stats._t[end]
+        if self.cuda:
+            self.stats.marks.append((kind, a, b))
+        elif kind == "compute":
+            self.stats.compute_s += b - a
+        else:
+            self.stats.comm_s += b - a
+
+
+def ep_stats() -> dict[str, dict]:
+    """Per block: calls, loads of every rank before/after dropping (summed), drop rate per rank, mean
+    straggler load after dropping, and this rank's seconds in compute vs communication."""
+    out = {}
+    for stats in _STATS.values():
+        if stats.marks:
+            torch.cuda.synchronize()
+            for kind, a, b in stats.marks:
+                seconds = a.elapsed_time(b) / 1e3
+                if kind == "compute":
+                    stats.compute_s += seconds
+                else:
+                    stats.comm_s += seconds
+            stats.marks.clear()
+        if stats.load_pre is None:
+            continue
+        pre, post = stats.load_pre.tolist(), stats.load_post.tolist()
+        out[stats.name] = {
+            "rank": stats.rank, "calls": stats.calls, "load_before": pre, "load_after": post,
+            "drop_rate": [1 - b / a if a else 0.0 for a, b in zip(pre, post)],
+            "total_drop_rate": 1 - sum(post) / sum(pre) if sum(pre) else 0.0,
+            "max_load_after_per_call": stats.max_post.item() / stats.calls,
+            "last_load_before": stats.last_pre.tolist(), "last_load_after": stats.last_post.tolist(),
+            "compute_s": stats.compute_s, "comm_s": stats.comm_s,
+        }
+    return out
+
+
+def reset_ep_stats() -> None:
+    for key, stats in list(_STATS.items()):
+        _STATS[key] = EPStats(name=stats.name, rank=stats.rank)
+
+
+def clear() -> None:
+    _STATS.clear()
+    _CHECKED.clear()
+
+
+# ---- dropping with per-destination thresholds ---------------------------------------------------------
+def owners(ep: EPSpec, device) -> torch.Tensor:
+    """[E*P] rank of each sub-expert."""
+    b = torch.tensor(ep.ranges, device=device)
+    return torch.bucketize(torch.arange(ep.ranges[-1], device=device), b[1:], right=True)
+
+
+def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESpec,
+                         thresholds: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Kept pairs [T, K'] (index already partial-transformed) when pair slot j going to rank d is judged with
+    thresholds[d] ([W, 2]). With the same row for every rank this is ``reference.keep_mask``."""
+    mode = spec.drop.mode
+    if mode == "topk":
+        return reference.keep_mask(weights, spec, thresholds[0])
+    score = reference.normalized_scores(weights)
+    best = score.max(dim=-1, keepdim=True).values
+    if spec.transform == "partial" and spec.partition > 1:
+        k = score.shape[1]
+        score = score.repeat(1, spec.partition)
+        part = torch.arange(score.shape[1], device=score.device) // k  # sub-expert p of the slot
+    else:
+        part = torch.zeros(score.shape[1], dtype=torch.long, device=score.device)
+    dest = owner[index]
+    column = part.expand_as(dest) if mode == "2t" else torch.zeros_like(dest)
+    thr = thresholds[dest, column]
+    if mode == "2t":
+        return score >= thr
+    if mode == "1t":
+        return score > thr
+    return score >= thr * best  # skip
+
+
+# ---- the operators ----------------------------------------------------------------------------------
+_CHECKED: set[str] = set()
+
+
+def _check_once(spec_json: str, ep: EPSpec) -> None:
+    """First call of a block on this rank: every rank must have the same spec and expert ranges."""
+    if ep.key in _CHECKED:
+        return
+    group = ds_dist.group_by_name(ep.group)
+    spec = parse_spec(spec_json)
+    same = spec.replace(drop=DropSpec(mode=spec.drop.mode, shared_outside=spec.drop.shared_outside))  # keys are local
+    ds_dist.check_same(same.to_json() + json.dumps([ep.world, ep.ranges]), group, f"MoE block {spec.name!r}")
+    _CHECKED.add(ep.key)
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
+    spec, ep = parse_spec(spec_json), parse_ep(ep_json)
+    clock = _Clock(ep, x.device)
+    clock.mark("route0")
+    _check_once(spec_json, ep)
+    group = ds_dist.group_by_name(ep.group)
+    x = _flat(x)
+    T = x.shape[0]
+    num_subs = spec.num_experts * spec.partition
+    _, weights, index = reference.route(x, params, spec)
+    raw = weights
+    if spec.transform == "partial":
+        index, weights = reference.partial_transform(index, weights, spec.partition)
+    owner = owners(ep, x.device)
+    pre = torch.bincount(index.reshape(-1), minlength=num_subs)
+    keep = None
+    gathered_pre = None
+    clock.mark("gather0")
+    clock.mark("gather1")
+    if spec.drop.mode != "none":
+        block = state.lookup(spec.drop.key)
+        if block is None:
+            raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}")
+        policy = load_aware.get_policy(spec.name)
+        clock.mark("gather0")
+        if policy is None:
+            thresholds = block.thresholds.expand(ep.world, 2)
+        else:
+            gathered_pre = ds_dist.all_gather_rows(pre, group)  # NOTE: one small blocking collective
+            loads = torch.zeros(ep.world, dtype=torch.float32, device=x.device).index_add_(
+                0, owner, gathered_pre.sum(0).float())
+            info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
+            thresholds = load_aware.thresholds_per_rank(policy, info)
+        clock.mark("gather1")
+        keep = keep_per_destination(raw, index, spec, thresholds, owner)
+        if block.stats is not None:
+            reference.record_drops(block.stats, keep, spec)
+    flat_index = index.reshape(-1)
+    token = torch.arange(T, device=x.device).repeat_interleave(index.shape[1])
+    if keep is not None:
+        sel = keep.reshape(-1).nonzero().squeeze(1)
+        flat_index, token, flat_w = flat_index[sel], token[sel], weights.reshape(-1)[sel]
+    else:
+        flat_w = weights.reshape(-1)
+    post = torch.bincount(flat_index, minlength=num_subs)
+    order = torch.argsort(flat_index, stable=True)
+    token, flat_w = token[order], flat_w[order]
+    clock.mark("gather2")
+    if keep is None or gathered_pre is not None or not ep.stats:
+        counts = ds_dist.all_gather_rows(post, group)
+        if gathered_pre is None:
+            gathered_pre = counts
+    else:  # stats without a policy: pre and post in one gather
+        both = ds_dist.all_gather_rows(torch.stack([pre, post]), group)
+        gathered_pre, counts = both[:, 0], both[:, 1].contiguous()
+    clock.mark("gather3")
+    if ep.stats:
+        per_rank = lambda c: torch.zeros(ep.world, dtype=torch.float64, device=x.device).index_add_(  # noqa: E731
+            0, owner, c.sum(0).double())
+        _STATS[ep.key].add_loads(per_rank(gathered_pre), per_rank(counts))
+    send = x[token]
+    clock.mark("route1")
+    for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
+                       ("comm", "gather2", "gather3"), ("compute", "gather3", "route1")):
+        clock.span(kind, a, b)
+    return send, token, flat_w, counts
+
+
+def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
+    """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange)."""
+    ep = parse_ep(ep_json)
+    b = ep.ranges
+    mine = counts[ep.rank]
+    send = [mine[b[r]:b[r + 1]].sum() for r in range(ep.world)]
+    recv = counts[:, ep.lo:ep.hi].sum(dim=1)
+    return torch.stack(send).tolist(), recv.tolist()
+
+
+def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: str, ep_json: str, impl: str):
+    """Unweighted outputs of the local sub-experts on the received rows (by source rank, then sub-expert)."""
+    spec, ep = parse_spec(spec_json), parse_ep(ep_json)
+    clock = _Clock(ep, recv.device)
+    clock.mark("experts0")
+    clock.span("comm", "route1", "experts0")  # dispatch
+    local = counts[:, ep.lo:ep.hi].reshape(-1)
+    sub = torch.arange(ep.lo, ep.hi, device=recv.device).repeat(ep.world).repeat_interleave(local)
+    if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
+        from dsmoe_compiler.codegen.dispatch import experts as triton_experts
+
+        # one pair per row, its sub-expert id given directly: no partial expansion, weight 1
+        flat = spec.replace(transform="complete", drop=DropSpec())
+        ones = torch.ones(recv.shape[0], 1, dtype=recv.dtype, device=recv.device)
+        y = triton_experts(recv.contiguous(), ones, sub[:, None], params, flat)
+    else:
+        y = torch.empty_like(recv)
+        ex = spec.experts
+        for s in range(ep.lo, ep.hi):
+            rows = (sub == s).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            gate, up, down, gb, ub, db = reference.sub_expert_weights(params, spec, s)
+            xs = recv[rows]
+            h = reference.glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
+            y[rows] = F.linear(h, down, db).to(y.dtype)
+    clock.mark("experts1")
+    clock.span("compute", "experts0", "experts1")
+    return y
+
+
+def combine(x: torch.Tensor, back: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, params,
+            spec_json: str, ep_json: str):
+    spec, ep = parse_spec(spec_json), parse_ep(ep_json)
+    clock = _Clock(ep, x.device)
+    clock.mark("combine0")
+    clock.span("comm", "experts1", "combine0")
+    flat = _flat(x)
+    out = torch.zeros(flat.shape, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
+    out.index_add_(0, token, (back * weight[:, None]).to(out.dtype))
+    out = out.to(flat.dtype)
+    if spec.shared is not None:
+        out = out + reference.shared_experts(flat, params, spec)
+    clock.mark("combine1")
+    clock.span("compute", "combine0", "combine1")
+    return out.view_as(x)
+
+
+# ---- as custom ops (opaque to dynamo / AOT / inductor; data-dependent sizes are unbacked) ---------------
+@torch.library.custom_op("dualsparse::ep_route", mutates_args=())
+def ep_route(x: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    send, token, weight, counts = route(x, params, spec, ep)
+    return send, token, weight, counts
+
+
+@ep_route.register_fake
+def _(x, params, spec, ep):
+    s, e = parse_spec(spec), parse_ep(ep)
+    n = torch.library.get_ctx().new_dynamic_size()
+    wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
+    return (x.new_empty(n, x.shape[-1]), x.new_empty(n, dtype=torch.long), x.new_empty(n, dtype=wdtype),
+            x.new_empty(e.world, s.num_experts * s.partition, dtype=torch.long))
+
+
+@torch.library.custom_op("dualsparse::ep_experts", mutates_args=())
+def ep_experts(recv: torch.Tensor, counts: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str,
+               impl: str = "reference") -> torch.Tensor:
+    return local_experts(recv, counts, params, spec, ep, impl)
+
+
+@ep_experts.register_fake
+def _(recv, counts, params, spec, ep, impl="reference"):
+    return torch.empty_like(recv)
+
+
+@torch.library.custom_op("dualsparse::ep_combine", mutates_args=())
+def ep_combine(x: torch.Tensor, back: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+               params: list[torch.Tensor], spec: str, ep: str) -> torch.Tensor:
+    return combine(x, back, token, weight, params, spec, ep)
+
+
+@ep_combine.register_fake
+def _(x, back, token, weight, params, spec, ep):
+    return torch.empty_like(x)
+
+
+def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:
+    """The whole EP block eagerly, in the order the pass puts into the graph (for tests and benchmarks)."""
+    send, token, weight, counts = ep_route(x, params, spec_json, ep_json)
+    send_splits, recv_splits = splits(counts, ep_json)
+    name = parse_ep(ep_json).group
+    recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
+    y = ep_experts(recv, counts, params, spec_json, ep_json, impl)
+    back = ds_dist.all_to_all(y, send_splits, recv_splits, name)
+    return ep_combine(x, back, token, weight, params, spec_json, ep_json)

@@ -1,0 +1,236 @@
+"""Expert parallelism on CPU with gloo, 2 and 4 processes (torch.multiprocessing spawn, free port).
+
+Each spawned group runs every check once (processes are expensive on a 2-core machine) and saves
+its numbers; the tests below assert on them in the parent, so a failure names the check.
+"""
+
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.ir import DropSpec, ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
+
+H, I, K = 16, 8, 2
+TIMEOUT_S = 4.0
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _block(E, partition=1, skew=0.0, drop="none", shared=False, seed=0):
+    """Random fused-layout block (same on every rank: same seed); skew > 0 biases the router to experts 0, 1."""
+    g = torch.Generator().manual_seed(seed)
+    slots = ("router_weight", "router_bias", "gate_up", "down") + (("shared_gate", "shared_up", "shared_down") if shared else ())
+    spec = MoESpec(name="blk", num_experts=E, top_k=K, hidden=H, intermediate=I, partition=partition,
+                   routing=RoutingSpec(renormalize=False, router_bias=True), experts=ExpertsSpec(),
+                   shared=SharedSpec(intermediate=4) if shared else None, drop=DropSpec(mode=drop), slots=slots)
+    bias = torch.zeros(E)
+    bias[:2] = skew
+    params = [torch.randn(E, H, generator=g) * 0.5, bias, torch.randn(E, 2 * I, H, generator=g) * 0.3,
+              torch.randn(E, H, I, generator=g) * 0.3]
+    if shared:
+        params += [torch.randn(4, H, generator=g) * 0.3, torch.randn(4, H, generator=g) * 0.3,
+                   torch.randn(H, 4, generator=g) * 0.3]
+    return spec, params
+
+
+def _ep_json(spec, stats=False):
+    from dsmoe_compiler.runtime import dist as ds_dist, ep
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ep.EPSpec(group=ds_dist.group_name(dist.group.WORLD), rank=rank, world=world,
+                     ranges=tuple(ds_dist.expert_ranges(spec.num_experts * spec.partition, world)),
+                     key=ep.register(spec.name, rank), stats=stats).to_json()
+
+
+def _with_state(spec, t_major, t_minor, stats=False):
+    from dsmoe_compiler.runtime import state
+
+    key = state.register(spec.name, t_major, t_minor, "cpu", stats)
+    return spec.replace(drop=DropSpec(mode=spec.drop.mode, key=key))
+
+
+def _init(rank, world, port):
+    os.environ["DUALSPARSE_DIST_TIMEOUT"] = str(TIMEOUT_S)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
+
+
+def _max_err(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().flatten().tolist() + [0.0]
+    return max(err), torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _main_worker(rank, world, port, seed, out_dir):
+    _init(rank, world, port)
+    from dsmoe_compiler.runtime import ep, load_aware
+
+    res = {}
+    tokens = 64
+    x_seed = torch.Generator().manual_seed(seed * 100 + rank)  # per-rank tokens, fresh per run
+
+    # 1) exactness, dropping off: uniform and heavily skewed routing; P = 1, 2 (S-ETP: more ranks than experts)
+    for E, P, skew, shared in ((6, 1, 0.0, False), (6, 1, 8.0, True), (3, 2, 0.0, False), (3, 2, 8.0, False),
+                               (2, 4, 8.0, True)):
+        if E * P < world:
+            continue
+        spec, params = _block(E, P, skew, shared=shared, seed=seed)
+        x = torch.randn(tokens, H, generator=x_seed)
+        got = ep.moe(x, params, spec.to_json(), _ep_json(spec))
+        want = reference.moe(x, params, spec)
+        res[f"exact E={E} P={P} skew={skew}"] = _max_err(got, want)
+    # token count 0 on one rank (a rank with nothing to send still takes part)
+    spec, params = _block(6, 2, 8.0, seed=seed)
+    x = torch.randn(0 if rank == 0 else 5, H, generator=x_seed)
+    got = ep.moe(x, params, spec.to_json(), _ep_json(spec))
+    res["exact empty rank"] = _max_err(got, reference.moe(x, params, spec))
+
+    # 2) dropping with uniform thresholds: the same kept pairs as the single-process operator
+    for mode, P, (tm, tn) in (("1t", 1, (0.35, 0.35)), ("2t", 2, (0.3, 0.4)), ("skip", 2, (0.7, 0.7))):
+        spec, params = _block(6, P, 3.0, drop=mode, seed=seed)
+        spec = _with_state(spec, tm, tn)
+        x = torch.randn(tokens, H, generator=x_seed)
+        got = ep.moe(x, params, spec.to_json(), _ep_json(spec))
+        res[f"drop uniform {mode}"] = _max_err(got, reference.moe(x, params, spec, torch.tensor([tm, tn])))
+
+    # 3) load-aware vs uniform thresholds on skewed routing: loads of every rank before / after dropping
+    la = {}
+    for mode, P, (tm, tn) in (("1t", 1, (0.3, 0.3)), ("2t", 2, (0.25, 0.35))):
+        spec0, params = _block(8, P, 2.5, drop=mode, seed=seed)
+        x = torch.randn(256, H, generator=x_seed)
+        for name in ("uniform", "literal", "steep2", "shift_centre"):
+            load_aware.set_policy(None if name == "uniform" else name)
+            spec = _with_state(spec0, tm, tn)
+            ep_json = _ep_json(spec, stats=True)
+            ep.moe(x, params, spec.to_json(), ep_json)
+            s = ep.ep_stats()["blk"]
+            la[f"{mode} {name}"] = {k: s[k] for k in ("last_load_before", "last_load_after", "compute_s", "comm_s")}
+            ep.clear()
+        load_aware.set_policy(None)
+    res["load_aware"] = la
+
+    # 4) through torch.compile: the pass inserts the all_to_all nodes; output equals the uncompiled model
+    from models import ThreeDMoE, UserBlockModel
+
+    import dsmoe_compiler
+    torch.manual_seed(seed)  # same weights on every rank
+    model = UserBlockModel(ThreeDMoE, layers=2, hidden=32, experts=6, top_k=2)
+    x = torch.randn(3, 7, 32, generator=x_seed)
+    with torch.no_grad():
+        want = model(x)
+    for inner, P in (("eager", 2), ("aot_eager", 1)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="dualsparse",
+                                 options={"inner": inner, "expert_parallel": True, "partition": P})
+        with torch.no_grad():  # inference: AOT autograd would otherwise trace a backward
+            got = compiled(x)
+        counters = dict(dsmoe_compiler.report.current().counters) if hasattr(dsmoe_compiler, "report") else {}
+        res[f"compiled {inner} P={P}"] = _max_err(got, want) + (counters.get("expert_parallel", 0),)
+    torch.save(res, os.path.join(out_dir, f"main_{rank}.pt"))
+
+    # 5) mismatched rank: the last rank compiled a different partition -> every rank raises
+    spec, params = _block(6, 2 if rank == world - 1 else 1, seed=seed)
+    t0 = time.monotonic()
+    try:
+        ep.moe(torch.randn(4, H), params, spec.to_json(), _ep_json(spec))
+        err = None
+    except RuntimeError as e:
+        err = str(e)
+    torch.save({"error": err, "seconds": time.monotonic() - t0}, os.path.join(out_dir, f"mismatch_{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _dead_worker(rank, world, port, how, out_dir):
+    _init(rank, world, port)
+    from dsmoe_compiler.runtime import ep
+
+    spec, params = _block(4, 1)
+    ep_json = _ep_json(spec)
+    if rank == world - 1:  # the dead rank: gone at once, or alive but never arriving
+        if how == "absent":
+            time.sleep(2.5 * TIMEOUT_S)
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        ep.moe(torch.randn(8, H), params, spec.to_json(), ep_json)
+        err = None
+    except Exception as e:  # noqa: BLE001 - whatever the transport raises, it must raise
+        err = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"dead_{how}_{rank}.json"), "w") as f:
+        json.dump({"error": err, "seconds": time.monotonic() - t0}, f)
+    os._exit(0)
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def group_results(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"ep{world}")
+    seed = int(torch.randint(0, 2**20, ()).item())
+    mp.spawn(_main_worker, args=(world, _port(), seed, str(out)), nprocs=world, join=True)
+    return world, seed, [torch.load(out / f"main_{r}.pt") for r in range(world)], \
+        [torch.load(out / f"mismatch_{r}.pt") for r in range(world)]
+
+
+def test_outputs_equal_single_process(group_results):
+    world, seed, results, _ = group_results
+    for rank, res in enumerate(results):
+        for name, value in res.items():
+            if name.startswith(("exact", "drop uniform")):
+                assert value[1], f"world={world} rank={rank} seed={seed} {name}: max abs err {value[0]:.3g}"
+
+
+def test_compiled_graph_has_expert_parallel_and_matches(group_results):
+    world, seed, results, _ = group_results
+    for rank, res in enumerate(results):
+        for name in ("compiled eager P=2", "compiled aot_eager P=1"):
+            err, ok, fired = res[name]
+            assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
+            assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
+
+
+@pytest.mark.parametrize("mode", ["1t", "2t"])
+@pytest.mark.parametrize("policy", ["literal", "steep2", "shift_centre"])
+def test_load_aware_lowers_drops_without_raising_the_straggler(group_results, mode, policy):
+    world, seed, results, _ = group_results
+    la = results[0]["load_aware"]
+    for res in results:  # every rank learned the same loads
+        assert res["load_aware"][f"{mode} {policy}"]["last_load_after"] == la[f"{mode} {policy}"]["last_load_after"]
+    uni, ours = la[f"{mode} uniform"], la[f"{mode} {policy}"]
+    assert uni["last_load_before"] == ours["last_load_before"]
+    pre = torch.tensor(uni["last_load_before"])
+    assert pre.max() > 1.3 * pre.mean(), f"routing not skewed enough to test: {pre.tolist()}"
+    assert max(ours["last_load_after"]) <= max(uni["last_load_after"]), (seed, uni, ours)
+    assert sum(ours["last_load_after"]) > sum(uni["last_load_after"]), "load-aware should drop fewer pairs in total"
+    assert ours["comm_s"] > 0 and ours["compute_s"] > 0
+
+
+def test_mismatched_rank_raises(group_results):
+    world, _, _, mismatch = group_results
+    for rank, m in enumerate(mismatch):
+        assert m["error"] is not None and "differs between ranks" in m["error"], (rank, m)
+        assert m["seconds"] < 4 * TIMEOUT_S
+
+
+@pytest.mark.parametrize("how", ["exited", "absent"])
+def test_dead_rank_errors_within_timeout(tmp_path, how):
+    world = 2
+    t0 = time.monotonic()
+    ctx = mp.start_processes(_dead_worker, args=(world, _port(), how, str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    while not ctx.join(timeout=1):
+        assert time.monotonic() - t0 < 60, "a dead rank hung the group"
+    result = json.loads((tmp_path / f"dead_{how}_0.json").read_text())
+    assert result["error"] is not None, result
+    assert result["seconds"] < 3 * TIMEOUT_S, result
