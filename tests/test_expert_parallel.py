@@ -136,8 +136,18 @@ def _main_worker(rank, world, port, seed, out_dir):
                                  options={"inner": inner, "expert_parallel": True, "partition": P})
         with torch.no_grad():  # inference: AOT autograd would otherwise trace a backward
             got = compiled(x)
-        counters = dict(dsmoe_compiler.report.current().counters) if hasattr(dsmoe_compiler, "report") else {}
-        res[f"compiled {inner} P={P}"] = _max_err(got, want) + (counters.get("expert_parallel", 0),)
+        res[f"compiled {inner} P={P}"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
+    if world == 2:  # a transformers model (captured through its experts interface), S-ETP P=2
+        from models import hf_model
+
+        torch._dynamo.reset()
+        model = hf_model("olmoe", seed=seed)
+        ids = torch.randint(3, 96, (2, 9), generator=x_seed)
+        with torch.no_grad():
+            want = model(ids).logits
+            got = torch.compile(model, backend="dualsparse",
+                                options={"inner": "eager", "expert_parallel": True, "partition": 2})(ids).logits
+        res["compiled olmoe"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
     torch.save(res, os.path.join(out_dir, f"main_{rank}.pt"))
 
     # 5) mismatched rank: the last rank compiled a different partition -> every rank raises
@@ -158,9 +168,10 @@ def _dead_worker(rank, world, port, how, out_dir):
 
     spec, params = _block(4, 1)
     ep_json = _ep_json(spec)
-    if rank == world - 1:  # the dead rank: gone at once, or alive but never arriving
+    ep.moe(torch.randn(8, H), params, spec.to_json(), ep_json)  # one good call: past the first-call check
+    if rank == world - 1:  # the dead rank: gone, or alive but never arriving at the next exchange
         if how == "absent":
-            time.sleep(2.5 * TIMEOUT_S)
+            time.sleep(1.5 * TIMEOUT_S)
         os._exit(0)
     t0 = time.monotonic()
     try:
@@ -194,7 +205,7 @@ def test_outputs_equal_single_process(group_results):
 def test_compiled_graph_has_expert_parallel_and_matches(group_results):
     world, seed, results, _ = group_results
     for rank, res in enumerate(results):
-        for name in ("compiled eager P=2", "compiled aot_eager P=1"):
+        for name in ("compiled eager P=2", "compiled aot_eager P=1") + (("compiled olmoe",) if world == 2 else ()):
             err, ok, fired = res[name]
             assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
             assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
