@@ -1,47 +1,35 @@
-"""Command line: ``python -m dsmoe_compiler demo``."""
+"""Command line: ``python -m dsmoe_compiler demo`` and ``python -m dsmoe_compiler eval``."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def demo(args) -> None:
-    """Build a small OLMoE from a config (no hub), compile it with dualsparse, check it against eager."""
-    import torch
-    import transformers as tf
+    """The shipped MoE: calibrate, compile with dualsparse at 0 % and 25 % drop, print a table, save a plot."""
+    from dsmoe_compiler.evaluate import main_demo
 
-    import dsmoe_compiler
+    main_demo(args)
 
-    torch.manual_seed(0)
-    config = tf.OlmoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config._experts_implementation = args.experts_implementation
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(3, 512, (2, 64))
-    with torch.no_grad():
-        expected = model(ids).logits
-        compiled = torch.compile(model, backend="dualsparse", options={"inner": args.inner, "partition": args.partition})
-        t0 = time.perf_counter()
-        got = compiled(ids).logits
-        compile_s = time.perf_counter() - t0
-    rel = ((got - expected).norm() / expected.norm()).item()
-    print(dsmoe_compiler.last_report())
-    print(f"\nOLMoE-shaped model, 4 layers x 16 experts (top-4), experts_implementation={args.experts_implementation}, "
-          f"partition P={args.partition}")
-    print(f"first compiled call (compile included) {compile_s:.1f} s | "
-          f"relative error of logits vs eager {rel:.2e}")
+
+def evaluate(args) -> None:
+    """Accuracy versus measured compute drop for every drop method (dsmoe_compiler/evaluate.py)."""
+    from dsmoe_compiler.evaluate import main_eval
+
+    main_eval(args)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dsmoe_compiler")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="compile a small OLMoE with dualsparse and compare it with eager")
-    p.add_argument("--experts-implementation", default="eager", choices=["eager", "grouped_mm", "batched_mm"])
-    p.add_argument("--inner", default="inductor", choices=["inductor", "eager", "aot_eager"])
-    p.add_argument("--partition", type=int, default=2)
+    from dsmoe_compiler.evaluate import add_arguments
+
+    p = sub.add_parser("demo", help="the shipped MoE at 0 %% and 25 %% drop: accuracy, perplexity, drop rate, time")
+    add_arguments(p, demo=True)
     p.set_defaults(func=demo)
+    p = sub.add_parser("eval", help="accuracy vs measured drop rate for every drop method; CSV, JSON, PNG")
+    add_arguments(p)
+    p.set_defaults(func=evaluate)
     args = parser.parse_args(argv)
     args.func(args)
 
