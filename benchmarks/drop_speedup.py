@@ -59,7 +59,7 @@ def run(name, H, I, E, K, renorm, shared, tokens):
     rows = []
     for mode in ("1t", "2t"):
         for target in RATES:
-            spec = base.replace(drop=DropSpec(mode=mode, shared_outside=shared or 0),
+            spec = base.replace(drop=DropSpec(mode=mode),  # the shared experts are inside the op (spec.shared)
                                 **({"partition": 2} if mode == "2t" else {}))
             t_major, t_minor = fit.fit_thresholds(samples, target, mode)["layer"] if target else (0.0, 0.0)
             thr = torch.tensor([t_major, t_minor], device=DEV)
