@@ -245,3 +245,92 @@ def test_dead_rank_errors_within_timeout(tmp_path, how):
     result = json.loads((tmp_path / f"dead_{how}_0.json").read_text())
     assert result["error"] is not None, result
     assert result["seconds"] < 3 * TIMEOUT_S, result
+
+
+# ---- single-process checks of the pieces (no process group) --------------------------------------------
+def _info(loads, t=(0.2, 0.3), mode="2t"):
+    from dsmoe_compiler.runtime import load_aware
+
+    loads = torch.tensor(loads, dtype=torch.float32)
+    return load_aware.LoadInfo("blk", mode, loads, torch.tensor(t), 0, loads.numel())
+
+
+def test_policies_follow_their_formulas():
+    from dsmoe_compiler.runtime import load_aware
+
+    loads = torch.rand(6) * 100
+    loads[0] = 400.0  # one overloaded rank
+    info = _info(loads.tolist())
+    r = loads / loads.mean()
+    t = torch.tensor([0.2, 0.3])
+    torch.testing.assert_close(load_aware.literal(info), t * r.clamp(max=1)[:, None])
+    torch.testing.assert_close(load_aware.steep(2.0)(info), t * (1 - 2 * (1 - r)).clamp(0, 1)[:, None])
+    torch.testing.assert_close(load_aware.steep(1.0)(info), load_aware.literal(info))
+    centre = 0.25 * r.clamp(max=1)
+    torch.testing.assert_close(load_aware.shift_centre()(info), torch.stack([(centre - 0.05).clamp_min(0), centre + 0.05], 1))
+    assert load_aware.literal(info)[0].tolist() == pytest.approx([0.2, 0.3])  # r >= 1: the maximum
+    torch.testing.assert_close(load_aware.uniform(info), t.expand(6, 2))
+    with pytest.raises(ValueError, match="shape"):
+        load_aware.thresholds_per_rank(lambda i: torch.zeros(3), info)
+    empty = _info([0.0, 0.0])  # nothing routed: ratio 1, thresholds unchanged
+    torch.testing.assert_close(load_aware.literal(empty), torch.tensor([[0.2, 0.3], [0.2, 0.3]]))
+
+
+@pytest.mark.parametrize("mode, partition, transform", [("1t", 1, "partial"), ("1t", 4, "partial"), ("2t", 2, "partial"),
+                                                       ("skip", 2, "partial"), ("topk", 2, "partial"), ("1t", 2, "complete")])
+def test_uniform_destination_thresholds_are_the_reference_rule(mode, partition, transform):
+    """keep_per_destination with one row for every rank == reference.keep_mask (random ranks layout)."""
+    from dsmoe_compiler.runtime import ep
+
+    E, T, world = 5, 300, 3
+    spec = MoESpec(name="b", num_experts=E, top_k=3, hidden=H, intermediate=8, partition=partition, transform=transform,
+                   drop=DropSpec(mode=mode), slots=("router_weight", "gate_up", "down"))
+    k = 3 * (partition if transform == "complete" else 1)
+    weights = torch.rand(T, k) ** 3
+    index = torch.randint(0, E * partition, (T, k * (partition if transform == "partial" else 1)))
+    thr = torch.rand(2).sort().values * 0.5
+    e = ep.EPSpec(group="", rank=0, world=world, ranges=(0, 2, 3, E * partition), key="")
+    got = ep.keep_per_destination(weights, index, spec, thr.expand(world, 2), ep.owners(e, "cpu"))
+    assert torch.equal(got, reference.keep_mask(weights, spec, thr))
+
+
+def test_expert_ranges():
+    from dsmoe_compiler.runtime import dist as ds_dist
+
+    assert ds_dist.expert_ranges(12, 4) == [0, 3, 6, 9, 12]
+    assert ds_dist.expert_ranges(6, 4) == [0, 1, 3, 4, 6]  # uneven: balanced to one sub-expert
+    assert ds_dist.expert_ranges(8, 8) == list(range(9))  # S-ETP: 4 experts x P=2 over 8 ranks
+    with pytest.raises(ValueError, match="partition"):
+        ds_dist.expert_ranges(4, 8)
+
+
+def test_option_rejects_non_group():
+    import dsmoe_compiler
+    from dsmoe_compiler.options import OptionsError
+
+    with pytest.raises(OptionsError, match="expert_parallel"):
+        dsmoe_compiler.Options.from_dict({"expert_parallel": "yes"})
+
+
+@pytest.mark.parametrize("mode", ["1t", "2t"])
+def test_each_pair_uses_its_destination_thresholds(mode):
+    """Rank 1's thresholds above every score, the others' at 0: exactly the pairs owned by rank 1 go."""
+    from dsmoe_compiler.runtime import ep
+
+    E, P, world = 4, 2, 3
+    spec = MoESpec(name="b", num_experts=E, top_k=2, hidden=H, intermediate=8, partition=P,
+                   drop=DropSpec(mode=mode), slots=("router_weight", "gate_up", "down"))
+    weights = torch.rand(200, 2) + 0.01
+    index = reference.partial_transform(torch.randint(0, E, (200, 2)), weights, P)[0]
+    e = ep.EPSpec(group="", rank=0, world=world, ranges=tuple(ds_ranges(E * P, world)), key="")
+    owner = ep.owners(e, "cpu")
+    thr = torch.zeros(world, 2)
+    thr[1] = 2.0
+    keep = ep.keep_per_destination(weights, index, spec, thr, owner)
+    assert torch.equal(keep, owner[index] != 1)
+
+
+def ds_ranges(n, w):  # noqa: D103 - helper for the test above
+    from dsmoe_compiler.runtime import dist as ds_dist
+
+    return ds_dist.expert_ranges(n, w)
