@@ -265,16 +265,16 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
         if block is None:
             raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}")
         policy = load_aware.get_policy(spec.name)
-        clock.mark("gather0")
         if policy is None:
             thresholds = block.thresholds.expand(ep.world, 2)
         else:
+            clock.mark("gather0")
             gathered_pre = ds_dist.all_gather_rows(pre, group)  # NOTE: one small blocking collective
+            clock.mark("gather1")
             loads = torch.zeros(ep.world, dtype=torch.float32, device=x.device).index_add_(
                 0, owner, gathered_pre.sum(0).float())
             info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
             thresholds = load_aware.thresholds_per_rank(policy, info)
-        clock.mark("gather1")
         keep = keep_per_destination(raw, index, spec, thresholds, owner)
         if block.stats is not None:
             reference.record_drops(block.stats, keep, spec)
