@@ -55,20 +55,14 @@ def _impl(options, node) -> str:
 def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
     if not getattr(options, "expert_parallel", False):
         return False
-    import torch.distributed as dist
-
     group = ds_dist.resolve_group(options.expert_parallel)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     name = ds_dist.group_name(group)
     graph = gm.graph
     changed = False
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is MOE]:
         x, params, spec_json = node.args[:3]
         spec = parse_spec(spec_json)
-        ranges = ds_dist.expert_ranges(spec.num_experts * spec.partition, world)
-        ep_spec = ep.EPSpec(group=name, rank=rank, world=world, ranges=tuple(ranges),
-                            key=ep.register(spec.name, rank), stats=bool(options.stats))
-        ep_json = ep_spec.to_json()
+        ep_json = ep.ep_spec_for(spec, group, stats=bool(options.stats)).to_json()
         impl = _impl(options, node)
         with graph.inserting_before(node):
             routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json))

@@ -73,6 +73,17 @@ class EPSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def ep_spec_for(spec: MoESpec, group=None, stats: bool = False) -> EPSpec:
+    """The EP description of ``spec`` on this rank of ``group`` (default: the default group), as the pass makes it."""
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    return EPSpec(group=ds_dist.group_name(group), rank=rank, world=world,
+                  ranges=tuple(ds_dist.expert_ranges(spec.num_experts * spec.partition, world)),
+                  key=register(spec.name, rank), stats=stats)
+
+
 @functools.lru_cache(maxsize=None)
 def parse_ep(text: str) -> EPSpec:
     d = json.loads(text)

@@ -45,12 +45,9 @@ def _block(E, partition=1, skew=0.0, drop="none", shared=False, seed=0):
 
 
 def _ep_json(spec, stats=False):
-    from dsmoe_compiler.runtime import dist as ds_dist, ep
+    from dsmoe_compiler.runtime import ep
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    return ep.EPSpec(group=ds_dist.group_name(dist.group.WORLD), rank=rank, world=world,
-                     ranges=tuple(ds_dist.expert_ranges(spec.num_experts * spec.partition, world)),
-                     key=ep.register(spec.name, rank), stats=stats).to_json()
+    return ep.ep_spec_for(spec, stats=stats).to_json()
 
 
 def _with_state(spec, t_major, t_minor, stats=False):
