@@ -7,7 +7,10 @@ inner compiler can see; the small count exchanges inside the EP operators are pl
 Failure behaviour: a collective whose peer is dead or never arrives fails when the process group's
 timeout expires (``init(timeout_s=...)``, default 60 s, ``DUALSPARSE_DIST_TIMEOUT`` in seconds);
 a peer that exits closes its gloo/NCCL connections, which fails the survivors' next collective at
-once. ``check_same`` compares a fingerprint (spec, expert ranges, world size) across the ranks of a
+once. Under NCCL the collectives are asynchronous: the process group's watchdog aborts a
+collective that outlives the timeout (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default), which
+ends the process with an error rather than a hang (not exercised here: no multi-GPU machine was
+lent; the gloo paths are tested). ``check_same`` compares a fingerprint (spec, expert ranges, world size) across the ranks of a
 group before the first exchange, so ranks compiled differently raise instead of exchanging
 mismatched buffers; on gloo it starts with a ``monitored_barrier`` that names the missing ranks.
 """
