@@ -47,16 +47,20 @@ def _run_passes(gm: fx.GraphModule, options: Options, report, dumper) -> None:
             dumper.graph(gm, f"after_{name}")
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options):
+def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: str | None):
     if options.inner == "eager":
         return gm.forward
     if options.inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    # torch.compile(..., mode="reduce-overhead" | "max-autotune") means for the rest of the graph what it
+    # means for inductor; our operator has no host synchronisation, so CUDA graphs capture it too.
+    with torch._inductor.config.patch(list_mode_options(mode or "default")):
+        return compile_fx(gm, example_inputs)
 
 
 def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
@@ -83,7 +87,7 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     gm.recompile()
     dumper.moe_pictures(gm)
     log.info("%s", report)
-    return _inner_compile(gm, example_inputs, opts)
+    return _inner_compile(gm, example_inputs, opts, mode)
 
 
 @contextlib.contextmanager
