@@ -99,15 +99,16 @@ def _capture_context():
         yield
 
 
-dualsparse_backend.backend_ctx_ctor = _capture_context
 def _reset() -> None:
     """Called by ``torch._dynamo.reset()``: forget the report and the blocks' run-time state."""
-    from dsmoe_compiler.runtime import state
+    from dsmoe_compiler.runtime import ep, state
 
     report_mod.reset()
     state.clear()
+    ep.clear()
 
 
+dualsparse_backend.backend_ctx_ctor = _capture_context
 dualsparse_backend.reset = _reset
 
 
