@@ -68,6 +68,11 @@ class ExpertsSpec:
     """Gate activation of the GLU; "gptoss" is GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
     alpha: float = 1.702
     limit: float = 7.0
+    expert_offset: int = 0
+    """Global index of the first expert the weights hold (a model sharded by ``runtime.dist.shard_experts_``)."""
+    local_experts: int = 0
+    """Experts the weights hold (experts expert_offset .. expert_offset + local_experts - 1); 0: all of them.
+    Non-zero only on a sharded model, which only the expert-parallel operators can run."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -37,8 +37,17 @@ def _drop_state(spec):
     return block.thresholds, block.stats
 
 
+def refuse_sharded(spec) -> None:
+    """A model sharded by ``runtime.dist.shard_experts_`` holds only some experts: only the EP operators run it."""
+    if spec.experts.local_experts:
+        raise RuntimeError(f"dualsparse: MoE block {spec.name!r} holds only experts {spec.experts.expert_offset}.."
+                           f"{spec.experts.expert_offset + spec.experts.local_experts - 1} of {spec.num_experts} "
+                           "(sharded by shard_experts_); compile it with options={'expert_parallel': group}")
+
+
 def _run_moe(x, params, spec_json, impl):
     spec = parse_spec(spec_json)
+    refuse_sharded(spec)
     thresholds, stats = _drop_state(spec)
     if impl == "triton" and x.is_cuda:
         from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
@@ -76,6 +85,7 @@ def _(x, params, spec):
 @torch.library.custom_op("dualsparse::experts", mutates_args=())
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params: list[torch.Tensor],
             spec: str) -> torch.Tensor:
+    refuse_sharded(parse_spec(spec))
     return reference.experts(x, index, weights, params, parse_spec(spec))
 
 

@@ -2,12 +2,16 @@
 
     torchrun --nproc-per-node 2 examples/ep_torchrun.py            # CPU: gloo
     torchrun --nproc-per-node 8 examples/ep_torchrun.py --drop     # 8 GPUs: NCCL, 2T-Drop + load-aware thresholds
+    torchrun --nproc-per-node 2 examples/ep_torchrun.py --shard    # each rank keeps only its experts' weights
 
 Every rank builds the same model (same seed here; in practice: from_pretrained of the same
 checkpoint), takes its own share of the batch, and runs the compiled model. The dualsparse backend
 gives rank r the sub-experts ``dist.expert_ranges(E*P, W)[r:r+2]`` and inserts the dispatch /
 combine all_to_all around them. Without dropping, each rank's logits equal the uncompiled model's
-on its tokens; this script checks that and prints each rank's EP statistics.
+on its tokens; this script checks that and prints each rank's EP statistics. With ``--shard``,
+``dist.shard_experts_(model, group, partition)`` first drops the other ranks' experts from every
+rank's parameters (same group and partition as the compile options); the sharded model runs only
+through the compiled EP graph.
 """
 
 import argparse
@@ -23,6 +27,7 @@ from dsmoe_compiler.runtime import ep, load_aware
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--drop", action="store_true", help="2T-Drop with load-aware (literal) thresholds")
+    ap.add_argument("--shard", action="store_true", help="keep only this rank's experts (dist.shard_experts_)")
     args = ap.parse_args()
     group = ds_dist.init()  # NCCL if CUDA is available, else gloo; timeout: DUALSPARSE_DIST_TIMEOUT (s)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -37,14 +42,20 @@ def main():
     batch = torch.randint(3, 96, (world * 2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     mine = batch[rank::world]  # per-rank tokens: each rank its share of the batch
 
+    with torch.no_grad():
+        want = model(mine).logits  # the uncompiled model on this rank's tokens (before sharding: it needs every expert)
     options = {"expert_parallel": group, "partition": 2, "stats": True}
+    if args.shard:
+        before = sum(p.numel() * p.element_size() for p in model.parameters())
+        ds_dist.shard_experts_(model, group, partition=options["partition"])
+        after = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"rank {rank}: parameter bytes {before} -> {after} after shard_experts_", flush=True)
     if args.drop:
         options.update(drop="2t", threshold=0.48)
         load_aware.set_policy(load_aware.literal)  # or steep(2.0), shift_centre(), or your own LoadInfo -> [W, 2]
     compiled = torch.compile(model, backend="dualsparse", options=options)
     with torch.no_grad():
         got = compiled(mine).logits
-        want = model(mine).logits
     err = (got - want).abs().max().item()
     print(f"rank {rank}/{world}: max |compiled - eager| = {err:.2e}; EP blocks: "
           f"{dsmoe_compiler.last_report().counters['expert_parallel']}; stats: "

@@ -16,7 +16,10 @@ Replacement (``runtime/ep.py`` documents each step)::
 Setting: per-rank tokens (each rank runs the compiled model on its own share of the batch, the
 usual EP); rank r computes the contiguous sub-experts ``dist.expert_ranges(E*P, W)[r:r+2]``, so
 after a partial transformation E*P sub-experts spread over up to E*P ranks (S-ETP). Every rank
-keeps the full parameters as graph inputs and reads only its local sub-experts (views).
+keeps its parameters as graph inputs and reads only its local sub-experts (views): the whole
+model's, or only the experts overlapping its range after ``dist.shard_experts_`` (the spec then
+records the global E and the offset; ``ep.local_spec`` maps global sub-expert ids to local weights).
+A sharded model compiled without this option is refused (``ops.refuse_sharded``).
 
 Equivalence preserved: on each rank, y equals ``dualsparse.moe(x, params, spec)`` on that rank's
 x: dropping off, up to the summation order (each pair's expert output is computed unweighted on its
@@ -40,6 +43,7 @@ from dsmoe_compiler.runtime import dist as ds_dist
 from dsmoe_compiler.runtime import ep
 
 MOE = torch.ops.dualsparse.moe.default
+EXPERTS = torch.ops.dualsparse.experts.default
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 
@@ -52,9 +56,21 @@ def _impl(options, node) -> str:
     return "triton" if options.kernels == "triton" or (options.kernels == "auto" and on_cuda) else "reference"
 
 
+def _refuse_sharded(gm: fx.GraphModule, targets) -> None:
+    """A model sharded by ``dist.shard_experts_`` holds only its rank's experts: outside the EP operators (no EP,
+    or an experts marker left unfused) the answer would be wrong, so compiling fails."""
+    from dsmoe_compiler.ops import refuse_sharded
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in targets:
+            refuse_sharded(parse_spec(node.args[2] if node.target is MOE else node.args[4]))
+
+
 def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
     if not getattr(options, "expert_parallel", False):
+        _refuse_sharded(gm, (MOE, EXPERTS))
         return False
+    _refuse_sharded(gm, (EXPERTS,))
     group = ds_dist.resolve_group(options.expert_parallel)
     name = ds_dist.group_name(group)
     graph = gm.graph
@@ -62,7 +78,9 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is MOE]:
         x, params, spec_json = node.args[:3]
         spec = parse_spec(spec_json)
-        ep_json = ep.ep_spec_for(spec, group, stats=bool(options.stats)).to_json()
+        ep_spec = ep.ep_spec_for(spec, group, stats=bool(options.stats))
+        ep.check_local_weights(spec, ep_spec)  # a sharded model must hold this rank's sub-experts
+        ep_json = ep_spec.to_json()
         impl = _impl(options, node)
         with graph.inserting_before(node):
             routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json))

@@ -159,6 +159,9 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
         if not (node.op == "call_function" and node.target is MOE):
             continue
         spec = parse_spec(node.args[2])
+        if spec.experts.local_experts:  # a plan is per global expert: permuting local weights would misplace it
+            raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} is sharded (shard_experts_); "
+                             "apply the plan with reconstruct_(model, plan) before sharding")
         if spec.experts.layout != "fused":
             raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} has separate per-expert weights; "
                              f"reconstruction supports fused (transformers) experts only")

@@ -82,6 +82,86 @@ def expert_ranges(num_subs: int, world: int) -> list[int]:
     return [(r * num_subs) // world for r in range(world + 1)]
 
 
+def local_expert_range(num_experts: int, partition: int, rank: int, world: int) -> tuple[int, int]:
+    """(first, last + 1): the experts overlapping rank's sub-experts ``expert_ranges(E*P, W)[rank:rank+2]``.
+
+    With P > 1 a rank may own only some sub-experts of its first and last expert (S-ETP); it keeps
+    those experts whole (neighbouring ranks then both hold the shared expert)."""
+    b = expert_ranges(num_experts * partition, world)
+    return b[rank] // partition, (b[rank + 1] - 1) // partition + 1
+
+
+SHARD_ATTRS = ("dualsparse_num_experts", "dualsparse_expert_offset")
+"""Set on a sharded experts module: the global expert count and the first expert held (read by the capture)."""
+
+
+def _refuse_eager(module, args):
+    from dsmoe_compiler.capture import transformers_hf
+
+    if transformers_hf._depth == 0:  # not inside a model compiled with dualsparse
+        raise RuntimeError(f"dualsparse: {type(module).__name__} holds only experts {module.dualsparse_expert_offset}.."
+                           f"{module.dualsparse_expert_offset + module.gate_up_proj.shape[0] - 1} of "
+                           f"{module.dualsparse_num_experts} (shard_experts_); run the model through torch.compile("
+                           "model, backend='dualsparse', options={'expert_parallel': group})")
+
+
+def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = None, partition: int = 1
+                   ) -> dict[str, tuple[int, int, int]]:
+    """Keep only this rank's experts in every transformers experts module of ``model``, in place.
+
+    For each module with fused ``gate_up_proj`` / ``down_proj`` (and biases) that the capture can
+    describe, the parameters are replaced by copies of the experts ``local_expert_range(E, partition,
+    rank, W)`` of ``group`` (default: the default group) and the old ones are released: parameter
+    memory drops to about 1/W of the experts (plus router, attention, shared experts, which stay
+    whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
+    them, so ``torch.compile(model, backend="dualsparse", options={"expert_parallel": group,
+    "partition": partition})`` runs it and gives the unsharded model's outputs. Use the same group and
+    partition for sharding and compiling (checked when compiling). Any other way of running the
+    sharded model (eager, another backend, dualsparse without expert_parallel) raises instead of
+    computing with the wrong experts. Not supported on a sharded model: ``reconstruct_`` / option
+    'plan' (apply the plan before sharding) and calibration.
+
+    Returns {module name: (E, first, last + 1)}. Peak memory is still the whole model while it is
+    loaded (``from_pretrained`` on every rank, then shard).
+    """
+    from dsmoe_compiler.capture.transformers_hf import describe_experts
+
+    if group is None:
+        if not dist.is_initialized():
+            raise RuntimeError("dualsparse: shard_experts_ needs torch.distributed initialised (dist.init())")
+        group = dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    done = {}
+    for name, module in model.named_modules():
+        if not (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+                and isinstance(getattr(module, "down_proj", None), torch.Tensor)):
+            continue
+        if hasattr(module, SHARD_ATTRS[0]):
+            raise ValueError(f"dualsparse: experts module {name!r} is already sharded")
+        described = describe_experts(module)
+        if isinstance(described, str):
+            raise ValueError(f"dualsparse: cannot shard experts module {name!r}: {described}")
+        E = module.gate_up_proj.shape[0]
+        first, last = local_expert_range(E, partition, rank, world)
+        done[name] = (E, first, last)
+        if (first, last) == (0, E):
+            continue
+        names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ())
+        with torch.no_grad():
+            for attr in names:
+                old = getattr(module, attr)
+                local = old.detach()[first:last].clone()  # a copy: the whole tensor can be freed
+                setattr(module, attr, torch.nn.Parameter(local, requires_grad=old.requires_grad)
+                        if isinstance(old, torch.nn.Parameter) else local)
+                del old
+        setattr(module, SHARD_ATTRS[0], E)
+        setattr(module, SHARD_ATTRS[1], first)
+        module.register_forward_pre_hook(_refuse_eager)
+    if not done:
+        raise ValueError("dualsparse: shard_experts_ found no transformers experts module (gate_up_proj/down_proj)")
+    return done
+
+
 # ---- collectives --------------------------------------------------------------------------------
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], name: str) -> torch.Tensor:
     """Functional ``all_to_all_single`` (rows of x split by ``input_splits``) followed by its wait."""

@@ -25,6 +25,11 @@ received rows are (by source rank, then by local sub-expert). With a load-aware 
 (``runtime/load_aware.py``) the counts before dropping are all-gathered first and the policy picks
 each destination rank's thresholds from them.
 
+Weights: ``params`` hold all E experts, or, on a model sharded by ``dist.shard_experts_``, only the
+experts overlapping this rank's sub-experts (``spec.experts.expert_offset`` / ``local_experts``;
+``local_spec`` maps a global sub-expert id to the held weights). The router and shared experts are
+always whole.
+
 Statistics (``options={"stats": True}``): per block, loads before / after dropping of every rank,
 and this rank's time in compute vs communication (host clock on CPU; CUDA events on GPU, read
 back only by ``ep_stats()``).
@@ -32,6 +37,7 @@ back only by ``ep_stats()``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -233,6 +239,31 @@ def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESp
     return score >= thr * best  # skip
 
 
+# ---- local weights (a model sharded by dist.shard_experts_) -----------------------------------------------
+def check_local_weights(spec: MoESpec, ep: EPSpec) -> None:
+    """Raise unless the block's weights hold every expert overlapping this rank's sub-experts ep.lo .. ep.hi - 1."""
+    ex, P = spec.experts, spec.partition
+    if not ex.local_experts:
+        return
+    need = (ep.lo // P, (ep.hi - 1) // P + 1)
+    held = (ex.expert_offset, ex.expert_offset + ex.local_experts)
+    if need[0] < held[0] or need[1] > held[1]:
+        raise RuntimeError(f"dualsparse: MoE block {spec.name!r} on rank {ep.rank} of {ep.world} computes sub-experts "
+                           f"{ep.lo}..{ep.hi - 1} (experts {need[0]}..{need[1] - 1}, partition {P}) but holds experts "
+                           f"{held[0]}..{held[1] - 1}; shard with shard_experts_(model, group, partition={P}) on the "
+                           "same group as option 'expert_parallel'")
+
+
+def local_spec(spec: MoESpec) -> tuple[MoESpec, int]:
+    """(spec of the weights as held, first held sub-expert): global sub-expert s is local sub-expert s - offset."""
+    ex = spec.experts
+    if not ex.local_experts:
+        return spec, 0
+    held = spec.replace(num_experts=ex.local_experts,
+                        experts=dataclasses.replace(ex, expert_offset=0, local_experts=0))
+    return held, ex.expert_offset * spec.partition
+
+
 # ---- the operators ----------------------------------------------------------------------------------
 _CHECKED: set[str] = set()
 
@@ -243,7 +274,8 @@ def _check_once(spec_json: str, ep: EPSpec) -> None:
         return
     group = ds_dist.group_by_name(ep.group)
     spec = parse_spec(spec_json)
-    same = spec.replace(drop=DropSpec(mode=spec.drop.mode, shared_outside=spec.drop.shared_outside))  # keys are local
+    same = spec.replace(drop=DropSpec(mode=spec.drop.mode, shared_outside=spec.drop.shared_outside),  # keys are local
+                        experts=dataclasses.replace(spec.experts, expert_offset=0, local_experts=0))  # so are shards
     ds_dist.check_same(same.to_json() + json.dumps([ep.world, ep.ranges]), group, f"MoE block {spec.name!r}")
     _CHECKED.add(ep.key)
 
@@ -338,13 +370,15 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     clock.span("comm", "route1", "experts0")  # dispatch
     local = counts[:, ep.lo:ep.hi].reshape(-1)
     sub = torch.arange(ep.lo, ep.hi, device=recv.device).repeat(ep.world).repeat_interleave(local)
+    check_local_weights(spec, ep)
+    held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
     if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import experts as triton_experts
 
         # one pair per row, its sub-expert id given directly: no partial expansion, weight 1
-        flat = spec.replace(transform="complete", drop=DropSpec())
+        flat = held.replace(transform="complete", drop=DropSpec())
         ones = torch.ones(recv.shape[0], 1, dtype=recv.dtype, device=recv.device)
-        y = triton_experts(recv.contiguous(), ones, sub[:, None], params, flat)
+        y = triton_experts(recv.contiguous(), ones, (sub - offset)[:, None], params, flat)
     else:
         y = torch.empty_like(recv)
         ex = spec.experts
@@ -352,7 +386,7 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
             rows = (sub == s).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            gate, up, down, gb, ub, db = reference.sub_expert_weights(params, spec, s)
+            gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, s - offset)
             xs = recv[rows]
             h = reference.glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
             y[rows] = F.linear(h, down, db).to(y.dtype)

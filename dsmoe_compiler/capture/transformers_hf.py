@@ -25,6 +25,7 @@ at once, one compiled with dualsparse and one not, would see the patches too.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import threading
@@ -122,7 +123,9 @@ def route_forward(self, hidden_states):
 
 # ---- experts --------------------------------------------------------------------------------------
 _EXPERTS_FACTS = ("gate_kind", "act_name", "has_gate", "has_post_expert_norm", "_is_expert_parallel",
-                  "is_concatenated", "is_transposed", "has_bias", "alpha", "limit")
+                  "is_concatenated", "is_transposed", "has_bias", "alpha", "limit",
+                  "dualsparse_num_experts", "dualsparse_expert_offset")
+"""The last two are set by ``runtime.dist.shard_experts_`` (global E, first expert held); None, 0 otherwise."""
 
 
 def _gate_kind(module) -> str:
@@ -138,7 +141,8 @@ def _experts_facts(module) -> tuple:
     return (_gate_kind(module), type(act).__name__, getattr(module, "has_gate", True),
             getattr(module, "has_post_expert_norm", False), getattr(module, "_is_expert_parallel", False),
             module.is_concatenated, module.is_transposed, module.has_bias,
-            float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0)))
+            float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0)),
+            getattr(module, "dualsparse_num_experts", None), int(getattr(module, "dualsparse_expert_offset", 0)))
 
 
 _DEFAULT_GATE = None
@@ -181,14 +185,22 @@ def describe_facts(f: dict) -> ExpertsSpec | str:
 @torch._dynamo.assume_constant_result
 def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int) -> tuple[str, tuple[str, ...]] | str:
     """(spec JSON, attribute names of its tensors), or the reason the module is left alone."""
-    described = describe_facts(dict(zip(_EXPERTS_FACTS, facts)))
+    f = dict(zip(_EXPERTS_FACTS, facts))
+    described = describe_facts(f)
     if isinstance(described, str):
+        if f["dualsparse_num_experts"] is not None:  # a sharded module's own forward would index local weights globally
+            raise RuntimeError(f"dualsparse: {class_name} was sharded by shard_experts_ but cannot be captured "
+                               f"({described}); only the expert-parallel operators can run a sharded model")
         return f"{class_name}: {described}"
+    held = gate_up_shape[0]
+    num_experts = held if f["dualsparse_num_experts"] is None else int(f["dualsparse_num_experts"])
+    if num_experts != held:  # sharded: E is the global count, the weights hold experts offset .. offset + held - 1
+        described = dataclasses.replace(described, expert_offset=f["dualsparse_expert_offset"], local_experts=held)
     slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")]
     if described.has_bias:
         slots += [("gate_up_bias", "gate_up_proj_bias"), ("down_bias", "down_proj_bias")]
     hidden, inter2 = (gate_up_shape[1], gate_up_shape[2]) if described.transposed else (gate_up_shape[2], gate_up_shape[1])
-    spec = MoESpec(name="experts", num_experts=gate_up_shape[0], top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
+    spec = MoESpec(name="experts", num_experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
                    experts=described, slots=tuple(s for s, _ in slots))
     return spec.to_json(), tuple(a for _, a in slots)
 

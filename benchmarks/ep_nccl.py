@@ -1,0 +1,356 @@
+"""Multi-GPU expert-parallel MoE layer on NCCL (issue 9): module time, all_to_all time, drop rate, per-rank load.
+
+    torchrun --nproc-per-node N benchmarks/ep_nccl.py --json results/ep_nccl_N.json          # N GPUs, NCCL
+    torchrun --nproc-per-node 2 benchmarks/ep_nccl.py --device cpu --tiny --json /tmp/x.json  # CPU smoke run, gloo
+
+NVLink multicast stays off: NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set in this
+process's environment before the process group exists.
+
+What runs: one MoE layer through the project's EP operators (``runtime.ep.moe``: route + drop ->
+dispatch all_to_all -> local experts -> combine all_to_all -> weighted sum + shared experts), each
+rank with its OWN tokens (TOKENS per rank) and only its own experts' weights (the layout
+``runtime.dist.shard_experts_`` gives a model: ``expert_offset`` / ``local_experts`` in the spec).
+
+Shapes (bf16 on GPU, fp32 on CPU):
+- deepseek_v2_lite: hidden 2048, 64 routed experts of intermediate 1408, top-6, softmax without
+  renormalisation, 2 shared experts (one SwiGLU of intermediate 2 x 1408).
+- olmoe: hidden 2048, 64 experts of 1024, top-8, softmax without renormalisation.
+
+Routing: a random router (logits of std ~1) plus a per-expert logit bias (a router-bias slot) fitted so
+that the per-expert share of (token, expert) pairs matches a target popularity:
+- realistic: the project's trained model ``models/dsmoe-tiny`` (32 experts, top-4), its recorded
+  per-expert loads on 16 test windows (``metrics.json``, ``expert_load_per_layer_test16``), of the
+  layer with the median max/mean imbalance, scaled to 64 experts (expert e gets half the share of
+  trained expert e // 2); used when that file exists, else the synthetic "moderate" popularity
+  (exp(N(0, 0.5^2)) per expert) and the JSON says so.
+- skewed: Zipf popularity p_e ~ (e + 1)^-0.7 in expert order (experts 0.. are the most popular and
+  sit on the first ranks: the first rank is the straggler).
+
+Variants: none (P = 1, the original layer); none P=2 (partial transformation, no dropping: isolates
+the cost of the sub-expert split, whose pairs the route sends once per sub-expert); 2T-Drop with a
+uniform threshold (P = 2, T fitted so that 1T would drop DROP of the pairs, thresholds (T - 0.01,
+T + 0.01), averaged over ranks); 2T-Drop with load-aware thresholds (the same maximum thresholds,
+policy ``--policy``, default literal T * min(r, 1)).
+
+Timing: every rank makes the same fixed number of calls (WARMUP, then REPS timed), each timed call
+preceded by a barrier, CUDA events around it (host clock on CPU), median per rank; all_to_all timed
+the same way on the dispatch's real split sizes (the combine moves the same rows back). No do_bench
+(it picks its own repetition count per rank, which deadlocks collectives). Drop rate and per-rank
+load (pairs each rank computes, all ranks' tokens) come from one extra call with statistics on.
+Rank 0 prints a table last and writes the JSON (and a .md beside it).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (device README, gpu-notes.md)
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from dsmoe_compiler.codegen import reference  # noqa: E402
+from dsmoe_compiler.ir import DropSpec, ExpertsSpec, MoESpec, RoutingSpec, SharedSpec  # noqa: E402
+from dsmoe_compiler.runtime import dist as ds_dist  # noqa: E402
+from dsmoe_compiler.runtime import ep, load_aware, state  # noqa: E402
+
+SHAPES = {"deepseek_v2_lite": dict(H=2048, I=1408, E=64, K=6, shared=2 * 1408),
+          "olmoe": dict(H=2048, I=1024, E=64, K=8, shared=0)}
+TINY = {"deepseek_v2_lite": dict(H=64, I=32, E=16, K=6, shared=64), "olmoe": dict(H=64, I=32, E=16, K=8, shared=0)}
+DROP = 0.20
+TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "dsmoe-tiny", "metrics.json")
+
+
+# ---- routing targets ----------------------------------------------------------------------------------
+def trained_popularity(E: int) -> tuple[torch.Tensor, str] | None:
+    """Per-expert share of pairs from the trained model's recorded loads (median-imbalance layer), scaled to E."""
+    if not os.path.exists(TRAINED):
+        return None
+    with open(TRAINED) as f:
+        layers = json.load(f).get("expert_load_per_layer_test16")
+    if not layers:
+        return None
+    loads = [torch.tensor(layer, dtype=torch.float64) for layer in layers]
+    imbalance = [(lo.max() / lo.mean()).item() for lo in loads]
+    pick = sorted(range(len(loads)), key=lambda i: imbalance[i])[len(loads) // 2]
+    p = loads[pick] / loads[pick].sum()
+    n = p.numel()
+    if E % n == 0:
+        scaled = p.repeat_interleave(E // n) / (E // n)
+    else:  # fewer experts than trained (tiny smoke shapes): fold neighbours together
+        scaled = torch.zeros(E, dtype=torch.float64).index_add_(0, torch.arange(n) * E // n, p)
+    return scaled, f"models/dsmoe-tiny metrics.json layer {pick} (max/mean {imbalance[pick]:.2f}), {n} -> {E} experts"
+
+
+def popularity(kind: str, E: int, seed: int) -> tuple[torch.Tensor, str]:
+    if kind == "skewed":
+        p = (torch.arange(E, dtype=torch.float64) + 1) ** -0.7
+        return p / p.sum(), "Zipf (e + 1)^-0.7 in expert order"
+    got = trained_popularity(E)
+    if got is not None:
+        return got
+    g = torch.Generator().manual_seed(seed + 7)
+    p = torch.exp(torch.randn(E, generator=g, dtype=torch.float64) * 0.5)
+    return p / p.sum(), "synthetic moderate: exp(N(0, 0.5^2)) per expert (trained statistics not found)"
+
+
+def fit_bias(router: torch.Tensor, spec: MoESpec, target: torch.Tensor, tokens: int, seed: int, iters: int = 40):
+    """Router bias making the per-expert share of pairs approach target (fixed-point on log shares); on rank 0."""
+    device, dtype = router.device, router.dtype
+    g = torch.Generator(device="cpu").manual_seed(seed + 11)
+    x = torch.randn(tokens, spec.hidden, generator=g).to(device, dtype)
+    target = (target * spec.top_k).clamp(min=1e-6).to(device, torch.float32)  # expected pairs per token
+    bias = torch.zeros(spec.num_experts, device=device, dtype=torch.float32)
+    for _ in range(iters):
+        _, _, index = reference.route(x, [router, bias.to(dtype)], spec)
+        share = torch.bincount(index.flatten(), minlength=spec.num_experts).float() / tokens
+        bias = (bias + 0.5 * torch.log(target / share.clamp(min=1e-6))).clamp(-20, 20)
+    _, _, index = reference.route(x, [router, bias.to(dtype)], spec)
+    share = torch.bincount(index.flatten(), minlength=spec.num_experts).float() / (tokens * spec.top_k)
+    return bias.to(dtype), (share - target / spec.top_k).abs().sum().item() / 2  # total variation distance
+
+
+# ---- the layer ------------------------------------------------------------------------------------------
+def make_spec(shape: dict, partition: int, mode: str, first: int, last: int, key: str = "") -> MoESpec:
+    slots = ("router_weight", "router_bias", "gate_up", "down")
+    if shape["shared"]:
+        slots += ("shared_gate", "shared_up", "shared_down")
+    held = last - first
+    experts = ExpertsSpec(expert_offset=first, local_experts=held if held != shape["E"] else 0)
+    return MoESpec(name="moe", num_experts=shape["E"], top_k=shape["K"], hidden=shape["H"], intermediate=shape["I"],
+                   partition=partition, routing=RoutingSpec(renormalize=False, router_bias=True), experts=experts,
+                   shared=SharedSpec(intermediate=shape["shared"]) if shape["shared"] else None,
+                   drop=DropSpec(mode=mode, key=key), slots=slots)
+
+
+def local_params(shape, first, last, router, bias, device, dtype, seed):
+    """Router (whole), experts first..last-1 only (each expert from its own seed: the same on every rank), shared."""
+    H, I = shape["H"], shape["I"]
+    gu, dn = [], []
+    for e in range(first, last):
+        g = torch.Generator(device="cpu").manual_seed(seed * 1000 + e)
+        gu.append((torch.randn(2 * I, H, generator=g) * 0.02).to(device, dtype))
+        dn.append((torch.randn(H, I, generator=g) * 0.02).to(device, dtype))
+    params = [router, bias, torch.stack(gu), torch.stack(dn)]
+    if shape["shared"]:
+        g = torch.Generator(device="cpu").manual_seed(seed * 1000 - 1)
+        S = shape["shared"]
+        params += [(torch.randn(S, H, generator=g) * 0.02).to(device, dtype),
+                   (torch.randn(S, H, generator=g) * 0.02).to(device, dtype),
+                   (torch.randn(H, S, generator=g) * 0.02).to(device, dtype)]
+    return params
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+def barrier(device):
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+def timed_ms(fn, device, warmup: int, reps: int) -> float:
+    """Median of REPS calls, each after a barrier; the same number of calls on every rank."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        barrier(device)
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pick_impl(requested: str, device, dtype) -> tuple[str, dict]:
+    """triton on CUDA if ep.local_experts' Triton path agrees with its loop on sharded weights (every rank agrees)."""
+    if requested != "auto":
+        return requested, {"requested": requested}
+    if device.type != "cuda":
+        return "reference", {"ran": False}
+    info = {"ran": True}
+    try:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        spec = MoESpec(name="chk", num_experts=8, top_k=2, hidden=256, intermediate=128, partition=2,
+                       experts=ExpertsSpec(expert_offset=4, local_experts=4), slots=("router_weight", "gate_up", "down"))
+        params = [(torch.randn(8, 256, generator=g) * 0.1).to(device, dtype),
+                  (torch.randn(4, 256, 256, generator=g) * 0.05).to(device, dtype),
+                  (torch.randn(4, 256, 128, generator=g) * 0.05).to(device, dtype)]
+        e = ep.EPSpec(group="", rank=1, world=2, ranges=(0, 8, 16), key="")
+        counts = torch.randint(0, 40, (2, 16), generator=g).to(device)
+        recv = torch.randn(int(counts[:, 8:].sum()), 256, generator=g).to(device, dtype)
+        a = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "triton").float()
+        b = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "reference").float()
+        info["rel_err"] = ((a - b).norm() / b.norm()).item()
+        ok = info["rel_err"] < 2e-2
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, then the reference loop is used
+        info["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        ok = False
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return ("triton" if flag.item() else "reference"), info
+
+
+# ---- one configuration ------------------------------------------------------------------------------------
+def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, world, impl):
+    E = shape["E"]
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    router = (torch.randn(E, shape["H"], generator=g)).to(device, dtype) / shape["H"] ** 0.5  # logits of std ~1
+    target, source = popularity(routing, E, args.seed)
+    route_spec = make_spec(shape, 1, "none", 0, E)
+    bias, tv = fit_bias(router, route_spec, target, args.calib_tokens, args.seed)
+    dist.broadcast(bias, src=0)
+    gx = torch.Generator(device="cpu").manual_seed(args.seed * 100 + rank + 1)
+    x = torch.randn(tokens, shape["H"], generator=gx).to(device, dtype)
+    _, raw, _ = reference.route(x, [router, bias], route_spec)
+    s = reference.normalized_scores(raw).flatten().float()
+    sample = s[torch.randperm(s.numel(), device=s.device)[:1 << 20]]
+    T = torch.quantile(sample, DROP).reshape(1)
+    dist.all_reduce(T)
+    T = T.item() / world
+    group = dist.group.WORLD
+    rows = []
+    params_cache = {}
+    variants = (("none", 1, "none", None), ("none P=2", 2, "none", None),
+                ("2T uniform", 2, "2t", "uniform"), (f"2T load-aware ({args.policy})", 2, "2t", args.policy))
+    for variant, P, mode, policy in variants:
+        first, last = ds_dist.local_expert_range(E, P, rank, world)
+        if (first, last) not in params_cache:
+            params_cache.clear()
+            params_cache[(first, last)] = local_params(shape, first, last, router, bias, device, dtype, args.seed)
+        params = params_cache[(first, last)]
+        thresholds = (max(T - 0.01, 0.0), T + 0.01)
+        load_aware.set_policy(None if policy in (None, "uniform") else policy)
+        results = {}
+        for stats in (False, True):
+            key = state.register("moe", *thresholds, device, False) if mode != "none" else ""
+            spec = make_spec(shape, P, mode, first, last, key)
+            spec_json = spec.to_json()
+            ep_json = ep.ep_spec_for(spec, group, stats=stats).to_json()
+            call = lambda: ep.moe(x, params, spec_json, ep_json, impl)  # noqa: E731
+            if stats:
+                ep.reset_ep_stats()
+                call()
+                st = ep.ep_stats()["moe"]
+                results["load_before"] = [int(v) for v in st["last_load_before"]]
+                results["load_after"] = [int(v) for v in st["last_load_after"]]
+                results["drop_rate"] = 1 - sum(results["load_after"]) / max(sum(results["load_before"]), 1)
+            else:
+                results["moe_ms"] = timed_ms(call, device, args.warmup, args.reps)
+                send, _, _, counts = ep.ep_route(x, params, spec_json, ep_json)
+                send_splits, recv_splits = ep.splits(counts, ep_json)
+                name = ds_dist.group_name(group)
+                recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
+                results["dispatch_ms"] = timed_ms(lambda: ds_dist.all_to_all(send, recv_splits, send_splits, name),
+                                                  device, args.warmup, args.reps)
+                results["combine_ms"] = timed_ms(lambda: ds_dist.all_to_all(recv, send_splits, recv_splits, name),
+                                                 device, args.warmup, args.reps)
+                results["rows_sent"] = sum(send_splits)
+                results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
+                del send, recv
+        load_aware.set_policy(None)
+        state.clear()
+        ep.clear()
+        every = [None] * world
+        dist.all_gather_object(every, {k: results[k] for k in ("moe_ms", "dispatch_ms", "combine_ms", "rows_sent",
+                                                                "rows_sent_remote")})
+        rows.append(dict(shape=shape_name, routing=routing, routing_source=source, routing_fit_tv=tv,
+                         tokens_per_rank=tokens, world=world, variant=variant, partition=P, thresholds=list(thresholds),
+                         held_experts=[first, last], load_before=results["load_before"], load_after=results["load_after"],
+                         drop_rate=results["drop_rate"],
+                         imbalance_after=max(results["load_after"]) / (sum(results["load_after"]) / world),
+                         moe_ms_per_rank=[r["moe_ms"] for r in every], dispatch_ms_per_rank=[r["dispatch_ms"] for r in every],
+                         combine_ms_per_rank=[r["combine_ms"] for r in every],
+                         rows_sent_per_rank=[r["rows_sent"] for r in every],
+                         rows_sent_remote_per_rank=[r["rows_sent_remote"] for r in every]))
+        if rank == 0:
+            r = rows[-1]
+            print(f"{shape_name} {routing} T={tokens} {variant:28s} moe {max(r['moe_ms_per_rank']):.3f} ms  "
+                  f"a2a {max(r['dispatch_ms_per_rank']):.3f}+{max(r['combine_ms_per_rank']):.3f} ms  "
+                  f"drop {r['drop_rate']:.3f}  load {r['load_after']}", flush=True)
+        del params
+    return rows
+
+
+def table(rows) -> str:
+    lines = ["| shape | routing | tokens/rank | variant | drop rate | load per rank (pairs) | max/mean | "
+             "MoE ms (max rank) | vs none | dispatch ms | combine ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["shape"], r["routing"], r["tokens_per_rank"]): max(r["moe_ms_per_rank"]) for r in rows if r["variant"] == "none"}
+    for r in rows:
+        ms = max(r["moe_ms_per_rank"])
+        ref = base[(r["shape"], r["routing"], r["tokens_per_rank"])]
+        lines.append(f"| {r['shape']} | {r['routing']} | {r['tokens_per_rank']} | {r['variant']} | {r['drop_rate']:.3f} | "
+                     f"{r['load_after']} | {r['imbalance_after']:.2f} | {ms:.3f} | {ref / ms:.2f}x | "
+                     f"{max(r['dispatch_ms_per_rank']):.3f} | {max(r['combine_ms_per_rank']):.3f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None, help="default results/ep_nccl_<world>.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="tokens per rank")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--routing", nargs="+", default=["realistic", "skewed"], choices=["realistic", "skewed"])
+    ap.add_argument("--policy", default="literal", choices=sorted(set(load_aware.POLICIES) - {"uniform"}))
+    ap.add_argument("--impl", default="auto", choices=["auto", "triton", "reference"],
+                    help="local experts: auto = Triton on CUDA if it checks out, else the reference loop")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts: a CPU smoke run")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = TINY if args.tiny else SHAPES
+    if args.tiny:
+        args.tokens, args.warmup, args.reps, args.calib_tokens = [32, 64], 1, 3, 512
+    impl, impl_check = pick_impl(args.impl, device, dtype)
+    t0 = time.time()
+    rows = []
+    for shape_name in args.shapes:
+        for routing in args.routing:
+            for tokens in args.tokens:
+                rows += run_config(shape_name, shapes[shape_name], routing, tokens, args, device, dtype, rank, world, impl)
+    if rank == 0:
+        meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                    backend=dist.get_backend(), world=world, torch=torch.__version__, dtype=str(dtype), impl=impl,
+                    impl_check=impl_check, shapes={k: shapes[k] for k in args.shapes}, warmup=args.warmup, reps=args.reps,
+                    target_uniform_drop=DROP, policy=args.policy, seconds=time.time() - t0,
+                    env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+                    timing="fixed calls on every rank, barrier before each, CUDA events (host clock on CPU), median per rank")
+        path = args.json or f"results/ep_nccl_{world}.json"
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        text = table(rows)
+        with open(os.path.splitext(path)[0] + ".md", "w") as f:
+            f.write(f"{json.dumps(meta)}\n\n{text}\n")
+        print(json.dumps(meta))
+        print(text, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
