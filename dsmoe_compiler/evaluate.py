@@ -69,11 +69,11 @@ def windows(ids: torch.Tensor, n: int | None = None, seq: int = SEQ) -> torch.Te
     return ids[: count * seq].view(count, seq)
 
 
-def load_model(path=DEFAULT_MODEL):
+def load_model(path=DEFAULT_MODEL, device="cpu"):
     """The shipped checkpoint (bf16 on disk) in fp32, eval mode."""
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
 
 
 def mc_items(ids: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +165,14 @@ def _forward_logits(compiled, x):
 
 @torch.no_grad()
 def run_setting(model_dir, setting: Setting, plan, lm: torch.Tensor, mc, *, inner: str, batch: int,
-                progress: bool = True) -> dict:
+                progress: bool = True, device="cpu", kernels: str = "auto") -> dict:
     """Per-token NLL / correctness on ``lm`` windows, MC choices, and the measured drop rate."""
     import dsmoe_compiler
     from tqdm.auto import tqdm
 
     torch._dynamo.reset()
-    model = load_model(model_dir)
-    options = {"inner": inner, "stats": True, **setting.options}
+    model = load_model(model_dir, device)
+    options = {"inner": inner, "kernels": kernels, "stats": True, **setting.options}
     if setting.order is not None:
         options["plan"] = ordered_plan(plan, setting.order)
     if setting.method == "skip-median":
@@ -183,11 +183,11 @@ def run_setting(model_dir, setting: Setting, plan, lm: torch.Tensor, mc, *, inne
     t0 = time.perf_counter()
     for i in tqdm(range(0, lm.shape[0], batch), desc=f"{setting.method} @ {setting.target}", leave=False,
                   disable=not progress):
-        x = lm[i:i + batch]
+        x = lm[i:i + batch].to(device)
         logits = _forward_logits(compiled, x)[:, :-1]
         target = x[:, 1:]
-        nll.append(-F.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0])
-        correct.append(logits.argmax(-1) == target)
+        nll.append(-F.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0].cpu())
+        correct.append((logits.argmax(-1) == target).cpu())
     seconds = time.perf_counter() - t0
     stats = dsmoe_compiler.drop_stats() if options.get("drop", "none") != "none" else {}
     measured = stats.get("overall", {}).get("drop_rate", 0.0)
@@ -198,9 +198,9 @@ def run_setting(model_dir, setting: Setting, plan, lm: torch.Tensor, mc, *, inne
         flat = seqs.flatten(0, 1)
         lls = []
         for i in range(0, flat.shape[0], batch * 4):
-            x = flat[i:i + batch * 4]
+            x = flat[i:i + batch * 4].to(device)
             lp = F.log_softmax(_forward_logits(compiled, x)[:, MC_CONTEXT - 1:-1], -1)
-            lls.append(lp.gather(-1, x[:, MC_CONTEXT:, None])[..., 0].sum(-1))
+            lls.append(lp.gather(-1, x[:, MC_CONTEXT:, None])[..., 0].sum(-1).cpu())
         mc_pick = torch.cat(lls).view(seqs.shape[0], 4).argmax(-1)
     return {"nll": torch.cat(nll), "correct": torch.cat(correct), "measured": measured, "per_layer": per_layer,
             "mc_pick": mc_pick, "seconds": seconds, "threshold": options.get("threshold")}
@@ -286,35 +286,39 @@ def plot(rows: list[dict], path, title: str = "") -> None:
 
 
 # ---- entry points -----------------------------------------------------------------------------------
-def calibrate_plan(model_dir, data_dir, calib_windows: int, batch: int, progress: bool):
+def calibrate_plan(model_dir, data_dir, calib_windows: int, batch: int, progress: bool, device="cpu"):
     import dsmoe_compiler
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, device)
     calib = windows(load_split("calib", data_dir), calib_windows)
     return dsmoe_compiler.calibrate(model, list(calib.split(batch)), metric="abs_gate", progress=progress)
 
 
 def evaluate(model_dir=DEFAULT_MODEL, data_dir=DEFAULT_DATA, drop_rates=(0.0, 0.1, 0.25, 0.4), methods=METHODS, *,
              lm_windows: int = 192, mc_items_n: int = 200, calib_windows: int = 64, inner: str = "eager",
-             batch: int = 8, progress: bool = True, plan=None) -> list[dict]:
-    """Rows (dicts) of every setting; the first is the no-drop reference."""
+             batch: int = 8, progress: bool = True, plan=None, device="cpu", kernels: str = "auto",
+             on_row=None) -> list[dict]:
+    """Rows (dicts) of every setting; the first is the no-drop reference. ``on_row(rows)`` after each."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(0)
     if plan is None:
-        plan = calibrate_plan(model_dir, data_dir, calib_windows, batch, progress)
+        plan = calibrate_plan(model_dir, data_dir, calib_windows, batch, progress, device)
     test = load_split("test", data_dir)
     lm = windows(test, lm_windows)
     mc = mc_items(test, mc_items_n) if mc_items_n else None
     todo = settings(drop_rates, ("none",) + tuple(m for m in methods if m != "none"))
     rows, base = [], None
     for setting in tqdm(todo, desc="dualsparse eval", disable=not progress):
-        res = run_setting(model_dir, setting, plan, lm, mc, inner=inner, batch=batch, progress=progress)
+        res = run_setting(model_dir, setting, plan, lm, mc, inner=inner, batch=batch, progress=progress,
+                          device=device, kernels=kernels)
         row = summarise(setting, res, base, None if mc is None else mc[1])
         row["seconds"] = res["seconds"]
         if base is None:
             base = res
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     torch._dynamo.reset()
     return rows
 
@@ -341,13 +345,18 @@ def main_eval(args) -> None:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     torch.set_num_threads(args.threads) if args.threads else None
-    rows = evaluate(args.model, args.data, rates, methods, lm_windows=args.windows, mc_items_n=args.mc_items,
-                    calib_windows=args.calib_windows, inner=args.inner, batch=args.batch)
     meta = {"model": str(args.model), "data": str(args.data), "lm_windows": args.windows, "seq": SEQ,
             "mc_items": args.mc_items, "calib_windows": args.calib_windows, "inner": args.inner,
-            "torch": torch.__version__, "command": "python -m dsmoe_compiler eval " + " ".join(sys.argv[1:])}
-    title = f"{pathlib.Path(args.model).name}: {rows[0]['tokens']:,} held-out bytes"
-    write_outputs(rows, args.out, title, meta)
+            "kernels": args.kernels, "device": args.device, "torch": torch.__version__,
+            "command": "python -m dsmoe_compiler " + " ".join(sys.argv[1:])}
+
+    def write(rows):  # after every setting: a run stopped early keeps what it measured
+        title = f"{pathlib.Path(args.model).name}: {rows[0]['tokens']:,} held-out bytes ({args.device})"
+        write_outputs(rows, args.out, title, meta)
+
+    rows = evaluate(args.model, args.data, rates, methods, lm_windows=args.windows, mc_items_n=args.mc_items,
+                    calib_windows=args.calib_windows, inner=args.inner, batch=args.batch, device=args.device,
+                    kernels=args.kernels, on_row=write)
     print(format_table(rows))
     print(f"\nwrote {args.out}/eval.csv, eval.json, eval.png")
 
@@ -358,13 +367,15 @@ def main_demo(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     methods = ("none", "1t", "2t-natural", "2t-abs_gate", "topk")
     rows = evaluate(args.model, args.data, (0.0, 0.25), methods, lm_windows=args.windows, mc_items_n=0,
-                    calib_windows=args.calib_windows, inner=args.inner, batch=args.batch)
+                    calib_windows=args.calib_windows, inner=args.inner, batch=args.batch, device=args.device,
+                    kernels=args.kernels)
     print(f"\n{pathlib.Path(args.model).name}: byte-level Qwen3-MoE, {rows[0]['tokens']:,} held-out bytes of the "
-          f"Python docs; dualsparse, inner={args.inner}; 'time s' = evaluation pass after compiling\n")
+          f"Python docs; dualsparse, inner={args.inner}; 'time s' = wall time of the pass, its first call (compile) "
+          "included\n")
     print(format_table(rows, seconds=True))
     out = pathlib.Path(args.out)
     meta = {"model": str(args.model), "lm_windows": args.windows, "inner": args.inner, "torch": torch.__version__,
-            "command": "python -m dsmoe_compiler demo " + " ".join(sys.argv[1:])}
+            "command": "python -m dsmoe_compiler " + " ".join(sys.argv[1:])}
     write_outputs(rows, out, f"demo: {pathlib.Path(args.model).name}, {rows[0]['tokens']:,} held-out bytes", meta)
     by = {r["method"]: r for r in rows}
     if "2t-abs_gate" in by and "1t" in by:
@@ -377,13 +388,15 @@ def main_demo(args) -> None:
 def add_arguments(p, demo: bool = False) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: the shipped model)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="corpus directory with calib/test splits")
-    p.add_argument("--windows", type=int, default=48 if demo else 192, help=f"held-out windows of {SEQ} bytes")
-    p.add_argument("--calib-windows", type=int, default=32 if demo else 64, help="calibration windows (calib split)")
+    p.add_argument("--windows", type=int, default=48 if demo else 64, help=f"held-out windows of {SEQ} bytes")
+    p.add_argument("--calib-windows", type=int, default=16 if demo else 64, help="calibration windows (calib split)")
     p.add_argument("--inner", default="eager", choices=["eager", "aot_eager", "inductor"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"], help="dualsparse kernels")
     p.add_argument("--out", default="results/demo" if demo else "results/eval")
     if not demo:
         p.add_argument("--drop-rates", default="0,0.1,0.25,0.4")
         p.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS)}")
-        p.add_argument("--mc-items", type=int, default=200, help="multiple-choice items (0: none)")
+        p.add_argument("--mc-items", type=int, default=64, help="multiple-choice items (0: none)")
