@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import pathlib
 
 import pytest
 import torch
