@@ -8,6 +8,9 @@ kernels, inductor for the rest), and dualsparse with 2T-Drop fitted to 25 % comp
 calibrated on a random batch; measured rate printed). Also a dense model (the same without MoE:
 OLMoE with 1 expert, top-1, as a plain MLP is not available, so a Llama of the same width) to show
 the rest of the graph compiles as with inductor. Median ms of triton.testing.do_bench.
+Columns marked "RO" compile with mode="reduce-overhead" (CUDA graphs for the whole step, both backends).
+``--cases`` runs a subset (the whole run takes longer than one device call); ``--merge a.json b.json``
+combines the rows of partial runs into --json and prints the table.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ def ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
 
 
-def bench(model, inputs, backend, options=None):
+def bench(model, inputs, backend, options=None, mode=None):
     torch._dynamo.reset()
-    fn = model if backend is None else torch.compile(model, backend=backend, options=options)
+    if backend == "dualsparse" and mode is not None:  # torch.compile takes mode or options, not both
+        options, mode = {**(options or {}), "mode": mode}, None
+    fn = model if backend is None else torch.compile(model, backend=backend, options=options, mode=mode)
     with torch.no_grad():
         start = time.perf_counter()
         fn(**inputs)
@@ -66,46 +71,68 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="results/e2e_olmoe.json")
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--cases", default="prefill,step,dense", help="comma list of prefill, step, dense")
+    parser.add_argument("--merge", nargs="*", default=None, help="JSON files of partial runs to combine")
     args = parser.parse_args()
+    if args.merge:
+        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        meta = json.load(open(args.merge[0]))
+        return finish(args.json, rows, meta["device"], meta["torch"])
     torch.manual_seed(0)
     rows = []
     model = olmoe(args.layers)
+    wanted = args.cases.split(",")
     cases = {"prefill 1x4096": {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False},
              "step 64x1": {"input_ids": torch.randint(0, 50304, (64, 1), device="cuda"), "use_cache": False}}
+    cases = {k: v for k, v in cases.items() if k.split()[0] in wanted}
     plan = dsmoe_compiler.calibrate(model, [torch.randint(0, 50304, (1, 4096), device="cuda")], progress=False)
     columns = {"eager": (None, None), "inductor": ("inductor", None),
                "dualsparse": ("dualsparse", {"kernels": "triton"}),
                "dualsparse 2T 25%": ("dualsparse", {"kernels": "triton", "plan": plan, "drop": "2t", "drop_rate": 0.25,
                                                      "stats": True})}
+    columns.update({name + " RO": (backend, options) for name, (backend, options) in columns.items()
+                    if backend is not None})
     for case, inputs in cases.items():
         row = {"model": "OLMoE-shaped", "case": case}
         for column, (backend, options) in columns.items():
             dsmoe_compiler.reset_drop_stats()
-            row[column], row[column + " first call s"] = bench(model, inputs, backend, options)
+            mode = "reduce-overhead" if column.endswith(" RO") else None
+            row[column], row[column + " first call s"] = bench(model, inputs, backend, options, mode)
             if options and options.get("drop"):
                 row[column + " measured drop"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
             print(case, column, f"{row[column]:.2f} ms", flush=True)
         rows.append(row)
     del model, plan
     torch.cuda.empty_cache()
-    dense = llama(args.layers)
-    inputs = {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False}
-    row = {"model": "dense (Llama-shaped)", "case": "prefill 1x4096"}
-    for column in ("inductor", "dualsparse"):
-        row[column], row[column + " first call s"] = bench(dense, inputs, column, None)
-    rows.append(row)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
-    cols = ["eager", "inductor", "dualsparse", "dualsparse 2T 25%"]
-    print("| model | case | " + " | ".join(cols) + " | dualsparse vs inductor | 2T 25% vs inductor | measured drop |")
-    print("|---" * (len(cols) + 5) + "|")
-    for r in rows:
-        vals = " | ".join(f"{r[c]:.2f}" if c in r else "-" for c in cols)
-        ratio = f"{r['inductor'] / r['dualsparse']:.2f}x"
-        drop_ratio = f"{r['inductor'] / r['dualsparse 2T 25%']:.2f}x" if "dualsparse 2T 25%" in r else "-"
-        drop = f"{r['dualsparse 2T 25% measured drop']:.3f}" if "dualsparse 2T 25% measured drop" in r else "-"
-        print(f"| {r['model']} | {r['case']} | {vals} | {ratio} | {drop_ratio} | {drop} |")
+    if "dense" in wanted:
+        dense = llama(args.layers)
+        inputs = {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False}
+        row = {"model": "dense (Llama-shaped)", "case": "prefill 1x4096"}
+        for column in ("inductor", "dualsparse"):
+            row[column], row[column + " first call s"] = bench(dense, inputs, column, None)
+        rows.append(row)
+    finish(args.json, rows, torch.cuda.get_device_name(), torch.__version__)
+
+
+def finish(path, rows, device, version):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": device, "torch": version, "rows": rows}, f, indent=1)
+    for suffix in ("", " RO"):
+        cols = [c + suffix for c in ("eager", "inductor", "dualsparse", "dualsparse 2T 25%") if c + suffix != "eager RO"]
+        if suffix and not any(c in r for r in rows for c in cols):
+            continue
+        print("| model | case | " + " | ".join(cols) + " | dualsparse vs inductor | 2T 25% vs inductor | measured drop |")
+        print("|---" * (len(cols) + 5) + "|")
+        ind, ds, dd = "inductor" + suffix, "dualsparse" + suffix, "dualsparse 2T 25%" + suffix
+        for r in rows:
+            if ind not in r:
+                continue
+            vals = " | ".join(f"{r[c]:.2f}" if c in r else "-" for c in cols)
+            ratio = f"{r[ind] / r[ds]:.2f}x" if ds in r else "-"
+            drop_ratio = f"{r[ind] / r[dd]:.2f}x" if dd in r else "-"
+            drop = f"{r[dd + ' measured drop']:.3f}" if dd + " measured drop" in r else "-"
+            print(f"| {r['model']} | {r['case']} | {vals} | {ratio} | {drop_ratio} | {drop} |")
 
 
 if __name__ == "__main__":

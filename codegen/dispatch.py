@@ -5,14 +5,27 @@ floating-point tolerance). Every buffer is sized for the worst case (all T * K *
 partial tile per sub-expert), so nothing reads a count back to the host: one forward is a fixed
 sequence of launches that a CUDA graph can capture.
 
-Launches: router GEMM (cuBLAS) → ``topk_route`` → zero the counts → ``align.count`` →
-``align.scatter`` → ``gate_up_glu`` → ``down_weighted`` → ``combine`` (+ shared experts in torch).
+Launches: router GEMM (cuBLAS) → ``topk_route`` (also zeroes the counts and, with dropping on, writes
+the keep mask and the drop statistics) → ``align.count`` → ``align.scatter`` → ``gate_up_glu`` →
+``down_weighted`` → ``combine`` (+ shared experts in torch).
+
+Host time. Decode steps run this once per layer for a handful of tokens, so the host side matters
+as much as the kernels. Everything that depends only on (spec, tokens, dtypes) lives in a ``_Plan``
+built once: sizes, one workspace layout for all scratch buffers (one allocation per call), each
+kernel's scalar arguments and grid. The first call of a plan launches through Triton as usual
+(specialisation, autotuning, compilation) and records each compiled kernel with its chosen config;
+later calls replay the compiled binaries directly with raw pointers (``_Kernel.replay``), skipping
+Triton's argument binding, autotuner lookup and grid lambdas. A replay is only taken when every
+input tensor has the dtype, strides and 16-byte alignment the recorded specialisation assumed.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+from triton import knobs as _knobs
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.align import count_kernel, scatter_kernel
@@ -24,6 +37,10 @@ from dsmoe_compiler.codegen.topk_route import topk_route_kernel
 from dsmoe_compiler.ir import MoESpec
 
 BLOCK_PAIRS = 1024  # pairs per program of the alignment kernels
+FAST_LAUNCH = os.environ.get("TRITON_INTERPRET") != "1"
+"""Replay recorded kernels with raw pointers; off under the interpreter (benchmarks turn it off to compare)."""
+DROP_CODES = {"none": 0, "1t": 1, "2t": 2, "skip": 3, "topk": 4}
+_MAX_PLANS = 1024
 
 
 def _empty(shape, dtype, device):
@@ -39,6 +56,15 @@ def _fused_routing_ok(spec: MoESpec) -> bool:
     return r.num_groups == 1 and not complete and not r.score_after_topk and spec.num_experts <= 1024
 
 
+def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
+    r, E = spec.routing, spec.num_experts
+    block_e = triton.next_power_of_2(E)
+    return dict(TOPK=spec.top_k, SIGMOID=r.score_func == "sigmoid", AFTER_TOPK=r.score_after_topk,
+                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, ROUND_SCORES=logits_dtype != torch.float32,
+                BLOCK_T=max(1, min(64, 4096 // block_e)), BLOCK_E=block_e,
+                BLOCK_K=triton.next_power_of_2(spec.top_k))
+
+
 def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, K'], routed index [T, K'] int32) with K' = top_k (or top_k * P, complete transform)."""
     if not _fused_routing_ok(spec):
@@ -50,13 +76,10 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     weights = _empty((T, K), torch.float32 if r.weights_fp32 else x.dtype, x.device)
     index = _empty((T, K), torch.int32, x.device)
     score_bias = reference._param(spec, params, "score_bias")
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // block_e))
-    topk_route_kernel[(triton.cdiv(T, block_t),)](
-        logits, score_bias if score_bias is not None else logits, weights, index, T, E, logits.stride(0),
-        r.renorm_eps, r.scale, TOPK=K, SIGMOID=r.score_func == "sigmoid", AFTER_TOPK=r.score_after_topk,
-        RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, ROUND_SCORES=logits.dtype != torch.float32,
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(K))
+    meta = _route_constexprs(spec, logits.dtype)
+    topk_route_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
+        logits, score_bias if score_bias is not None else logits, weights, index, index, logits, index, logits,
+        T, E, 0, logits.stride(0), r.renorm_eps, r.scale, 0.0, 0.0, **meta)
     return weights, index
 
 
@@ -88,46 +111,235 @@ def _layout(spec: MoESpec, params):
     return gate_up, gu, down, dn
 
 
+# ---- launching --------------------------------------------------------------------------------------
+def _hooks_on() -> bool:
+    """A Triton launch hook (e.g. the proton profiler) wants every launch to go through Triton."""
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class _Kernel:
+    """One launch of a plan: pointers first, then fixed scalars, then constexprs (all our kernels' order).
+
+    ``launch`` goes through Triton (and records the compiled kernel); ``replay`` calls the compiled
+    binary's launcher directly with raw pointers, as ``JITFunction.run`` itself does after binding.
+    """
+
+    __slots__ = ("kernel", "grid_fn", "scalars", "constexprs", "grid", "args_tail", "run", "function", "metadata")
+
+    def __init__(self, kernel, grid_fn, scalars, constexprs):
+        self.kernel, self.grid_fn, self.scalars, self.constexprs = kernel, grid_fn, tuple(scalars), constexprs
+        self.run = None
+
+    def launch(self, ptrs, record: bool):
+        compiled = self.kernel[self.grid_fn](*ptrs, *self.scalars, **self.constexprs)
+        self.run = None
+        if not record or compiled is None or not hasattr(compiled, "packed_metadata"):
+            return
+        jit = self.kernel
+        while not hasattr(jit, "params"):  # Autotuner (and Heuristics) wrap the JITFunction in .fn
+            jit = jit.fn
+        meta = dict(self.constexprs)
+        best = getattr(self.kernel, "best_config", None)
+        if best is not None:
+            meta.update(best.kwargs)
+        names = [p.name for p in jit.params]
+        fixed = len(ptrs) + len(self.scalars)
+        if any(n not in meta for n in names[fixed:]):
+            return
+        grid = self.grid_fn(meta) if callable(self.grid_fn) else self.grid_fn
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.args_tail = self.scalars + tuple(meta[n] for n in names[fixed:])
+        self.function, self.metadata, self.run = compiled.function, compiled.packed_metadata, compiled.run
+
+    def replay(self, stream: int, ptrs):
+        g = self.grid
+        self.run(g[0], g[1], g[2], stream, self.function, self.metadata, None, None, None, *ptrs, *self.args_tail)
+
+
+def _signature(tensors) -> tuple:
+    """What a compiled kernel was specialised on, per tensor argument: dtype, strides, 16-byte alignment."""
+    return tuple(None if t is None else (t.dtype, t.stride(), t.data_ptr() & 15 == 0) for t in tensors)
+
+
+class _Plan:
+    """Everything about one MoE call that depends only on (spec, tokens, dtype, which inputs are given)."""
+
+    def __init__(self, spec: MoESpec, T: int, dtype, device, topk: int, *, fused_route: bool, keep_given: bool,
+                 drop_on: bool, stats_on: bool, weights_dtype=None):
+        self.spec, self.device = spec, device
+        P, ex, r = spec.partition, spec.experts, spec.routing
+        H, E = spec.hidden, spec.num_experts
+        expand = P if spec.transform == "partial" else 1
+        self.T, self.H, self.dtype = T, H, dtype
+        self.num_subs, c = E * P, spec.intermediate // P
+        self.pairs_per_token = topk * expand
+        self.pairs = pairs = T * self.pairs_per_token
+        self.fused_route = fused_route
+        # keep mask written by the route kernel (2t needs exactly the Major and Minor column blocks)
+        self.fused_drop = fused_route and drop_on and not keep_given and (spec.drop.mode != "2t" or expand == 2)
+        self.torch_drop = drop_on and not keep_given and not self.fused_drop
+        self.has_keep = keep_given or drop_on
+        self.stats_on = stats_on
+        self.weights_dtype = weights_dtype or (torch.float32 if r.weights_fp32 else dtype)
+        self.stream_index = device.index if device.index is not None else 0
+        self.stream_index = self.stream_index if device.type == "cuda" else None
+
+        # one workspace: (name, dtype, shape); fused routing owns weights/index/keep there
+        regions = []
+        if fused_route:
+            regions += [("weights", self.weights_dtype, (T, topk)), ("index", torch.int32, (T, topk))]
+            if self.fused_drop:
+                regions.append(("keep", torch.uint8, (T, self.pairs_per_token)))
+            regions.append(("counts", torch.int32, (self.num_subs,)))
+        regions += [("rank", torch.int32, (max(pairs, 1),)), ("sorted", torch.int32, (max(pairs, 1),)),
+                    ("h", dtype, (pairs, c)), ("y", dtype, (pairs, H))]
+        self.layout, offset = {}, 0
+        for name, dt, shape in regions:
+            nbytes = dt.itemsize * max(1, _numel(shape))
+            self.layout[name] = (offset, nbytes, dt, shape)
+            offset += (nbytes + 255) // 256 * 256
+        self.ws_bytes = offset
+
+        self.route = None
+        if fused_route:
+            meta = _route_constexprs(spec, torch.float32 if r.logits_fp32 else dtype)
+            shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+            meta.update(ZERO_COUNTS=True, BLOCK_SUBS=triton.next_power_of_2(self.num_subs),
+                        DROP=DROP_CODES[spec.drop.mode] if self.fused_drop else 0, COPIES=expand,
+                        HAS_STATS=self.fused_drop and stats_on)
+            per_slot = spec.intermediate * spec.top_k / self.pairs_per_token
+            self.route = _Kernel(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
+                                 (T, E, self.num_subs, E, r.renorm_eps, r.scale, per_slot,
+                                  reference.routed_units(spec) + shared), meta)
+        align_grid = (triton.cdiv(pairs, BLOCK_PAIRS),)
+        has_keep = self.has_keep
+        self.count = _Kernel(count_kernel, align_grid, (pairs, topk, self.pairs_per_token, expand),
+                             dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS))
+        block_subs = triton.next_power_of_2(self.num_subs)
+        self.scatter = _Kernel(scatter_kernel, align_grid,
+                               (pairs, topk, self.pairs_per_token, expand, self.num_subs),
+                               dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
+        self.topk, self.expand, self.c, self.block_subs = topk, expand, c, block_subs
+        self.gate_up = self.down = None  # need the weights' strides: built at the first call
+        block_h = min(1024, triton.next_power_of_2(H))
+        self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)),
+                               (H, self.pairs_per_token, H, H), dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h))
+        self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
+
+    def _gemms(self, x, params):
+        spec, ex = self.spec, self.spec.experts
+        gate_up, gu_strides, down, dn_strides = _layout(spec, params)
+        gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
+        pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
+        bucket = rows_bucket(pairs, num_subs)
+
+        def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
+            return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
+
+        self.gate_up = _Kernel(
+            gate_up_glu_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),),
+            (c, H, num_subs, pairs, self.pairs_per_token, P, 1 if ex.interleaved else spec.intermediate,
+             x.stride(0), *gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket),
+            dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
+                 BLOCK_SUBS=self.block_subs))
+        self.down = _Kernel(
+            down_weighted_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),),
+            (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
+             c, *dn_strides, db.stride(0) if db is not None else 0, H, bucket),
+            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs))
+
+    def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None):
+        spec = self.spec
+        gate_up, down = reference._param(spec, params, "gate_up"), reference._param(spec, params, "down")
+        gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
+        score_bias = reference._param(spec, params, "score_bias") if self.fused_route else None
+        if self.torch_drop:  # routing or layout the route kernel does not cover: keep mask in torch
+            keep = reference.keep_mask(weights, spec, thresholds)
+            if stats is not None:
+                reference.record_drops(stats, keep, spec)
+        if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
+            keep = keep.contiguous().view(torch.uint8)
+        inputs = (x, gate_up, down, gub, db, score_bias, logits, weights, index, keep, thresholds, stats)
+        signature = _signature(inputs)
+        fast = FAST_LAUNCH and self.signature is not None and signature == self.signature and not _hooks_on()
+        ws = _empty((self.ws_bytes,), torch.uint8, x.device)
+        out = _empty((self.T, self.H), x.dtype, x.device)
+        if fast:
+            base = ws.data_ptr()
+            buf = {name: base + o for name, (o, _, _, _) in self.layout.items()}
+            ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+            x, gate_up, down, gub, db, score_bias, logits, weights, index, keep, thresholds, stats, out_ptr = (
+                ptr(t) for t in inputs + (out,))
+        else:
+            buf = {name: ws[o:o + n].view(dt).view(shape) for name, (o, n, dt, shape) in self.layout.items()}
+            self._gemms(x, params)  # the weights' strides are scalar arguments
+            out_ptr = out
+        if self.fused_route:
+            weights, index, counts = buf["weights"], buf["index"], buf["counts"]
+            if self.fused_drop:
+                keep = buf["keep"]
+        else:  # counts zeroed by a memset instead of the route kernel
+            counts_t = torch.zeros(self.num_subs, dtype=torch.int32, device=ws.device)
+            counts = counts_t.data_ptr() if fast else counts_t
+        rank, sorted_ids, h, y = buf["rank"], buf["sorted"], buf["h"], buf["y"]
+        any_ = logits if self.fused_route else index
+        launches = []
+        if self.fused_route:
+            launches.append((self.route, (logits, score_bias if score_bias is not None else logits, weights, index,
+                                          counts, thresholds if thresholds is not None else logits,
+                                          keep if self.fused_drop else index, stats if stats is not None else any_)))
+        keep_arg = keep if keep is not None else index
+        launches += [
+            (self.count, (index, keep_arg, counts, rank)),
+            (self.scatter, (index, keep_arg, counts, rank, sorted_ids)),
+            (self.gate_up, (x, gate_up, gub if gub is not None else gate_up, h, sorted_ids, counts)),
+            (self.down, (h, down, db if db is not None else down, weights, y, sorted_ids, counts)),
+            (self.combine, (y, keep if keep is not None else counts, out_ptr)),
+        ]
+        if fast:
+            stream = torch._C._cuda_getCurrentRawStream(self.stream_index)
+            for kernel, ptrs in launches:
+                kernel.replay(stream, ptrs)
+            return out
+        record = FAST_LAUNCH and self.stream_index is not None and all(s is None or s[2] for s in signature)
+        for kernel, ptrs in launches:
+            kernel.launch(ptrs, record)
+        recorded = record and all(kernel.run is not None for kernel, _ in launches)
+        self.signature = signature if recorded else None
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_PLANS: dict = {}
+
+
+def _plan(key, spec, build):
+    plan = _PLANS.get(key)
+    if plan is None or plan.spec is not spec:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
 def experts(x, weights, index, params, spec: MoESpec, keep=None) -> torch.Tensor:
     """Routed experts on pairs of index [T, K'] (expanded P times for a partial transformation)."""
-    T, H = x.shape
+    T = x.shape[0]
     expand = spec.partition if spec.transform == "partial" else 1
-    P, ex = spec.partition, spec.experts
-    num_subs, c = spec.num_experts * P, spec.intermediate // P
-    topk = index.shape[1]
-    pairs_per_token = topk * expand
-    pairs = T * pairs_per_token
-    out = _empty((T, H), x.dtype, x.device)
-    if pairs == 0:
-        return out.zero_()
-    sorted_ids, counts = align(index, keep, num_subs, expand)
-    gate_up, gu_strides, down, dn_strides = _layout(spec, params)
-    gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
-    bucket = rows_bucket(pairs, num_subs)
-    block_subs = triton.next_power_of_2(num_subs)
-
-    h = _empty((pairs, c), x.dtype, x.device)
-    def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
-        return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
-    gate_up_glu_kernel[lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),)](
-        x, gate_up, gub if gub is not None else gate_up, h, sorted_ids, counts,
-        c, H, num_subs, pairs, pairs_per_token, P, 1 if ex.interleaved else spec.intermediate,
-        x.stride(0), *gu_strides, gub.stride(0) if gub is not None else 0, h.stride(0), ex.alpha, ex.limit,
-        bucket, GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
-        BLOCK_SUBS=block_subs)
-
-    y = _empty((pairs, H), x.dtype, x.device)
-    down_weighted_kernel[lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),)](
-        h, down, db if db is not None else down, weights, y, sorted_ids, counts,
-        H, c, num_subs, pairs, pairs_per_token, topk, P,
-        h.stride(0), *dn_strides, db.stride(0) if db is not None else 0, y.stride(0),
-        bucket, HAS_BIAS=db is not None, BLOCK_SUBS=block_subs)
-
-    block_h = min(1024, triton.next_power_of_2(H))
-    combine_kernel[(T, triton.cdiv(H, block_h))](
-        y, keep if keep is not None else counts, out, H, pairs_per_token, y.stride(0), out.stride(0),
-        HAS_KEEP=keep is not None, BLOCK_SIZE_H=block_h)
-    return out
+    if T * index.shape[1] * expand == 0:
+        return _empty(x.shape, x.dtype, x.device).zero_()
+    if keep is not None:
+        keep = keep.contiguous().view(torch.uint8)
+    plan = _Plan(spec, T, x.dtype, x.device, index.shape[1], fused_route=False, keep_given=keep is not None,
+                 drop_on=False, stats_on=False, weights_dtype=weights.dtype)
+    return plan(x, params, weights=weights.contiguous(), index=index.contiguous(), keep=keep)
 
 
 def _reference_with_keep(x, params, spec: MoESpec, keep):
@@ -142,22 +354,37 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
                thresholds: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """The whole MoE block on x [T, H]; keep [T, K*P] (bool) marks the pairs a drop pass kept.
 
-    With ``spec.drop`` on, ``keep`` comes from ``reference.keep_mask`` on the routed weights and the
-    block's device-side ``thresholds`` (and ``stats`` are accumulated on the device): no host sync.
+    With ``spec.drop`` on, ``keep`` is computed from the routed weights and the block's device-side
+    ``thresholds`` as ``reference.keep_mask`` does (inside the route kernel where it covers the routing),
+    and ``stats`` are accumulated on the device: no host sync.
     """
     if spec.experts.layout != "fused":  # NOTE: list / separate weights still run the reference loop
         if keep is None:
             return reference.moe(x, params, spec, thresholds, stats)
         return _reference_with_keep(x, params, spec, keep)
     x = x.contiguous()
-    weights, index = route(x, params, spec)
-    if spec.drop.mode != "none" and thresholds is not None:
-        keep = reference.keep_mask(weights, spec, thresholds)
-        if stats is not None:
-            reference.record_drops(stats, keep, spec)
-    if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
-        keep = keep.contiguous().view(torch.uint8)
-    out = experts(x, weights, index, params, spec, keep)
+    T = x.shape[0]
+    drop_on = spec.drop.mode != "none" and thresholds is not None
+    if drop_on:
+        keep = None  # recomputed from the thresholds, as before
+    fused = _fused_routing_ok(spec)
+    key = (id(spec), T, x.dtype, x.device, keep is not None, drop_on, stats is not None)
+    plan = _PLANS.get(key)
+    if plan is None or plan.spec is not spec:
+        topk = spec.top_k * (spec.partition if spec.transform == "complete" and not fused else 1)
+        if T * topk == 0:
+            out = _empty(x.shape, x.dtype, x.device).zero_()
+            return out + reference.shared_experts(x, params, spec) if spec.shared is not None else out
+        plan = _plan(key, spec, lambda: _Plan(spec, T, x.dtype, x.device, topk, fused_route=fused,
+                                              keep_given=keep is not None, drop_on=drop_on,
+                                              stats_on=stats is not None))
+    if fused:
+        out = plan(x, params, logits=reference.router_logits(x, params, spec).contiguous(), keep=keep,
+                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None)
+    else:
+        _, weights, index = reference.route(x, params, spec)
+        out = plan(x, params, weights=weights.contiguous(), index=index.to(torch.int32), keep=keep,
+                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None)
     if spec.shared is not None:
         out = out + reference.shared_experts(x, params, spec)
     return out

@@ -5,6 +5,13 @@ launches) after the router GEMM. Covers score_func softmax or sigmoid, score_aft
 score_bias (selection only), renormalize with eps, scale; group-limited routing and the complete
 transformation stay on reference.route (``dispatch.py`` decides). Top-k is k rounds of argmax;
 ties go to the lowest expert id.
+
+Fused into the same launch (each optional, so one forward needs fewer launches and no torch ops):
+- ZERO_COUNTS: program 0 zeroes the alignment counts (``align.count_kernel`` runs next);
+- DROP (1 = 1t, 2 = 2t, 3 = skip, 4 = topk): the keep mask of ``reference.keep_mask`` from the stored
+  (rounded) weights and the device-side thresholds, written [T, TOPK * COPIES] in the slot order the
+  experts see (partial transformation: COPIES = P column blocks; 2t: block 0 Major, block 1 Minor);
+- HAS_STATS: ``reference.record_drops`` as two fp64 atomics per program (integer counts: exact).
 """
 
 import triton
@@ -13,11 +20,18 @@ import triton.language as tl
 
 @triton.jit
 def topk_route_kernel(
-    logits_ptr, score_bias_ptr, weights_ptr, index_ptr, T, E, stride_lt, renorm_eps, scale,
+    logits_ptr, score_bias_ptr, weights_ptr, index_ptr, counts_ptr, thresholds_ptr, keep_ptr, stats_ptr,
+    T, E, num_subs, stride_lt, renorm_eps, scale, per_slot, units_per_token,
     TOPK: tl.constexpr, SIGMOID: tl.constexpr, AFTER_TOPK: tl.constexpr, RENORM: tl.constexpr,
     HAS_SCORE_BIAS: tl.constexpr, ROUND_SCORES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZERO_COUNTS: tl.constexpr = False, BLOCK_SUBS: tl.constexpr = 1, DROP: tl.constexpr = 0,
+    COPIES: tl.constexpr = 1, HAS_STATS: tl.constexpr = False,
 ):
+    if ZERO_COUNTS:
+        if tl.program_id(0) == 0:
+            subs = tl.arange(0, BLOCK_SUBS)
+            tl.store(counts_ptr + subs, tl.zeros((BLOCK_SUBS,), dtype=tl.int32), mask=subs < num_subs)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     mask_t = rows < T
@@ -63,3 +77,33 @@ def topk_route_kernel(
     store_mask = mask_t[:, None] & live_k
     tl.store(weights_ptr + out, picked.to(weights_ptr.dtype.element_ty), mask=store_mask)
     tl.store(index_ptr + out, picked_idx, mask=store_mask)
+
+    if DROP != 0:  # reference.normalized_scores on the weights as stored, then reference.keep_mask's rule
+        w = picked.to(weights_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.where(store_mask, w, 0.0)
+        total = tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38)
+        score = tl.math.div_rn(w, total[:, None] + tl.zeros_like(w))
+        t_major = tl.load(thresholds_ptr)
+        dropped = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+        for copy in tl.static_range(COPIES):
+            if DROP == 1:
+                keep = score > t_major
+            elif DROP == 2:
+                if copy == 0:
+                    keep = score >= t_major
+                else:
+                    keep = score >= tl.load(thresholds_ptr + 1)
+            elif DROP == 3:
+                top = tl.max(tl.where(store_mask, score, float("-inf")), axis=1)
+                keep = score >= t_major * top[:, None]
+            else:  # static top-(k-1): the first lowest-score slot of each token goes
+                low = tl.argmin(tl.where(store_mask, score, float("inf")), axis=1, tie_break_left=True)
+                keep = ks[None, :] != low[:, None]
+            dropped += tl.where(store_mask & (keep == 0), 1, 0)
+            keep_out = rows[:, None] * (TOPK * COPIES) + copy * TOPK + ks[None, :]
+            tl.store(keep_ptr + keep_out, keep.to(tl.uint8), mask=store_mask)
+        if HAS_STATS:
+            n_dropped = tl.sum(tl.sum(dropped, axis=1), axis=0)
+            n_rows = tl.sum(mask_t.to(tl.int32), axis=0)
+            tl.atomic_add(stats_ptr, n_dropped.to(tl.float64) * per_slot)
+            tl.atomic_add(stats_ptr + 1, n_rows.to(tl.float64) * units_per_token)

@@ -87,7 +87,7 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     gm.recompile()
     dumper.moe_pictures(gm)
     log.info("%s", report)
-    return _inner_compile(gm, example_inputs, opts, mode)
+    return _inner_compile(gm, example_inputs, opts, mode or opts.mode)
 
 
 @contextlib.contextmanager

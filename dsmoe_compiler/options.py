@@ -27,6 +27,7 @@ _CHOICES = {
     "transform": ("partial", "complete"),
     "drop": ("none", "1t", "2t", "topk", "skip"),
     "threshold_policy": ("global", "per_layer"),
+    "mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -63,6 +64,9 @@ class Options:
     """With drop_rate: one "global" threshold for all layers, or "per_layer" thresholds (equal rate per layer)."""
     stats: bool = False
     """Accumulate per-layer drop statistics on the device; read them with ``dsmoe_compiler.drop_stats()``."""
+    mode: str | None = None
+    """torch.compile's mode for the inner inductor compile (e.g. "reduce-overhead": CUDA graphs), for when
+    ``options`` are given too (torch.compile refuses ``mode`` together with ``options``)."""
     expert_parallel: Any = False
     """Expert parallelism (passes/expert_parallel.py): True (the default process group) or a ProcessGroup;
     each rank runs its own tokens and computes a contiguous range of the E*P sub-experts."""

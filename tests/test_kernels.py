@@ -165,3 +165,35 @@ def test_route_kernel_matches_reference_indices():
     _, w_ref, idx_ref = reference.route(x, params, spec)
     assert torch.equal(idx.long(), idx_ref)
     torch.testing.assert_close(w, w_ref)
+
+
+@pytestmark_case
+@pytest.mark.parametrize("mode,P,thr", [("1t", 1, (0.3, 0.0)), ("2t", 2, (0.3, 0.45)), ("skip", 2, (0.6, 0.0)),
+                                        ("topk", 1, (0.0, 0.0))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_drop_mask_and_stats_fused_into_routing(mode, P, thr, dtype):
+    """With thresholds, the route kernel writes reference.keep_mask's pairs and reference.record_drops' stats."""
+    from dsmoe_compiler.ir import DropSpec
+
+    x, params, spec = make_case(dtype, T=70, E=8, K=3, I=64, P=P, routing=RoutingSpec(renormalize=mode == "1t"),
+                                seed=13)
+    spec = spec.replace(drop=DropSpec(mode=mode))
+    thresholds = torch.tensor(thr, dtype=torch.float32)
+    _, w, _ = reference.route(x, params, spec)
+    keep = reference.keep_mask(w, spec, thresholds)
+    assert 0 < (~keep).sum() < keep.numel()
+    stats, ref_stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    reference.record_drops(ref_stats, keep, spec)
+    out = dispatch.moe_triton(x, params, spec, thresholds=thresholds, stats=stats)
+    torch.testing.assert_close(stats, ref_stats, rtol=0, atol=0)
+    expected = dispatch.moe_triton(x, params, spec.replace(drop=DropSpec()), keep=keep)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    check(x, params, spec.replace(drop=DropSpec()), keep=keep)
+
+
+@pytestmark_case
+def test_plan_reused_across_calls_and_token_counts():
+    """Second call of a plan (recorded kernels) and a new token count give the reference answer."""
+    x, params, spec = make_case(torch.float32, T=20, E=4, K=2, I=64, P=2, seed=14)
+    for T in (20, 20, 7, 20):
+        check(x[:T].clone(), params, spec)
