@@ -13,12 +13,8 @@ import os
 import triton
 import triton.language as tl
 
+from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
-
-
-def _cfg(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8):
-    return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
-                          "MIN_ROWS": lo, "MAX_ROWS": hi}, num_warps=warps, num_stages=stages)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for.

@@ -12,6 +12,12 @@ import triton
 import triton.language as tl
 
 
+def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8):
+    """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for."""
+    return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
+                          "MIN_ROWS": lo, "MAX_ROWS": hi}, num_warps=warps, num_stages=stages)
+
+
 @triton.jit
 def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
     """(group, first sorted row of the tile, rows of the group left from there); group == num_subs: no work."""
