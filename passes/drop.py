@@ -81,7 +81,8 @@ def drop_pass(gm: fx.GraphModule, options, report) -> bool:
         spec = parse_spec(node.args[2])
         if options.drop == "2t":
             spec = _with_halves(spec)
-        specs.append(spec.replace(drop=DropSpec(mode=options.drop, shared_outside=_shared_outside(gm, spec.name))))
+        outside = 0 if spec.shared is not None else _shared_outside(gm, spec.name)  # folded ones are in spec.shared
+        specs.append(spec.replace(drop=DropSpec(mode=options.drop, shared_outside=outside)))
     fitted = _fitted_thresholds(specs, options) if options.drop_rate is not None else {}
     for node, spec in zip(nodes, specs):
         t_major, t_minor = fitted.get(spec.name) or _fixed_thresholds(options)

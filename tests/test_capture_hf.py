@@ -8,6 +8,7 @@ from models import ARCHITECTURES, IMPLEMENTATIONS, VOCAB, hf_model, moe_layer_co
 import dsmoe_compiler
 
 EAGER_INNER = {"inner": "eager"}
+SHARED_EXPERTS = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}
 
 
 def _close(a, b, rtol=1e-4):
@@ -29,6 +30,8 @@ def test_compiled_logits_match_eager(arch, impl):
     assert not report.left_alone, str(report)
     assert graph_breaks() == ({}, {})
     assert report.graphs == 1
+    # shared experts (Qwen2-MoE, DeepSeek) are folded into the operator, the others have none
+    assert all(("shared" in b.variant) == (arch in SHARED_EXPERTS) for b in report.rewritten), str(report)
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
@@ -54,6 +57,8 @@ def test_prefill_then_decode_with_kv_cache(arch):
     # one graph for prefill, one for the first decode step, one dynamic-shape recompile at most
     assert report.graphs <= 3, report.graphs
     assert len(report.rewritten) == report.graphs * moe_layer_count(model)
+    assert "fold_shared_failed" not in report.counters
+    assert all(("shared" in b.variant) == (arch in SHARED_EXPERTS) for b in report.rewritten), str(report)
 
 
 def test_inductor_end_to_end():

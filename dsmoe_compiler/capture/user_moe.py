@@ -175,8 +175,11 @@ def _recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -
                 values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
             return out
 
+    def concrete(v):  # dynamic-shape graphs take sizes as SymInt inputs: run with their hints
+        return int(v.node.hint) if isinstance(v, torch.SymInt) and v.node.hint is not None else v
+
     with torch.no_grad():
-        Recorder(gm).run(*example_inputs)
+        Recorder(gm).run(*[concrete(v) for v in example_inputs])
     return values
 
 
