@@ -342,14 +342,6 @@ def experts(x, weights, index, params, spec: MoESpec, keep=None) -> torch.Tensor
     return plan(x, params, weights=weights.contiguous(), index=index.contiguous(), keep=keep)
 
 
-def _reference_with_keep(x, params, spec: MoESpec, keep):
-    _, weights, index = reference.route(x, params, spec)
-    if spec.transform == "partial":
-        index, weights = reference.partial_transform(index, weights, spec.partition)
-    out = reference.experts(x, index, weights, params, spec, keep=keep)
-    return out + reference.shared_experts(x, params, spec) if spec.shared is not None else out
-
-
 def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None = None, *,
                thresholds: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """The whole MoE block on x [T, H]; keep [T, K*P] (bool) marks the pairs a drop pass kept.
@@ -359,9 +351,7 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     and ``stats`` are accumulated on the device: no host sync.
     """
     if spec.experts.layout != "fused":  # NOTE: list / separate weights still run the reference loop
-        if keep is None:
-            return reference.moe(x, params, spec, thresholds, stats)
-        return _reference_with_keep(x, params, spec, keep)
+        return reference.moe(x, params, spec, thresholds, stats, keep=keep)
     x = x.contiguous()
     T = x.shape[0]
     drop_on = spec.drop.mode != "none" and thresholds is not None

@@ -208,10 +208,14 @@ def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec) -> None
 
 # ---- the whole block -----------------------------------------------------------------------------
 def moe(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor | None = None,
-        stats: torch.Tensor | None = None) -> torch.Tensor:
-    """The MoE block on x [T, H]: route, drop, (partial transform), experts, shared experts."""
+        stats: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block on x [T, H]: route, drop, (partial transform), experts, shared experts.
+
+    ``keep`` [T, K'] overrides the drop rule with a given mask of kept (token, slot) pairs.
+    """
     _, weights, index = route(x, params, spec)
-    keep = keep_mask(weights, spec, thresholds) if spec.drop.mode != "none" else None
+    if keep is None and spec.drop.mode != "none":
+        keep = keep_mask(weights, spec, thresholds)
     if spec.transform == "partial":
         index, weights = partial_transform(index, weights, spec.partition)
     if stats is not None and keep is not None:

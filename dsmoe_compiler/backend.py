@@ -20,7 +20,7 @@ log = logging.getLogger("dsmoe_compiler")
 
 def _set_impl(gm: fx.GraphModule, options: Options, example_inputs) -> None:
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    impl = "triton" if options.kernels == "triton" or (options.kernels == "auto" and on_cuda) else "reference"
+    impl = options.kernel_impl(on_cuda)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is fuse_markers.MOE:
             x, params, spec = node.args[:3]

@@ -71,6 +71,10 @@ class Options:
     """Expert parallelism (passes/expert_parallel.py): True (the default process group) or a ProcessGroup;
     each rank runs its own tokens and computes a contiguous range of the E*P sub-experts."""
 
+    def kernel_impl(self, on_cuda: bool) -> str:
+        """The ``impl`` argument of the MoE operators: "triton" when asked for, or on CUDA under "auto"."""
+        return "triton" if self.kernels == "triton" or (self.kernels == "auto" and on_cuda) else "reference"
+
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "Options":
         options = dict(options or {})

@@ -52,8 +52,7 @@ def _impl(options, node) -> str:
     if len(node.args) > 3 and node.args[3] != "reference":
         return node.args[3]
     x = example_value(node.args[0])
-    on_cuda = x is not None and x.is_cuda
-    return "triton" if options.kernels == "triton" or (options.kernels == "auto" and on_cuda) else "reference"
+    return options.kernel_impl(x is not None and x.is_cuda)
 
 
 def _refuse_sharded(gm: fx.GraphModule, targets) -> None:

@@ -25,8 +25,7 @@ import torch
 import torch.fx as fx
 
 from dsmoe_compiler.capture.fuse_markers import MOE
-from dsmoe_compiler.capture.graph_utils import example_value, source_path, strip_views
-from dsmoe_compiler.capture.user_moe import _recorded_values, _region
+from dsmoe_compiler.capture.graph_utils import example_value, recorded_values, region_between, source_path, strip_views
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import SharedSpec
@@ -43,8 +42,6 @@ def _add_after(moe: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         if user.op == "call_function" and user.target in _ADDS and len(user.args) == 2:
             other = user.args[1] if user.args[0] is node else user.args[0]
             return (user, other) if isinstance(other, fx.Node) else None
-        if strip_views(user) is not node and not (user.op == "call_method" and user.args[0] is node):
-            return None
         if user.op != "call_method" or user.target not in ("view", "reshape"):
             return None
         node = user
@@ -76,7 +73,7 @@ def fold_shared_experts(gm: fx.GraphModule, example_inputs, report) -> int:
             continue
         add, other = found
         base = strip_views(moe.args[0])
-        region = _region(other, base)
+        region = region_between(other, base)
         params = _shared_params(region, spec.name)
         if params is not None:
             candidates.append((moe, add, base, spec, params, region))
@@ -84,7 +81,7 @@ def fold_shared_experts(gm: fx.GraphModule, example_inputs, report) -> int:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
-    values = _recorded_values(gm, example_inputs, {n for c in candidates for n in (c[0].args[0], c[1])})
+    values = recorded_values(gm, example_inputs, {n for c in candidates for n in (c[0].args[0], c[1])})
     folded = 0
     for moe, add, base, spec, params, region in candidates:
         x_in = moe.args[0] if example_value(moe.args[0]).shape == example_value(add).shape else base

@@ -85,3 +85,40 @@ def ssa_inplace(gm: fx.GraphModule) -> int:
                 user.replace_input_with(target, node)
                 rewired += 1
     return rewired
+
+
+def region_between(end: fx.Node, x: fx.Node) -> list[fx.Node]:
+    """Non-placeholder ancestors of ``end`` (inclusive) that do not compute ``x`` itself."""
+    before_x, stack = set(), [x]
+    while stack:
+        n = stack.pop()
+        if n not in before_x:
+            before_x.add(n)
+            stack.extend(n.all_input_nodes)
+    region, stack = set(), [end]
+    while stack:
+        n = stack.pop()
+        if n in region or n in before_x or n.op == "placeholder":
+            continue
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in end.graph.nodes if n in region]
+
+
+def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+            return out
+
+    def concrete(v):  # dynamic-shape graphs take sizes as SymInt inputs: run with their hints
+        return int(v.node.hint) if isinstance(v, torch.SymInt) and v.node.hint is not None else v
+
+    with torch.no_grad():
+        Recorder(gm).run(*[concrete(v) for v in example_inputs])
+    return values

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from dsmoe_compiler.capture.fuse_markers import MOE
-from dsmoe_compiler.capture.graph_utils import block_name, example_value, source_path
+from dsmoe_compiler.capture.graph_utils import block_name, example_value, recorded_values, region_between, source_path
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
 from dsmoe_compiler.report import BlockEntry, LeftAlone
@@ -84,24 +85,6 @@ def _liveness_end(gm: fx.GraphModule, topk: fx.Node, shape) -> fx.Node | None:
         if live == {node} and node.op != "output" and getattr(example_value(node), "shape", None) == shape:
             return node
     return None
-
-
-def _region(end: fx.Node, x: fx.Node) -> list[fx.Node]:
-    """Non-placeholder ancestors of ``end`` (inclusive) that do not compute ``x`` itself."""
-    before_x, stack = set(), [x]
-    while stack:
-        n = stack.pop()
-        if n not in before_x:
-            before_x.add(n)
-            stack.extend(n.all_input_nodes)
-    region, stack = set(), [end]
-    while stack:
-        n = stack.pop()
-        if n in region or n in before_x or n.op == "placeholder":
-            continue
-        region.add(n)
-        stack.extend(n.all_input_nodes)
-    return [n for n in end.graph.nodes if n in region]
 
 
 def _mutates_outside(region: list[fx.Node]) -> bool:
@@ -165,24 +148,6 @@ def _activation(region: list[fx.Node]) -> list[str]:
     return found[:1] or ["silu", "gelu", "gelu_tanh", "relu"]
 
 
-def _recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-            return out
-
-    def concrete(v):  # dynamic-shape graphs take sizes as SymInt inputs: run with their hints
-        return int(v.node.hint) if isinstance(v, torch.SymInt) and v.node.hint is not None else v
-
-    with torch.no_grad():
-        Recorder(gm).run(*[concrete(v) for v in example_inputs])
-    return values
-
-
 def _try_candidates(spec_args, candidates, x_val, params_for, target):
     router_slots = spec_args.pop("slots")
     for routing, (fields, slots, nodes, inter), activation in candidates:
@@ -197,24 +162,52 @@ def _try_candidates(spec_args, candidates, x_val, params_for, target):
     return None, None
 
 
+@dataclass
+class _Block:
+    """A block the structure suggests, before the numerical check."""
+
+    name: str
+    x: fx.Node
+    end: fx.Node
+    region: list[fx.Node]
+    router_nodes: list[fx.Node]
+    spec_args: dict
+    candidates: list
+
+
 def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> list[fx.Node]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
-    new_nodes = []
+    blocks = []
     for topk in [n for n in gm.graph.nodes if _is_call(n, torch.topk, "topk")]:
-        if getattr(topk, "_erased", False):  # removed with an earlier block
+        block = _guarded(report, topk, lambda: _describe(gm, topk, value_of, report))
+        if block is not None:
+            blocks.append(block)
+    if not blocks:
+        return []
+    # one run of the graph checks every block (the rewrites below keep these nodes' values)
+    values = _guarded(report, blocks[0].end, lambda: recorded_values(gm, example_inputs, {n for b in blocks for n in (b.x, b.end)}))
+    if values is None:
+        return []
+    new_nodes = []
+    for block in blocks:
+        if any(getattr(n, "_erased", False) for n in (block.x, block.end, *block.region)):  # inside an earlier block
             continue
-        try:
-            moe = _capture_one(gm, topk, example_inputs, value_of, report)
-        except Exception as error:  # a recogniser bug must never break the user's compile
-            report.left_alone.append(LeftAlone(topk.name, f"recogniser error: {error!r}"))
-            continue
+        moe = _guarded(report, block.end, lambda: _verify_and_rewrite(gm, block, values, value_of, report))
         if moe is not None:
             new_nodes.append(moe)
     return new_nodes
 
 
-def _capture_one(gm, topk, example_inputs, value_of, report) -> fx.Node | None:
+def _guarded(report, node, step):
+    try:
+        return step()
+    except Exception as error:  # a recogniser bug must never break the user's compile
+        report.left_alone.append(LeftAlone(node.name, f"recogniser error: {error!r}"))
+        return None
+
+
+def _describe(gm, topk, value_of, report) -> _Block | None:
     found = _router(topk)
     if found is None:
         return None
@@ -225,7 +218,7 @@ def _capture_one(gm, topk, example_inputs, value_of, report) -> fx.Node | None:
     if end is None:
         report.left_alone.append(LeftAlone(name, "could not find where the routed experts end"))
         return None
-    region = _region(end, x)
+    region = region_between(end, x)
     if _mutates_outside(region):
         report.left_alone.append(LeftAlone(name, "the block mutates a tensor it did not create"))
         return None
@@ -240,27 +233,31 @@ def _capture_one(gm, topk, example_inputs, value_of, report) -> fx.Node | None:
     if not isinstance(k, int) or not layouts:
         report.left_alone.append(LeftAlone(name, "router found but the experts' weights were not recognised"))
         return None
-    values = _recorded_values(gm, example_inputs, {x, end})
-    x_val, target = values[x], values[end]
-    if not isinstance(target, torch.Tensor) or x_val.numel() == 0 or target.shape != x_val.shape:
-        report.left_alone.append(LeftAlone(name, "cannot verify the block on these example inputs"))
-        return None
     spec_args = dict(name=name, num_experts=E, top_k=k, hidden=H,
                      slots=("router_weight", "router_bias")[:len(router_nodes)])
-    candidates = itertools.product(routings, layouts, _activation(region))
-    spec, nodes = _try_candidates(spec_args, candidates, x_val.reshape(-1, H),
-                                  lambda ns: [value_of[n] for n in router_nodes + list(ns)], target.reshape(-1, H))
-    if spec is None:
-        report.left_alone.append(LeftAlone(name, "no routing/expert interpretation reproduced the block's output"))
+    candidates = list(itertools.product(routings, layouts, _activation(region)))
+    return _Block(name, x, end, region, router_nodes, spec_args, candidates)
+
+
+def _verify_and_rewrite(gm, block: _Block, values, value_of, report) -> fx.Node | None:
+    x_val, target = values[block.x], values[block.end]
+    if not isinstance(target, torch.Tensor) or x_val.numel() == 0 or target.shape != x_val.shape:
+        report.left_alone.append(LeftAlone(block.name, "cannot verify the block on these example inputs"))
         return None
-    with gm.graph.inserting_before(end):
-        moe = gm.graph.call_function(MOE, (x, [*router_nodes, *nodes], spec.to_json()))
-    moe.meta.update(end.meta)
-    end.replace_all_uses_with(moe)
-    for n in reversed(region):
+    H = block.spec_args["hidden"]
+    spec, nodes = _try_candidates(dict(block.spec_args), block.candidates, x_val.reshape(-1, H),
+                                  lambda ns: [value_of[n] for n in block.router_nodes + list(ns)], target.reshape(-1, H))
+    if spec is None:
+        report.left_alone.append(LeftAlone(block.name, "no routing/expert interpretation reproduced the block's output"))
+        return None
+    with gm.graph.inserting_before(block.end):
+        moe = gm.graph.call_function(MOE, (block.x, [*block.router_nodes, *nodes], spec.to_json()))
+    moe.meta.update(block.end.meta)
+    block.end.replace_all_uses_with(moe)
+    for n in reversed(block.region):
         if not n.users:
             gm.graph.erase_node(n)
     form = "user ModuleList" if spec.experts.layout == "list" else "user 3-D weights"
-    report.rewritten.append(BlockEntry(name, spec.variant, H, spec.intermediate, E, k, form))
+    report.rewritten.append(BlockEntry(block.name, spec.variant, H, spec.intermediate, spec.num_experts, spec.top_k, form))
     report.counters["capture_user_moe"] += 1
     return moe
