@@ -67,13 +67,40 @@ def bench(model, inputs, backend, options=None, mode=None):
         return ms(lambda: fn(**inputs)), first
 
 
+def top_kernels(model, inputs, backend, options=None, n=12) -> list[tuple[str, float]]:
+    """GPU ms per kernel name in one compiled call (torch.profiler): where the end-to-end time goes."""
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend, options=options)
+    with torch.no_grad():
+        for _ in range(3):
+            fn(**inputs)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn(**inputs)
+            torch.cuda.synchronize()
+    times = [(ev.key[:60], (getattr(ev, "device_time_total", None) or ev.cuda_time_total) / 1e3)
+             for ev in prof.key_averages()]
+    times = sorted((kv for kv in times if kv[1] > 0), key=lambda kv: -kv[1])
+    return [("TOTAL", sum(t for _, t in times))] + times[:n]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="results/e2e_olmoe.json")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--cases", default="prefill,step,dense", help="comma list of prefill, step, dense")
     parser.add_argument("--merge", nargs="*", default=None, help="JSON files of partial runs to combine")
+    parser.add_argument("--profile", action="store_true", help="only print the top kernels of a prefill, both backends")
     args = parser.parse_args()
+    if args.profile:
+        torch.manual_seed(0)
+        model = olmoe(args.layers)
+        inputs = {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False}
+        for backend, options in (("inductor", None), ("dualsparse", {"kernels": "triton"})):
+            print(f"\n{backend}: GPU ms per kernel, prefill 1x4096")
+            for name, t in top_kernels(model, inputs, backend, options):
+                print(f"  {t:8.3f}  {name}")
+        return
     if args.merge:
         rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
         meta = json.load(open(args.merge[0]))

@@ -111,6 +111,35 @@ def _layout(spec: MoESpec, params):
     return gate_up, gu, down, dn
 
 
+TMA = os.environ.get("DSMOE_TMA", "auto")
+"""Weight tiles through tensor descriptors (TMA): "auto" (on Hopper and newer, and in the interpreter), "on", "off"."""
+
+
+def _use_desc(x: torch.Tensor) -> bool:
+    if TMA == "off" or not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    if TMA == "on" or not FAST_LAUNCH:
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _k_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
+    """A 2-D descriptor over [experts * rows, K] fits: a contiguous, K-innermost tensor with 16-byte rows."""
+    return (strides[2] == 1 and w.is_contiguous() and w.shape[-1] * w.element_size() % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors need scratch memory; keep an allocator the user set, else use torch's."""
+    from triton.runtime import _allocation
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
 # ---- launching --------------------------------------------------------------------------------------
 def _hooks_on() -> bool:
     """A Triton launch hook (e.g. the proton profiler) wants every launch to go through Triton."""
@@ -233,6 +262,8 @@ class _Plan:
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
         bucket = rows_bucket(pairs, num_subs)
+        w_desc = _use_desc(x) and _k_contiguous(gate_up, gu_strides) and not ex.interleaved
+        dn_desc = _use_desc(x) and _k_contiguous(down, dn_strides)
 
         def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
             return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
@@ -240,14 +271,16 @@ class _Plan:
         self.gate_up = _Kernel(
             gate_up_glu_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),),
             (c, H, num_subs, pairs, self.pairs_per_token, P, 1 if ex.interleaved else spec.intermediate,
-             x.stride(0), *gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket),
+             x.stride(0), *gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
+             gate_up.numel() // H),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
-                 BLOCK_SUBS=self.block_subs))
+                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),),
             (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
-             c, *dn_strides, db.stride(0) if db is not None else 0, H, bucket),
-            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs))
+             c, *dn_strides, db.stride(0) if db is not None else 0, H, bucket,
+             down.numel() // spec.intermediate, spec.intermediate),
+            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None):
         spec = self.spec
@@ -263,6 +296,7 @@ class _Plan:
         inputs = (x, gate_up, down, gub, db, score_bias, logits, weights, index, keep, thresholds, stats)
         signature = _signature(inputs)
         fast = FAST_LAUNCH and self.signature is not None and signature == self.signature and not _hooks_on()
+        _ensure_allocator()
         ws = _empty((self.ws_bytes,), torch.uint8, x.device)
         out = _empty((self.T, self.H), x.dtype, x.device)
         if fast:

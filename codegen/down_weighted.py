@@ -17,25 +17,26 @@ from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
 
 
-# (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for.
+# (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
+# benchmarks/gemm_sweep.py on the H100 (results/gemm_sweep.json).
 CONFIGS = [
     _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
-    _cfg(64, 256, 64, 8, 3, lo=32), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 256, 64, 8, 3, lo=64),
-    _cfg(128, 128, 64, 4, 4, lo=128), _cfg(128, 256, 64, 8, 4, lo=128), _cfg(256, 128, 64, 8, 3, lo=256),
+    _cfg(64, 256, 64, 8, 3, lo=32, hi=256), _cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64),
+    _cfg(128, 256, 32, 8, 5, lo=128),
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2)]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC"], prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
     h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-    ROWS_BUCKET,
-    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
+    ROWS_BUCKET, W_ROWS, W_COLS,
+    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
 ):
@@ -56,10 +57,19 @@ def down_weighted_kernel(
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
               + (part * K + offs_k)[:, None] * stride_wk)
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    # Weight tiles by the tensor-memory accelerator. Columns past K belong to the next neuron group (or
+    # read as zeros past the tensor); they meet h columns masked to zero, so they add nothing.
+    if W_DESC:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, W_COLS], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_SIZE_N
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if W_DESC:
+            w = w_desc.load([w_row, part * K + k * BLOCK_SIZE_K]).T
+        else:
+            w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         h_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_wk

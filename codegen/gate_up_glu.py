@@ -20,12 +20,13 @@ from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
-# per program, so BLOCK_SIZE_N stays at or under 128.
+# per program, so BLOCK_SIZE_N stays at or under 128. The prefill tiles are the winners of
+# benchmarks/gemm_sweep.py on the H100 (results/gemm_sweep.json): 128 x (2 x 128) with 8 warps.
 CONFIGS = [
     _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
-    _cfg(64, 128, 64, 4, 4, lo=32), _cfg(128, 64, 64, 8, 4, lo=64), _cfg(128, 128, 64, 8, 3, lo=64),
-    _cfg(128, 128, 64, 8, 4, lo=128), _cfg(128, 64, 128, 8, 3, lo=128), _cfg(256, 64, 64, 8, 3, lo=256),
+    _cfg(64, 128, 64, 4, 4, lo=32, hi=256), _cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64),
+    _cfg(128, 128, 32, 8, 5, lo=128),
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2)]
@@ -48,14 +49,15 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
         return gate * tl.sigmoid(2.0 * z) * up
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC"], prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def gate_up_glu_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
-    ROWS_BUCKET,
+    ROWS_BUCKET, W_ROWS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
+    W_DESC: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
 ):
@@ -81,11 +83,19 @@ def gate_up_glu_kernel(
     u_ptrs = w_base + (gate_rows + UP_OFFSET)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    if W_DESC:  # weight tiles by the tensor-memory accelerator: [gate; up] rows of a K-contiguous layout
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        g_row = expert * (stride_we // stride_wn) + first_neuron + pid_n * BLOCK_SIZE_N
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if W_DESC:  # rows past this sub-expert's neurons are computed and never stored
+            wg = w_desc.load([g_row, k * BLOCK_SIZE_K]).T
+            wu = w_desc.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
+        else:
+            wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc_g = tl.dot(a, wg, acc_g)
         acc_u = tl.dot(a, wu, acc_u)
         x_ptrs += BLOCK_SIZE_K

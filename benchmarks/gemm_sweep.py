@@ -1,0 +1,167 @@
+"""Where the MoE layer's time goes, and which tile configs the two grouped GEMMs want (GPU, bf16).
+
+    PYTHONUNBUFFERED=1 python benchmarks/gemm_sweep.py --json results/gemm_sweep.json
+
+Per (shape, tokens): (1) a kernel-by-kernel breakdown of one CUDA-graph replay of the whole layer
+(torch.profiler, descriptors on and off); (2) each grouped GEMM alone over a list of tile configs,
+weights read through pointers or through tensor descriptors (TMA),
+in TFLOP/s; every config's output is checked against the autotuned launch (rel. err. < 1e-2).
+Prints tables last and writes JSON. Used to choose the autotuning lists in codegen/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_layer import SHAPES, make_params, make_spec, rel_err  # noqa: E402
+
+from dsmoe_compiler.codegen import dispatch  # noqa: E402
+
+CASES = [("Mixtral", 4096), ("OLMoE", 4096), ("OLMoE", 16384), ("DeepSeek-V2-Lite", 4096),
+         ("Qwen3-30B-A3B", 4096), ("Qwen3-30B-A3B", 16384)]
+# (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, warps, stages); gate/up: BLOCK_SIZE_N per accumulator
+GATE_UP = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (128, 64, 64, 8, 5),
+           (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 128, 8, 3), (256, 64, 64, 8, 3), (128, 128, 32, 8, 5)]
+DOWN = [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+        (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 32, 8, 5)]
+
+
+def ms(fn) -> float:
+    return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def breakdown(g) -> dict:
+    """GPU time per kernel name (ms) in one replay of the CUDA graph g, summed over launches of a name."""
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            g.replay()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            out[ev.key[:40]] = t / 5 / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
+    m, n, k, warps, stages = cfg
+    meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=8,
+                MIN_ROWS=0, MAX_ROWS=1 << 30)
+    jit = kernel.fn if hasattr(kernel, "fn") else kernel
+    grid = grid_of(meta)
+    return lambda: jit[grid](*ptrs, *scalars, **meta, num_warps=warps, num_stages=stages)
+
+
+def sweep_case(name, T):
+    H, I, E, K, renorm, _ = SHAPES[name]
+    spec = make_spec(H, I, E, K, renorm)
+    params = make_params(spec)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    row = {"shape": name, "tokens": T, "layer": {}, "breakdown": {}}
+    for tma in ("off", "auto"):
+        dispatch.TMA, dispatch._PLANS = tma, {}
+        fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        row["layer"][tma] = ms(g.replay)
+        row["breakdown"][tma] = breakdown(g)
+    plan = next(p for p in dispatch._PLANS.values() if p.T == T)
+    weights, index = dispatch.route(x, params, spec)
+    sorted_ids, counts = dispatch.align(index, None, plan.num_subs, 1)
+    pairs, c = plan.pairs, plan.c
+    h = torch.randn(pairs, c, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
+    gate_up, down = params[1], params[2]
+    tiles_m = lambda meta: triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + plan.num_subs  # noqa: E731
+    gu_ptrs = (x, gate_up, gate_up, h, sorted_ids, counts)
+    dn_ptrs = (h, down, down, weights, y, sorted_ids, counts)
+    gu_grid = lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),)  # noqa: E731
+    dn_grid = lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),)  # noqa: E731
+    gu_const = {k: v for k, v in plan.gate_up.constexprs.items() if k != "W_DESC"}
+    dn_const = {k: v for k, v in plan.down.constexprs.items() if k != "W_DESC"}
+    gu_flops, dn_flops = 4 * pairs * H * c, 2 * pairs * c * H
+
+    results = {"gate_up": [], "down": []}
+    launch(plan.gate_up.kernel, gu_grid, gu_ptrs, plan.gate_up.scalars, gu_const, GATE_UP[3], W_DESC=False)()
+    h_ref = h.clone()
+    for cfg in GATE_UP:
+        for desc in (False, True):
+            h.fill_(float("nan"))
+            try:
+                run = launch(plan.gate_up.kernel, gu_grid, gu_ptrs, plan.gate_up.scalars, gu_const, cfg, W_DESC=desc)
+                run()
+                err = rel_err(h, h_ref)
+                t = ms(run)
+            except Exception as e:  # out of shared memory / registers: record and go on
+                print(f"gate_up {cfg} desc={desc}: {type(e).__name__}", flush=True)
+                continue
+            results["gate_up"].append({"cfg": cfg, "desc": desc, "ms": t, "tflops": gu_flops / t / 1e9, "rel_err": err})
+    h.copy_(h_ref)
+    launch(plan.down.kernel, dn_grid, dn_ptrs, plan.down.scalars, dn_const, DOWN[3], W_DESC=False)()
+    y_ref = y.clone()
+    for cfg in DOWN:
+        for desc in (False, True):
+            y.fill_(float("nan"))
+            try:
+                run = launch(plan.down.kernel, dn_grid, dn_ptrs, plan.down.scalars, dn_const, cfg, W_DESC=desc)
+                run()
+                err = rel_err(y, y_ref)
+                t = ms(run)
+            except Exception as e:
+                print(f"down {cfg} desc={desc}: {type(e).__name__}", flush=True)
+                continue
+            results["down"].append({"cfg": cfg, "desc": desc, "ms": t, "tflops": dn_flops / t / 1e9,
+                                    "rel_err": err})
+    row.update(results)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="results/gemm_sweep.json")
+    ap.add_argument("--cases", default=None, help="e.g. OLMoE:4096,Mixtral:4096")
+    args = ap.parse_args()
+    cases = CASES if not args.cases else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    start = time.time()
+    torch.manual_seed(0)
+    rows = []
+    for name, T in cases:
+        rows.append(sweep_case(name, T))
+        print(json.dumps({k: rows[-1][k] for k in ("shape", "tokens", "layer")}), flush=True)
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "rows": rows, "seconds": time.time() - start}, f, indent=1)
+    for r in rows:
+        print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['off']:.3f} ms (pointers) / "
+              f"{r['layer']['auto']:.3f} ms (descriptors)")
+        for tma in ("off", "auto"):
+            print(f"  {tma:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][tma].items()))
+        for kern in ("gate_up", "down"):
+            ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
+            bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
+            for e in sorted(ok, key=lambda e: e["ms"])[:5]:
+                print(f"  {kern:8s} {str(e['cfg']):24s} desc={e['desc']!s:14s} {e['ms']:.3f} ms {e['tflops']:.0f} TFLOP/s")
+            if bad:
+                print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['desc'], e['rel_err']) for e in bad][:4]}")
+    print(f"\n{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
