@@ -50,7 +50,7 @@ def breakdown(g) -> dict:
         torch.cuda.synchronize()
     out = {}
     for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        t = getattr(ev, "device_time_total", 0)
         if t > 0:
             out[ev.key[:40]] = t / 5 / 1e3
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
