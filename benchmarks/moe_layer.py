@@ -36,7 +36,9 @@ DEV = os.environ.get("BENCH_DEVICE", "cuda")
 
 
 def median_ms(fn) -> float:
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    """Median of do_bench over at least 30 repetitions (a 20 ms layer gets 600 ms, not 100 ms, of samples)."""
+    estimate = do_bench(fn, warmup=5, rep=20, return_mode="median")
+    return float(do_bench(fn, warmup=25, rep=max(100, 30 * estimate), return_mode="median"))
 
 
 def host_ms(fn, calls=50) -> float:

@@ -13,28 +13,42 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-GPT_OSS_BF16 = pytest.mark.xfail(strict=True, reason=(
-    "known defect (H100, torch 2.11): tiny random GPT-OSS in bf16 through the Triton kernels is 2.6e-2 from fp32 "
-    "where transformers' bf16 is 1.3e-2; the layer alone matches the reference at 4.5e-3"))
-
-
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=GPT_OSS_BF16) if a == "gpt_oss" else a for a in ARCHITECTURES])
-@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
-def test_triton_kernels_match_eager_in_bf16(arch, impl):
-    """bf16 logits within 1e-2 of eager bf16, or (where transformers' own bf16 is further than that from
-    fp32, as for the tiny random GPT-OSS) no further from the fp32 answer than transformers' bf16 is."""
-    model = hf_model(arch, impl).to("cuda")
-    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+def _errors(arch, impl, seed=0):
+    """(ours vs eager bf16, ours vs fp32, transformers' bf16 vs fp32) for one random model and batch."""
+    torch._dynamo.reset()
+    model = hf_model(arch, impl, seed=seed).to("cuda")
+    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
     with torch.no_grad():
         exact = model(ids).logits
         model.to(torch.bfloat16)
         expected = model(ids).logits
         got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
     assert torch.isfinite(got).all()
-    ours, theirs, between = _rel(got, exact), _rel(expected, exact), _rel(got, expected)
-    print(f"{arch}/{impl}: ours-vs-eager-bf16 {between:.2e}, vs fp32: ours {ours:.2e}, transformers bf16 {theirs:.2e}")
-    assert between < 1e-2 or ours <= 1.25 * theirs
     assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
+    return _rel(got, expected), _rel(got, exact), _rel(expected, exact)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "gpt_oss"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_triton_kernels_match_eager_in_bf16(arch, impl):
+    """bf16 logits within 1e-2 of eager bf16."""
+    between, ours, theirs = _errors(arch, impl)
+    print(f"{arch}/{impl}: ours-vs-eager-bf16 {between:.2e}, vs fp32: ours {ours:.2e}, transformers bf16 {theirs:.2e}")
+    assert between < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_triton_kernels_gpt_oss_bf16_as_close_to_fp32_as_transformers(impl):
+    """The tiny random GPT-OSS is chaotic in bf16: transformers' own bf16 logits are 1.3e-2 to 4.9e-2 from
+    fp32 (8 seeds, H100), because a rounding difference flips top-k choices of bf16 router logits in the
+    next layer. One seed then decides little (seed 0: ours 2.6e-2, transformers 1.3e-2; seed 4: 1.9e-2 vs
+    3.2e-2), so the claim is over seeds: the median of ours / transformers' distance to fp32 is <= 1.25."""
+    ratios = []
+    for seed in range(5):
+        _, ours, theirs = _errors("gpt_oss", impl, seed)
+        ratios.append(ours / theirs)
+    print(f"gpt_oss/{impl}: ours / transformers' distance to fp32 per seed {[f'{r:.2f}' for r in ratios]}")
+    assert sorted(ratios)[len(ratios) // 2] <= 1.25
 
 
 @pytest.mark.parametrize("mode", ["1t", "2t"])
