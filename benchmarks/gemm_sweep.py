@@ -88,7 +88,7 @@ def sweep_case(name, T):
     y = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
     gate_up, down = params[1], params[2]
     tiles_m = lambda meta: triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + plan.num_subs  # noqa: E731
-    gu_ptrs = (x, gate_up, gate_up, h, sorted_ids, counts)
+    gu_ptrs = (x, gate_up, gate_up, gate_up, h, sorted_ids, counts)
     dn_ptrs = (h, down, down, weights, y, sorted_ids, counts)
     gu_grid = lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),)  # noqa: E731
     dn_grid = lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),)  # noqa: E731

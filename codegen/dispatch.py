@@ -102,13 +102,57 @@ def align(index: torch.Tensor, keep: torch.Tensor | None, num_subs: int, expand:
     return sorted_ids, counts
 
 
-def _layout(spec: MoESpec, params):
-    """gate_up / down tensors with (stride over experts, over output channels, over input channels)."""
-    ex = spec.experts
-    gate_up, down = reference._param(spec, params, "gate_up"), reference._param(spec, params, "down")
-    gu = (gate_up.stride(0), gate_up.stride(2), gate_up.stride(1)) if ex.transposed else gate_up.stride()
-    dn = (down.stride(0), down.stride(2), down.stride(1)) if ex.transposed else down.stride()
-    return gate_up, gu, down, dn
+class _Weights:
+    """The expert weights as the grouped GEMMs read them, for every layout the IR has.
+
+    w, u: gate and up operands; dn: down. Strides are (over experts, over output channels, over input
+    channels) in elements. fused: w is u is gate_up, up rows UP_OFFSET after the gate rows (I, or 1 when
+    interleaved); separate: w = gate, u = up (3-D); list (per-expert 2-D tensors): w, u, dn are int64
+    tables of each expert's base address (``table``), all experts sharing one set of strides.
+    """
+
+    __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key")  # key: (addresses, tables)
+
+    def __init__(self, spec: MoESpec, params, tables=None):
+        ex, I = spec.experts, spec.intermediate
+        swap = lambda t: (t.stride(0), t.stride(2), t.stride(1)) if ex.transposed else t.stride()  # noqa: E731
+        self.table, self.key = ex.layout == "list", None
+        if ex.layout == "fused":
+            self.w = self.u = reference._param(spec, params, "gate_up")
+            self.up_offset = 1 if ex.interleaved else I
+        elif ex.layout == "separate":
+            self.w, self.u = reference._param(spec, params, "gate"), reference._param(spec, params, "up")
+            self.up_offset = 0
+        if not self.table:
+            self.dn = reference._param(spec, params, "down")
+            self.gu_strides, self.dn_strides = swap(self.w), swap(self.dn)
+            return
+        gate0, down0 = reference._param(spec, params, "gate.0"), reference._param(spec, params, "down.0")
+        self.gu_strides, self.dn_strides, self.up_offset = (0, *gate0.stride()), (0, *down0.stride()), 0
+        ptrs = _list_key(spec, params)[0]
+        if tables is None or tables[0] != ptrs:  # built once per set of addresses, kept by the plan
+            E = spec.num_experts
+            table = torch.zeros(3, E + E % 2, dtype=torch.int64)  # each row starts 16-byte aligned
+            table[:, :E] = torch.tensor(ptrs, dtype=torch.int64).view(E, 3).t()
+            tables = (ptrs, table.to(gate0.device))
+        self.key = tables
+        self.w, self.u, self.dn = tables[1][0], tables[1][1], tables[1][2]
+
+
+def _list_key(spec: MoESpec, params):
+    """Per-expert (gate, up, down) addresses, and whether every expert shares dtype and strides."""
+    ptrs, shapes = [], set()
+    for e in range(spec.num_experts):
+        for role in ("gate", "up", "down"):
+            t = reference._param(spec, params, f"{role}.{e}")
+            ptrs.append(t.data_ptr())
+            shapes.add((role, t.dtype, t.shape, t.stride()))
+    return tuple(ptrs), len(shapes) == 3
+
+
+def kernels_cover(spec: MoESpec, params) -> bool:
+    """The grouped GEMMs read these weights (list layout: every expert alike in dtype, shape and strides)."""
+    return spec.experts.layout != "list" or _list_key(spec, params)[1]
 
 
 TMA = os.environ.get("DSMOE_TMA", "auto")
@@ -251,40 +295,43 @@ class _Plan:
                                dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
         self.topk, self.expand, self.c, self.block_subs = topk, expand, c, block_subs
         self.gate_up = self.down = None  # need the weights' strides: built at the first call
+        self.tables = None  # list layout: (expert addresses, device tables of them)
         block_h = min(1024, triton.next_power_of_2(H))
         self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)),
                                (H, self.pairs_per_token, H, H), dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h))
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
 
-    def _gemms(self, x, params):
+    def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
-        gate_up, gu_strides, down, dn_strides = _layout(spec, params)
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
         bucket = rows_bucket(pairs, num_subs)
-        w_desc = _use_desc(x) and _k_contiguous(gate_up, gu_strides) and not ex.interleaved
-        dn_desc = _use_desc(x) and _k_contiguous(down, dn_strides)
+        on = _use_desc(x) and not wts.table
+        w_desc = on and not ex.interleaved and all(_k_contiguous(t, wts.gu_strides) for t in (wts.w, wts.u))
+        dn_desc = on and _k_contiguous(wts.dn, wts.dn_strides)
 
         def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
             return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
 
         self.gate_up = _Kernel(
             gate_up_glu_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),),
-            (c, H, num_subs, pairs, self.pairs_per_token, P, 1 if ex.interleaved else spec.intermediate,
-             x.stride(0), *gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
-             gate_up.numel() // H),
+            (c, H, num_subs, pairs, self.pairs_per_token, P, wts.up_offset,
+             x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
+             wts.w.numel() // H),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
-                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc))
+                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),),
             (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
-             c, *dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             down.numel() // spec.intermediate, spec.intermediate),
-            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc))
+             c, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
+             wts.dn.numel() // spec.intermediate, spec.intermediate),
+            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None):
         spec = self.spec
-        gate_up, down = reference._param(spec, params, "gate_up"), reference._param(spec, params, "down")
+        wts = _Weights(spec, params, self.tables)
+        self.tables = wts.key
+        w, u, dn = wts.w, wts.u, wts.dn
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         score_bias = reference._param(spec, params, "score_bias") if self.fused_route else None
         if self.torch_drop:  # routing or layout the route kernel does not cover: keep mask in torch
@@ -293,7 +340,7 @@ class _Plan:
                 reference.record_drops(stats, keep, spec)
         if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
             keep = keep.contiguous().view(torch.uint8)
-        inputs = (x, gate_up, down, gub, db, score_bias, logits, weights, index, keep, thresholds, stats)
+        inputs = (x, w, u, dn, gub, db, score_bias, logits, weights, index, keep, thresholds, stats)
         signature = _signature(inputs)
         fast = FAST_LAUNCH and self.signature is not None and signature == self.signature and not _hooks_on()
         _ensure_allocator()
@@ -303,11 +350,11 @@ class _Plan:
             base = ws.data_ptr()
             buf = {name: base + o for name, (o, _, _, _) in self.layout.items()}
             ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-            x, gate_up, down, gub, db, score_bias, logits, weights, index, keep, thresholds, stats, out_ptr = (
+            x, w, u, dn, gub, db, score_bias, logits, weights, index, keep, thresholds, stats, out_ptr = (
                 ptr(t) for t in inputs + (out,))
         else:
             buf = {name: ws[o:o + n].view(dt).view(shape) for name, (o, n, dt, shape) in self.layout.items()}
-            self._gemms(x, params)  # the weights' strides are scalar arguments
+            self._gemms(x, params, wts)  # the weights' strides are scalar arguments
             out_ptr = out
         if self.fused_route:
             weights, index, counts = buf["weights"], buf["index"], buf["counts"]
@@ -327,8 +374,8 @@ class _Plan:
         launches += [
             (self.count, (index, keep_arg, counts, rank)),
             (self.scatter, (index, keep_arg, counts, rank, sorted_ids)),
-            (self.gate_up, (x, gate_up, gub if gub is not None else gate_up, h, sorted_ids, counts)),
-            (self.down, (h, down, db if db is not None else down, weights, y, sorted_ids, counts)),
+            (self.gate_up, (x, w, u, gub if gub is not None else w, h, sorted_ids, counts)),
+            (self.down, (h, dn, db if db is not None else dn, weights, y, sorted_ids, counts)),
             (self.combine, (y, keep if keep is not None else counts, out_ptr)),
         ]
         if fast:
@@ -384,7 +431,7 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     ``thresholds`` as ``reference.keep_mask`` does (inside the route kernel where it covers the routing),
     and ``stats`` are accumulated on the device: no host sync.
     """
-    if spec.experts.layout != "fused":  # NOTE: list / separate weights still run the reference loop
+    if not kernels_cover(spec, params):  # experts of a ModuleList that differ in dtype or strides
         return reference.moe(x, params, spec, thresholds, stats, keep=keep)
     x = x.contiguous()
     T = x.shape[0]

@@ -36,7 +36,7 @@ def down_weighted_kernel(
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
     ROWS_BUCKET, W_ROWS, W_COLS,
-    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
 ):
@@ -54,8 +54,11 @@ def down_weighted_kernel(
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
-              + (part * K + offs_k)[:, None] * stride_wk)
+    if W_TABLE:  # one 2-D tensor per expert: their addresses come from a table
+        w_base = tl.load(w_ptr + expert).to(tl.pointer_type(h_ptr.dtype.element_ty))
+    else:
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + (part * K + offs_k)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     # Weight tiles by the tensor-memory accelerator. Columns past K belong to the next neuron group (or
     # read as zeros past the tensor); they meet h columns masked to zero, so they add nothing.

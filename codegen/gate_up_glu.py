@@ -6,7 +6,9 @@ gate neuron n is weight row GATE_STEP * (p * c + n) and the matching up row is U
 (concatenated [gate; up]: step 1, offset I; interleaved g0, u0, g1, u1: step 2, offset 1). The rows
 are read through the strides of the original 3-D tensor (stride_wn along output channels,
 stride_wk along the hidden input), so a transposed [E, H, 2I] layout is the same kernel with the
-two strides swapped and no weight is ever copied. The activation rows of x are gathered by token
+two strides swapped and no weight is ever copied. Separate 3-D gate and up tensors are the same
+kernel with u_ptr on the up tensor and UP_OFFSET 0; per-expert 2-D tensors (a user's ModuleList)
+pass tables of the experts' addresses (W_TABLE). The activation rows of x are gathered by token
 (pair // PAIRS), never permuted into a copy; h is written in sorted order for the down GEMM.
 """
 
@@ -52,12 +54,12 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
 @triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC"], prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def gate_up_glu_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
+    x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
     ROWS_BUCKET, W_ROWS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-    W_DESC: tl.constexpr,
+    W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
 ):
@@ -78,21 +80,28 @@ def gate_up_glu_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
 
     x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
-    w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
-    g_ptrs = w_base + gate_rows[None, :] * stride_wn
-    u_ptrs = w_base + (gate_rows + UP_OFFSET)[None, :] * stride_wn
+    if W_TABLE:  # one 2-D tensor per expert: their addresses come from a table
+        g_base = tl.load(w_ptr + expert).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        u_base = tl.load(u_ptr + expert).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    else:
+        g_base = w_ptr + expert.to(tl.int64) * stride_we
+        u_base = u_ptr + expert.to(tl.int64) * stride_we
+    g_ptrs = g_base + offs_k[:, None] * stride_wk + gate_rows[None, :] * stride_wn
+    u_ptrs = u_base + offs_k[:, None] * stride_wk + (gate_rows + UP_OFFSET)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     if W_DESC:  # weight tiles by the tensor-memory accelerator: [gate; up] rows of a K-contiguous layout
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
+        g_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        u_desc = tl.make_tensor_descriptor(u_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
         g_row = expert * (stride_we // stride_wn) + first_neuron + pid_n * BLOCK_SIZE_N
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if W_DESC:  # rows past this sub-expert's neurons are computed and never stored
-            wg = w_desc.load([g_row, k * BLOCK_SIZE_K]).T
-            wu = w_desc.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
+            wg = g_desc.load([g_row, k * BLOCK_SIZE_K]).T
+            wu = u_desc.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
         else:
             wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)

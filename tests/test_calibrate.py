@@ -4,6 +4,8 @@ runtime/plan.py, passes/reconstruct.py)."""
 from __future__ import annotations
 
 import copy
+import itertools
+import zlib
 
 import pytest
 import torch
@@ -55,8 +57,11 @@ def make(name: str, seed: int):
     return model
 
 
+_BATCH_SEEDS = itertools.count(1000)  # every call new token ids, the same ones in every run
+
+
 def batches(n=3, seed=None):
-    g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    g = torch.Generator().manual_seed(next(_BATCH_SEEDS) if seed is None else seed)
     return [torch.randint(0, VOCAB, (2, 12), generator=g) for _ in range(n)]
 
 
@@ -175,7 +180,7 @@ def test_scores_sample_and_kwargs_batches():
 # ---- reconstruction is exact -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
 def test_reconstructed_equals_original_random_permutation(name):
-    seed = int(torch.randint(0, 2**31, ()))
+    seed = zlib.crc32(name.encode())
     original = make(name, seed)
     model = copy.deepcopy(original)
     plan = random_plan(model, dsmoe_compiler.calibrate(model, batches(1), progress=False), seed)
@@ -185,19 +190,20 @@ def test_reconstructed_equals_original_random_permutation(name):
     assert moved == sum(lp.num_experts for lp in plan.layers.values())
     assert_same(logits(model, ids), want)
     assert_in_plan_order(original, model, plan)
-    # negative control: the same permutation on the gate rows alone changes the output
+    # negative control: the same permutation on the gate rows alone (every expert of layer 0) changes the output
     broken = copy.deepcopy(original)
     with torch.no_grad():
         _, module, _ = find_experts(broken)[0]
         spec = experts_spec(module)
-        gate = reference.sub_expert_weights(experts_params(module, spec), spec, 0)[0]
-        gate.copy_(gate[plan.layers["model.layers.0.mlp"].order[0]].clone())
+        for e, order in enumerate(plan.layers["model.layers.0.mlp"].order):
+            gate = reference.sub_expert_weights(experts_params(module, spec), spec, e)[0]
+            gate.copy_(gate[order].clone())
     assert not torch.allclose(logits(broken, ids), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_reconstructed_equals_original_profiled(name):
-    original = make(name, seed=int(torch.randint(0, 2**31, ())))
+    original = make(name, seed=zlib.crc32(name.encode()) + 1)
     model = copy.deepcopy(original)
     plan = dsmoe_compiler.calibrate(model, batches(2), progress=False)
     ids = batches(1)[0]
@@ -211,7 +217,7 @@ def test_reconstructed_equals_original_profiled(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compiled_with_plan_equals_eager(name, tmp_path):
-    original = make(name, seed=int(torch.randint(0, 2**31, ())))
+    original = make(name, seed=zlib.crc32(name.encode()) + 1)
     model = copy.deepcopy(original)
     plan = dsmoe_compiler.calibrate(model, batches(2), progress=False)
     plan.save(tmp_path / "plan.safetensors")

@@ -6,6 +6,7 @@ leak into other test files. This file therefore runs itself once in a subprocess
 set; in the parent process only ``test_kernels_under_interpreter`` runs (it fails when any case fails).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -197,3 +198,45 @@ def test_plan_reused_across_calls_and_token_counts():
     x, params, spec = make_case(torch.float32, T=20, E=4, K=2, I=64, P=2, seed=14)
     for T in (20, 20, 7, 20):
         check(x[:T].clone(), params, spec)
+
+
+def relayout(params, spec, layout, transposed=False):
+    """The same experts as separate 3-D gate / up / down tensors, or as per-expert 2-D tensors (ModuleList)."""
+    E, I = spec.num_experts, spec.intermediate
+    router, gate_up, down = params[:3]
+    gate, up = gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous()
+    if layout == "separate":
+        tensors = [gate, up, down]
+        if transposed:
+            tensors = [t.transpose(1, 2).contiguous() for t in tensors]
+        slots = ["gate", "up", "down"]
+    else:
+        tensors = [t[e].clone() for e in range(E) for t in (gate, up, down)]
+        slots = [f"{role}.{e}" for e in range(E) for role in ("gate", "up", "down")]
+    experts = dataclasses.replace(spec.experts, layout=layout, transposed=transposed)
+    return [router] + tensors, dataclasses.replace(spec, experts=experts, slots=("router_weight", *slots))
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["separate", "separate-transposed", "list"])
+@pytest.mark.parametrize("P", [1, 2])
+def test_user_layouts_separate_and_list(dtype, layout, P):
+    """User MoEs: 3-D gate/up/down tensors (either orientation) and ModuleList experts (address tables)."""
+    x, params, spec = make_case(dtype, T=30, E=6, K=2, I=64, P=P, seed=20 + P)
+    params, spec = relayout(params, spec, layout.split("-")[0], transposed=layout.endswith("transposed"))
+    assert dispatch.kernels_cover(spec, params)
+    check(x, params, spec)
+    if P == 2:
+        keep = torch.rand(30, 4, generator=torch.Generator().manual_seed(21)) > 0.3
+        check(x, params, spec, keep=keep)
+
+
+@pytestmark_case
+def test_list_layout_with_unlike_experts_runs_the_reference():
+    x, params, spec = make_case(torch.float32, T=10, E=4, K=2, seed=22)
+    params, spec = relayout(params, spec, "list")
+    i = spec.slots.index("gate.3")
+    params[i] = params[i].t().contiguous().t()  # same values, other strides
+    assert not dispatch.kernels_cover(spec, params)
+    check(x, params, spec)
