@@ -39,6 +39,29 @@ def test_three_d_weights_moe(renormalize):
     assert graph_breaks() == ({}, {})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("moe_cls, kw", [(ModuleListMoE, {}), (ThreeDMoE, {"renormalize": True}),
+                                         (ThreeDMoE, {"renormalize": False})])
+def test_user_moe_in_low_precision_is_captured(dtype, moe_cls, kw):
+    """bf16/fp16 models: the candidate check allows rounding, yet still tells renormalised from not (before,
+    it demanded fp32 agreement, so every bf16 user MoE was left alone)."""
+    torch.manual_seed(5)
+    model = UserBlockModel(moe_cls, hidden=64, **kw).eval().to(dtype)
+    x = torch.randn(3, 50, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options=EAGER_INNER)(x)
+    report = dsmoe_compiler.last_report()
+    assert len(report.rewritten) == 2, str(report)
+    if "renormalize" in kw:
+        assert all(("renorm" in b.variant) == kw["renormalize"] for b in report.rewritten)
+    # per token: a rounding difference can flip a near-tie in the next layer's top-k for a token or two
+    per_token = (got.double() - expected.double()).norm(dim=-1) / expected.double().norm(dim=-1)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]  # bf16 keeps 8 bits of mantissa, fp16 11
+    assert (per_token < tol).double().mean().item() >= 0.95, per_token.flatten().sort().values[-8:]
+
+
 def test_rewritten_graph_runs_the_moe_operator(monkeypatch):
     """The compiled model really calls dualsparse.moe (not the original ops): count the calls."""
     from dsmoe_compiler.codegen import reference

@@ -157,9 +157,28 @@ def _try_candidates(spec_args, candidates, x_val, params_for, target):
             out = reference.moe(x_val, params_for(nodes), spec)
         except (RuntimeError, IndexError, ValueError):
             continue
-        if out.shape == target.shape and torch.allclose(out.float(), target.float(), rtol=1e-4, atol=1e-5 * (1 + target.abs().max().item())):
+        if out.shape == target.shape and _reproduces(out, target):
             return spec, nodes
     return None, None
+
+
+# 90th percentile of per-token relative error a candidate may show in a low-precision graph: the user's
+# code and the reference round differently (measured ~1e-3 per token in fp16, up to ~1e-2 in bf16
+# where the user's einsum rounds its gathered products), and a router near-tie can flip a token or two;
+# a wrong candidate (renormalisation, score function, activation) is off on nearly every token by far more.
+LOW_PRECISION_TOKEN_TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _reproduces(out: torch.Tensor, target: torch.Tensor) -> bool:
+    tol = LOW_PRECISION_TOKEN_TOL.get(target.dtype)
+    if tol is None:  # fp32 / fp64: the same answer up to summation order
+        return torch.allclose(out.float(), target.float(), rtol=1e-4, atol=1e-5 * (1 + target.abs().max().item()))
+    out, target = out.double().flatten(0, -2), target.double().flatten(0, -2)
+    if not torch.isfinite(out).all() or target.shape[0] == 0:
+        return False
+    floor = 1e-6 * target.norm() / target.shape[0] ** 0.5  # tokens whose output is ~0 compare absolutely
+    per_token = (out - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(floor)
+    return torch.quantile(per_token, 0.9).item() <= tol
 
 
 @dataclass
