@@ -111,7 +111,7 @@ class _Weights:
     tables of each expert's base address (``table``), all experts sharing one set of strides.
     """
 
-    __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key")  # key: (addresses, tables)
+    __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key", "rows", "desc_ok")
 
     def __init__(self, spec: MoESpec, params, tables=None):
         ex, I = spec.experts, spec.intermediate
@@ -126,9 +126,16 @@ class _Weights:
         if not self.table:
             self.dn = reference._param(spec, params, "down")
             self.gu_strides, self.dn_strides = swap(self.w), swap(self.dn)
+            self.rows = self.gu_strides[0] // max(1, self.gu_strides[1])  # gate (+ up) rows of one expert
+            self.desc_ok = (not ex.interleaved and all(_k_contiguous(t, self.gu_strides) for t in (self.w, self.u)),
+                            _k_contiguous(self.dn, self.dn_strides))
             return
         gate0, down0 = reference._param(spec, params, "gate.0"), reference._param(spec, params, "down.0")
         self.gu_strides, self.dn_strides, self.up_offset = (0, *gate0.stride()), (0, *down0.stride()), 0
+        self.rows = gate0.shape[0]
+        aligned = _list_key(spec, params)[2]
+        self.desc_ok = (aligned and _k_contiguous(gate0, self.gu_strides),
+                        aligned and _k_contiguous(down0, self.dn_strides))
         ptrs = _list_key(spec, params)[0]
         if tables is None or tables[0] != ptrs:  # built once per set of addresses, kept by the plan
             E = spec.num_experts
@@ -140,14 +147,15 @@ class _Weights:
 
 
 def _list_key(spec: MoESpec, params):
-    """Per-expert (gate, up, down) addresses, and whether every expert shares dtype and strides."""
+    """Per-expert (gate, up, down) addresses; whether every expert shares dtype, shape and strides; whether
+    every address is 16-byte aligned (tensor descriptors need it)."""
     ptrs, shapes = [], set()
     for e in range(spec.num_experts):
         for role in ("gate", "up", "down"):
             t = reference._param(spec, params, f"{role}.{e}")
             ptrs.append(t.data_ptr())
             shapes.add((role, t.dtype, t.shape, t.stride()))
-    return tuple(ptrs), len(shapes) == 3
+    return tuple(ptrs), len(shapes) == 3, all(p % 16 == 0 for p in ptrs)
 
 
 def kernels_cover(spec: MoESpec, params) -> bool:
@@ -168,9 +176,9 @@ def _use_desc(x: torch.Tensor) -> bool:
 
 
 def _k_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
-    """A 2-D descriptor over [experts * rows, K] fits: a contiguous, K-innermost tensor with 16-byte rows."""
+    """A descriptor over each expert's [rows, K] matrix fits: contiguous, K innermost, 16-byte rows and experts."""
     return (strides[2] == 1 and w.is_contiguous() and w.shape[-1] * w.element_size() % 16 == 0
-            and w.data_ptr() % 16 == 0)
+            and strides[0] * w.element_size() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -306,9 +314,7 @@ class _Plan:
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
         bucket = rows_bucket(pairs, num_subs)
-        on = _use_desc(x) and not wts.table
-        w_desc = on and not ex.interleaved and all(_k_contiguous(t, wts.gu_strides) for t in (wts.w, wts.u))
-        dn_desc = on and _k_contiguous(wts.dn, wts.dn_strides)
+        w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.desc_ok)
 
         def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
             return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
@@ -317,14 +323,14 @@ class _Plan:
             gate_up_glu_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),),
             (c, H, num_subs, pairs, self.pairs_per_token, P, wts.up_offset,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
-             wts.w.numel() // H),
+             wts.rows),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),),
             (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
              c, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             wts.dn.numel() // spec.intermediate, spec.intermediate),
+             H, spec.intermediate),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None):

@@ -60,12 +60,13 @@ def down_weighted_kernel(
         w_base = w_ptr + expert.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + (part * K + offs_k)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    # Weight tiles by the tensor-memory accelerator. Columns past K belong to the next neuron group (or
-    # read as zeros past the tensor); they meet h columns masked to zero, so they add nothing.
+    # Weight tiles by the tensor-memory accelerator from this expert's [W_ROWS, W_COLS] matrix. Columns past K
+    # belong to the next neuron group (or read as zeros past the matrix); they meet h columns masked to
+    # zero, so they add nothing.
     if W_DESC:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, W_COLS], strides=[stride_wn, 1],
+        w_desc = tl.make_tensor_descriptor(w_base, shape=[W_ROWS, W_COLS], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        w_row = expert * (stride_we // stride_wn) + pid_n * BLOCK_SIZE_N
+        w_row = pid_n * BLOCK_SIZE_N
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)

@@ -90,12 +90,12 @@ def gate_up_glu_kernel(
     u_ptrs = u_base + offs_k[:, None] * stride_wk + (gate_rows + UP_OFFSET)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    if W_DESC:  # weight tiles by the tensor-memory accelerator: [gate; up] rows of a K-contiguous layout
-        g_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
+    if W_DESC:  # tiles by the tensor-memory accelerator from this expert's [W_ROWS, K] matrix, K contiguous
+        g_desc = tl.make_tensor_descriptor(g_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        u_desc = tl.make_tensor_descriptor(u_ptr, shape=[W_ROWS, K], strides=[stride_wn, 1],
+        u_desc = tl.make_tensor_descriptor(u_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        g_row = expert * (stride_we // stride_wn) + first_neuron + pid_n * BLOCK_SIZE_N
+        g_row = first_neuron + pid_n * BLOCK_SIZE_N
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
