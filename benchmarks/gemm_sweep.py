@@ -96,39 +96,32 @@ def sweep_case(name, T):
     dn_const = {k: v for k, v in plan.down.constexprs.items() if k != "W_DESC"}
     gu_flops, dn_flops = 4 * pairs * H * c, 2 * pairs * c * H
 
-    results = {"gate_up": [], "down": []}
-    launch(plan.gate_up.kernel, gu_grid, gu_ptrs, plan.gate_up.scalars, gu_const, GATE_UP[3], W_DESC=False)()
-    h_ref = h.clone()
-    for cfg in GATE_UP:
+    # gate/up first: it leaves its reference h in place for the down GEMM
+    row["gate_up"] = sweep_kernel("gate_up", plan.gate_up, gu_grid, gu_ptrs, gu_const, h, GATE_UP, gu_flops)
+    row["down"] = sweep_kernel("down", plan.down, dn_grid, dn_ptrs, dn_const, y, DOWN, dn_flops)
+    return row
+
+
+def sweep_kernel(name, kernel, grid, ptrs, constexprs, out, configs, flops) -> list[dict]:
+    """Time one grouped GEMM over configs x (pointers, descriptors); each output checked against config 3's
+    (pointers), which is left in ``out`` at the end."""
+    launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3], W_DESC=False)()
+    ref = out.clone()
+    results = []
+    for cfg in configs:
         for desc in (False, True):
-            h.fill_(float("nan"))
+            out.fill_(float("nan"))
             try:
-                run = launch(plan.gate_up.kernel, gu_grid, gu_ptrs, plan.gate_up.scalars, gu_const, cfg, W_DESC=desc)
+                run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, W_DESC=desc)
                 run()
-                err = rel_err(h, h_ref)
+                err = rel_err(out, ref)
                 t = ms(run)
             except Exception as e:  # out of shared memory / registers: record and go on
-                print(f"gate_up {cfg} desc={desc}: {type(e).__name__}", flush=True)
+                print(f"{name} {cfg} desc={desc}: {type(e).__name__}", flush=True)
                 continue
-            results["gate_up"].append({"cfg": cfg, "desc": desc, "ms": t, "tflops": gu_flops / t / 1e9, "rel_err": err})
-    h.copy_(h_ref)
-    launch(plan.down.kernel, dn_grid, dn_ptrs, plan.down.scalars, dn_const, DOWN[3], W_DESC=False)()
-    y_ref = y.clone()
-    for cfg in DOWN:
-        for desc in (False, True):
-            y.fill_(float("nan"))
-            try:
-                run = launch(plan.down.kernel, dn_grid, dn_ptrs, plan.down.scalars, dn_const, cfg, W_DESC=desc)
-                run()
-                err = rel_err(y, y_ref)
-                t = ms(run)
-            except Exception as e:
-                print(f"down {cfg} desc={desc}: {type(e).__name__}", flush=True)
-                continue
-            results["down"].append({"cfg": cfg, "desc": desc, "ms": t, "tflops": dn_flops / t / 1e9,
-                                    "rel_err": err})
-    row.update(results)
-    return row
+            results.append({"cfg": cfg, "desc": desc, "ms": t, "tflops": flops / t / 1e9, "rel_err": err})
+    out.copy_(ref)
+    return results
 
 
 def main():
