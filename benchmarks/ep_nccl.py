@@ -260,6 +260,8 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                                                   device, args.warmup, args.reps)
                 results["combine_ms"] = timed_ms(lambda: ds_dist.all_to_all(recv, send_splits, recv_splits, name),
                                                  device, args.warmup, args.reps)
+                if args.profile and variant == "none":
+                    profile_call(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
                 results["rows_sent"] = sum(send_splits)
                 results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
                 del send, recv
@@ -285,6 +287,24 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                   f"drop {r['drop_rate']:.3f}  load {r['load_after']}", flush=True)
         del params
     return rows
+
+
+def profile_call(call, title, device, rank, calls=3, top=14):
+    """Every rank profiles the same calls (collectives); rank 0 prints the top GPU kernels and CPU ops."""
+    barrier(device)
+    with torch.profiler.profile() as prof:
+        for _ in range(calls):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if rank != 0:
+        return
+    events = prof.key_averages()
+    for label, key in (("GPU", "self_device_time_total"), ("CPU", "self_cpu_time_total")):
+        rows = sorted(((getattr(ev, key, 0) / 1e3 / calls, ev.count // calls, ev.key[:70]) for ev in events), reverse=True)
+        print(f"profile {title}: {label} ms per call (self), top {top}")
+        for ms, count, name in rows[:top]:
+            print(f"  {ms:8.3f}  x{count:<4d} {name}")
 
 
 def table(rows) -> str:
@@ -315,6 +335,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts: a CPU smoke run")
+    ap.add_argument("--profile", action="store_true", help="profile the no-drop variant: top kernels and CPU ops")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")
