@@ -111,7 +111,8 @@ class _Weights:
     tables of each expert's base address (``table``), all experts sharing one set of strides.
     """
 
-    __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key", "rows", "desc_ok")
+    __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key", "rows", "aligned",
+                 "interleaved", "first")
 
     def __init__(self, spec: MoESpec, params, tables=None):
         ex, I = spec.experts, spec.intermediate
@@ -127,16 +128,12 @@ class _Weights:
             self.dn = reference._param(spec, params, "down")
             self.gu_strides, self.dn_strides = swap(self.w), swap(self.dn)
             self.rows = self.gu_strides[0] // max(1, self.gu_strides[1])  # gate (+ up) rows of one expert
-            self.desc_ok = (not ex.interleaved and all(_k_contiguous(t, self.gu_strides) for t in (self.w, self.u)),
-                            _k_contiguous(self.dn, self.dn_strides))
+            self.first, self.aligned, self.interleaved = (self.w, self.u, self.dn), True, ex.interleaved
             return
-        gate0, down0 = reference._param(spec, params, "gate.0"), reference._param(spec, params, "down.0")
+        gate0, up0, down0 = (reference._param(spec, params, f"{role}.0") for role in ("gate", "up", "down"))
         self.gu_strides, self.dn_strides, self.up_offset = (0, *gate0.stride()), (0, *down0.stride()), 0
-        self.rows = gate0.shape[0]
-        aligned = _list_key(spec, params)[2]
-        self.desc_ok = (aligned and _k_contiguous(gate0, self.gu_strides),
-                        aligned and _k_contiguous(down0, self.dn_strides))
-        ptrs = _list_key(spec, params)[0]
+        self.rows, self.first, self.interleaved = gate0.shape[0], (gate0, up0, down0), False
+        ptrs, _, self.aligned = _list_key(spec, params)
         if tables is None or tables[0] != ptrs:  # built once per set of addresses, kept by the plan
             E = spec.num_experts
             table = torch.zeros(3, E + E % 2, dtype=torch.int64)  # each row starts 16-byte aligned
@@ -144,6 +141,12 @@ class _Weights:
             tables = (ptrs, table.to(gate0.device))
         self.key = tables
         self.w, self.u, self.dn = tables[1][0], tables[1][1], tables[1][2]
+
+    def descriptors_fit(self) -> tuple[bool, bool]:
+        """(gate/up, down): each expert's matrix can be read through a tensor descriptor."""
+        gate, up, down = self.first
+        gu = self.aligned and not self.interleaved and all(_k_contiguous(t, self.gu_strides) for t in (gate, up))
+        return gu, self.aligned and _k_contiguous(down, self.dn_strides)
 
 
 def _list_key(spec: MoESpec, params):
@@ -314,7 +317,7 @@ class _Plan:
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
         bucket = rows_bucket(pairs, num_subs)
-        w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.desc_ok)
+        w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.descriptors_fit())
 
         def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
             return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
