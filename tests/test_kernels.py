@@ -244,3 +244,42 @@ def test_list_layout_with_unlike_experts_runs_the_reference():
     params[i] = params[i].t().contiguous().t()  # same values, other strides
     assert not dispatch.kernels_cover(spec, params)
     check(x, params, spec)
+
+
+# ---- whole compiled models through the kernels (kernels="triton" runs them on CPU under the interpreter) ----
+@pytestmark_case
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_compiled_transformers_model_through_the_kernels(arch):
+    from models import VOCAB, hf_model
+
+    model = hf_model(arch)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        dispatch._PLANS.clear()
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
+    assert len(dispatch._PLANS) > 0, "the reference ran instead of the kernels"
+    assert torch.isfinite(got).all()
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert err < 1e-5, f"relative error {err:.2e}"
+
+
+@pytestmark_case
+@pytest.mark.parametrize("mode", ["1t", "2t"])
+def test_compiled_model_drops_the_same_pairs_through_the_kernels(mode):
+    import dsmoe_compiler
+    from models import VOCAB, hf_model
+
+    model = hf_model("olmoe")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for kernels in ("reference", "triton"):
+        torch._dynamo.reset()
+        opts = {"kernels": kernels, "inner": "eager", "drop": mode, "threshold": 0.49, "stats": True}
+        with torch.no_grad():
+            outs[kernels] = torch.compile(model, backend="dualsparse", options=opts)(ids).logits
+        outs[kernels + "_rate"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
+    assert outs["triton_rate"] == outs["reference_rate"] > 0
+    err = ((outs["triton"].double() - outs["reference"].double()).norm() / outs["reference"].double().norm()).item()
+    assert err < 1e-5, f"relative error {err:.2e}"
