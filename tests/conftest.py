@@ -28,3 +28,18 @@ def graph_breaks():
     from torch._dynamo.utils import counters
 
     return dict(counters["graph_break"]), dict(counters["unimplemented"])
+
+
+def drop_runs(model, ids, mode: str, threshold: float) -> dict:
+    """The same model compiled with kernels "reference" and "triton" and the same drop thresholds: each
+    run's logits and measured drop rate (keys "reference", "triton", "reference_rate", "triton_rate")."""
+    import dsmoe_compiler
+
+    outs = {}
+    for kernels in ("reference", "triton"):
+        torch._dynamo.reset()
+        opts = {"kernels": kernels, "inner": "eager", "drop": mode, "threshold": threshold, "stats": True}
+        with torch.no_grad():
+            outs[kernels] = torch.compile(model, backend="dualsparse", options=opts)(ids).logits
+        outs[kernels + "_rate"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
+    return outs

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import drop_runs
 from models import ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count
 
 import dsmoe_compiler
@@ -80,12 +81,6 @@ def test_triton_drop_matches_reference_drop(mode):
     """Same thresholds, same routing: the Triton path drops the same pairs as the reference."""
     model = hf_model("olmoe", "grouped_mm").to("cuda", torch.float32)
     ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    outs = {}
-    for kernels in ("reference", "triton"):
-        torch._dynamo.reset()
-        opts = {"kernels": kernels, "inner": "eager", "drop": mode, "threshold": 0.45, "stats": True}
-        with torch.no_grad():
-            outs[kernels] = torch.compile(model, backend="dualsparse", options=opts)(ids).logits
-        outs[kernels + "_rate"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
+    outs = drop_runs(model, ids, mode, threshold=0.45)
     assert outs["triton_rate"] == outs["reference_rate"] > 0
     assert _rel(outs["triton"], outs["reference"]) < 1e-4
