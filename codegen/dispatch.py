@@ -37,7 +37,8 @@ from dsmoe_compiler.codegen.topk_route import topk_route_kernel
 from dsmoe_compiler.ir import MoESpec
 
 BLOCK_PAIRS = 1024  # pairs per program of the alignment kernels
-FAST_LAUNCH = os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+FAST_LAUNCH = not INTERPRETED
 """Replay recorded kernels with raw pointers; off under the interpreter (benchmarks turn it off to compare)."""
 DROP_CODES = {"none": 0, "1t": 1, "2t": 2, "skip": 3, "topk": 4}
 _MAX_PLANS = 1024
@@ -114,7 +115,7 @@ class _Weights:
     __slots__ = ("w", "u", "dn", "gu_strides", "dn_strides", "up_offset", "table", "key", "rows", "aligned",
                  "interleaved", "first")
 
-    def __init__(self, spec: MoESpec, params, tables=None):
+    def __init__(self, spec: MoESpec, params, tables=None, list_key=None):
         ex, I = spec.experts, spec.intermediate
         swap = lambda t: (t.stride(0), t.stride(2), t.stride(1)) if ex.transposed else t.stride()  # noqa: E731
         self.table, self.key = ex.layout == "list", None
@@ -133,7 +134,7 @@ class _Weights:
         gate0, up0, down0 = (reference._param(spec, params, f"{role}.0") for role in ("gate", "up", "down"))
         self.gu_strides, self.dn_strides, self.up_offset = (0, *gate0.stride()), (0, *down0.stride()), 0
         self.rows, self.first, self.interleaved = gate0.shape[0], (gate0, up0, down0), False
-        ptrs, _, self.aligned = _list_key(spec, params)
+        ptrs, _, self.aligned = list_key or _list_key(spec, params)
         if tables is None or tables[0] != ptrs:  # built once per set of addresses, kept by the plan
             E = spec.num_experts
             table = torch.zeros(3, E + E % 2, dtype=torch.int64)  # each row starts 16-byte aligned
@@ -151,11 +152,12 @@ class _Weights:
 
 def _list_key(spec: MoESpec, params):
     """Per-expert (gate, up, down) addresses; whether every expert shares dtype, shape and strides; whether
-    every address is 16-byte aligned (tensor descriptors need it)."""
+    every address is 16-byte aligned (tensor descriptors need it). One pass over the slots: this runs per call."""
+    slot = {name: i for i, name in enumerate(spec.slots)}
     ptrs, shapes = [], set()
     for e in range(spec.num_experts):
         for role in ("gate", "up", "down"):
-            t = reference._param(spec, params, f"{role}.{e}")
+            t = params[slot[f"{role}.{e}"]]
             ptrs.append(t.data_ptr())
             shapes.add((role, t.dtype, t.shape, t.stride()))
     return tuple(ptrs), len(shapes) == 3, all(p % 16 == 0 for p in ptrs)
@@ -173,7 +175,7 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 def _use_desc(x: torch.Tensor) -> bool:
     if TMA == "off" or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
-    if TMA == "on" or not FAST_LAUNCH:
+    if TMA == "on" or INTERPRETED:
         return True
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
@@ -336,9 +338,10 @@ class _Plan:
              H, spec.intermediate),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table))
 
-    def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None):
+    def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
+                 list_key=None):
         spec = self.spec
-        wts = _Weights(spec, params, self.tables)
+        wts = _Weights(spec, params, self.tables, list_key)
         self.tables = wts.key
         w, u, dn = wts.w, wts.u, wts.dn
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
@@ -440,7 +443,8 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     ``thresholds`` as ``reference.keep_mask`` does (inside the route kernel where it covers the routing),
     and ``stats`` are accumulated on the device: no host sync.
     """
-    if not kernels_cover(spec, params):  # experts of a ModuleList that differ in dtype or strides
+    list_key = _list_key(spec, params) if spec.experts.layout == "list" else None
+    if list_key is not None and not list_key[1]:  # experts of a ModuleList that differ in dtype or strides
         return reference.moe(x, params, spec, thresholds, stats, keep=keep)
     x = x.contiguous()
     T = x.shape[0]
@@ -460,11 +464,11 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
                                               stats_on=stats is not None))
     if fused:
         out = plan(x, params, logits=reference.router_logits(x, params, spec).contiguous(), keep=keep,
-                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None)
+                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None, list_key=list_key)
     else:
         _, weights, index = reference.route(x, params, spec)
         out = plan(x, params, weights=weights.contiguous(), index=index.to(torch.int32), keep=keep,
-                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None)
+                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None, list_key=list_key)
     if spec.shared is not None:
         out = out + reference.shared_experts(x, params, spec)
     return out
