@@ -3,9 +3,11 @@
     PYTHONUNBUFFERED=1 python benchmarks/gemm_sweep.py --json results/gemm_sweep.json
 
 Per (shape, tokens): (1) a kernel-by-kernel breakdown of one CUDA-graph replay of the whole layer
-(torch.profiler, descriptors on and off); (2) each grouped GEMM alone over a list of tile configs,
-weights read through pointers or through tensor descriptors (TMA),
-in TFLOP/s; every config's output is checked against the autotuned launch (rel. err. < 1e-2).
+(torch.profiler) with the autotuner offered one-program-per-tile configs only ("tile") and with the
+persistent configs too ("auto"); (2) each grouped GEMM alone over a list of tile configs, each launched
+one program per tile and persistent (schedule.py), weights through tensor descriptors where the GPU
+has them (``--pointers``: plain loads), in TFLOP/s; every config's output is checked against a
+reference launch (rel. err. < 1e-2).
 Prints tables last and writes JSON. Used to choose the autotuning lists in codegen/.
 """
 
@@ -25,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import SHAPES, make_params, make_spec, rel_err  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch  # noqa: E402
+from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel  # noqa: E402
+from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel  # noqa: E402
 
 CASES = [("Mixtral", 4096), ("OLMoE", 4096), ("OLMoE", 16384), ("DeepSeek-V2-Lite", 4096),
          ("Qwen3-30B-A3B", 4096), ("Qwen3-30B-A3B", 16384)]
@@ -60,6 +64,7 @@ def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
     m, n, k, warps, stages = cfg
     meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=8,
                 MIN_ROWS=0, MAX_ROWS=1 << 30)
+    meta.setdefault("PERSISTENT", False)
     jit = kernel.fn if hasattr(kernel, "fn") else kernel
     grid = grid_of(meta)
     return lambda: jit[grid](*ptrs, *scalars, **meta, num_warps=warps, num_stages=stages)
@@ -71,15 +76,20 @@ def sweep_case(name, T):
     params = make_params(spec)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     row = {"shape": name, "tokens": T, "layer": {}, "breakdown": {}}
-    for tma in ("off", "auto"):
-        dispatch.TMA, dispatch._PLANS = tma, {}
+    all_configs = {k: list(k.configs) for k in (gate_up_glu_kernel, down_weighted_kernel)}
+    for mode in ("tile", "auto"):
+        for kern, configs in all_configs.items():  # offer the autotuner one launch shape or both
+            kern.configs = [c for c in configs if mode == "auto" or not c.kwargs["PERSISTENT"]]
+            kern.cache.clear()
+        dispatch._PLANS = {}
         fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
         fn()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        row["layer"][tma] = ms(g.replay)
-        row["breakdown"][tma] = breakdown(g)
+        row["layer"][mode] = ms(g.replay)
+        row["breakdown"][mode] = breakdown(g)
+        row.setdefault("chosen", {})[mode] = [str(k.best_config) for k in all_configs]
     plan = next(p for p in dispatch._PLANS.values() if p.T == T)
     weights, index = dispatch.route(x, params, spec)
     sorted_ids, counts = dispatch.align(index, None, plan.num_subs, 1)
@@ -87,39 +97,37 @@ def sweep_case(name, T):
     h = torch.randn(pairs, c, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
     gate_up, down = params[1], params[2]
-    tiles_m = lambda meta: triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + plan.num_subs  # noqa: E731
     gu_ptrs = (x, gate_up, gate_up, gate_up, h, sorted_ids, counts)
     dn_ptrs = (h, down, down, weights, y, sorted_ids, counts)
-    gu_grid = lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),)  # noqa: E731
-    dn_grid = lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),)  # noqa: E731
-    gu_const = {k: v for k, v in plan.gate_up.constexprs.items() if k != "W_DESC"}
-    dn_const = {k: v for k, v in plan.down.constexprs.items() if k != "W_DESC"}
+    gu_const, dn_const = plan.gate_up.constexprs, plan.down.constexprs
     gu_flops, dn_flops = 4 * pairs * H * c, 2 * pairs * c * H
 
     # gate/up first: it leaves its reference h in place for the down GEMM
-    row["gate_up"] = sweep_kernel("gate_up", plan.gate_up, gu_grid, gu_ptrs, gu_const, h, GATE_UP, gu_flops)
-    row["down"] = sweep_kernel("down", plan.down, dn_grid, dn_ptrs, dn_const, y, DOWN, dn_flops)
+    row["gate_up"] = sweep_kernel("gate_up", plan.gate_up, gu_ptrs, gu_const, h, GATE_UP, gu_flops)
+    row["down"] = sweep_kernel("down", plan.down, dn_ptrs, dn_const, y, DOWN, dn_flops)
     return row
 
 
-def sweep_kernel(name, kernel, grid, ptrs, constexprs, out, configs, flops) -> list[dict]:
-    """Time one grouped GEMM over configs x (pointers, descriptors); each output checked against config 3's
-    (pointers), which is left in ``out`` at the end."""
-    launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3], W_DESC=False)()
+def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops) -> list[dict]:
+    """Time one grouped GEMM over configs x (one program per tile, persistent); each output checked against
+    config 3's (one program per tile), which is left in ``out`` at the end."""
+    grid = kernel.grid_fn
+    launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3])()
     ref = out.clone()
     results = []
     for cfg in configs:
-        for desc in (False, True):
+        for persistent in (False, True):
             out.fill_(float("nan"))
             try:
-                run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, W_DESC=desc)
+                run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, PERSISTENT=persistent)
                 run()
                 err = rel_err(out, ref)
                 t = ms(run)
             except Exception as e:  # out of shared memory / registers: record and go on
-                print(f"{name} {cfg} desc={desc}: {type(e).__name__}", flush=True)
+                print(f"{name} {cfg} persistent={persistent}: {type(e).__name__}", flush=True)
                 continue
-            results.append({"cfg": cfg, "desc": desc, "ms": t, "tflops": flops / t / 1e9, "rel_err": err})
+            results.append({"cfg": cfg, "persistent": persistent, "desc": constexprs["W_DESC"], "ms": t,
+                            "tflops": flops / t / 1e9, "rel_err": err})
     out.copy_(ref)
     return results
 
@@ -128,7 +136,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="results/gemm_sweep.json")
     ap.add_argument("--cases", default=None, help="e.g. OLMoE:4096,Mixtral:4096")
+    ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
     args = ap.parse_args()
+    dispatch.TMA = "off" if args.pointers else "auto"
     cases = CASES if not args.cases else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     start = time.time()
     torch.manual_seed(0)
@@ -142,17 +152,19 @@ def main():
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "rows": rows, "seconds": time.time() - start}, f, indent=1)
     for r in rows:
-        print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['off']:.3f} ms (pointers) / "
-              f"{r['layer']['auto']:.3f} ms (descriptors)")
-        for tma in ("off", "auto"):
-            print(f"  {tma:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][tma].items()))
+        print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['tile']:.3f} ms (one program per tile) / "
+              f"{r['layer']['auto']:.3f} ms (persistent offered)")
+        for mode in ("tile", "auto"):
+            print(f"  {mode:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][mode].items()))
+            print(f"       chosen: {r['chosen'][mode]}")
         for kern in ("gate_up", "down"):
             ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
             bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
             for e in sorted(ok, key=lambda e: e["ms"])[:5]:
-                print(f"  {kern:8s} {str(e['cfg']):24s} desc={e['desc']!s:14s} {e['ms']:.3f} ms {e['tflops']:.0f} TFLOP/s")
+                print(f"  {kern:8s} {str(e['cfg']):24s} persistent={e['persistent']!s:6s} {e['ms']:.3f} ms "
+                      f"{e['tflops']:.0f} TFLOP/s")
             if bad:
-                print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['desc'], e['rel_err']) for e in bad][:4]}")
+                print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['persistent'], e['rel_err']) for e in bad][:4]}")
     print(f"\n{time.time() - start:.0f} s")
 
 

@@ -21,6 +21,7 @@ input tensor has the dtype, strides and 16-byte alignment the recorded specialis
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,7 +33,7 @@ from dsmoe_compiler.codegen.align import count_kernel, scatter_kernel
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
-from dsmoe_compiler.codegen.schedule import rows_bucket
+from dsmoe_compiler.codegen.schedule import launch_grid, rows_bucket
 from dsmoe_compiler.codegen.topk_route import topk_route_kernel
 from dsmoe_compiler.ir import MoESpec
 
@@ -186,6 +187,14 @@ def _k_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output
             and strides[0] * w.element_size() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(device) -> int:
+    """Programs of a persistent grouped GEMM: one per SM (a few under the interpreter, so each walks tiles)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -321,21 +330,19 @@ class _Plan:
         bucket = rows_bucket(pairs, num_subs)
         w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.descriptors_fit())
 
-        def tiles_m(meta):  # worst case: every pair kept, one partial tile per sub-expert
-            return triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + num_subs
-
+        programs = _programs(x.device)
         self.gate_up = _Kernel(
-            gate_up_glu_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(c, meta["BLOCK_SIZE_N"]),),
+            gate_up_glu_kernel, lambda meta: launch_grid(meta, pairs, num_subs, c, programs),
             (c, H, num_subs, pairs, self.pairs_per_token, P, wts.up_offset,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
-             wts.rows),
+             wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table))
         self.down = _Kernel(
-            down_weighted_kernel, lambda meta: (tiles_m(meta) * triton.cdiv(H, meta["BLOCK_SIZE_N"]),),
+            down_weighted_kernel, lambda meta: launch_grid(meta, pairs, num_subs, H, programs),
             (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
              c, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             H, spec.intermediate),
+             H, spec.intermediate, programs),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,

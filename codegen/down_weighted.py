@@ -14,37 +14,63 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
+from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, locate, prune_by_rows, swizzle, tile_of, with_persistent
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
 # benchmarks/gemm_sweep.py on the H100 (results/gemm_sweep.json).
-CONFIGS = [
+PREFILL = [((128, 256, 64, 8, 3), 64), ((128, 256, 64, 8, 4), 64), ((128, 256, 32, 8, 5), 128)]
+CONFIGS = with_persistent([
     _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
-    _cfg(64, 256, 64, 8, 3, lo=32, hi=256), _cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64),
-    _cfg(128, 256, 32, 8, 5, lo=128),
-]
+    _cfg(64, 256, 64, 8, 3, lo=32, hi=256), *(_cfg(*c, lo=lo) for c, lo in PREFILL),
+], PREFILL)
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
-    CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2)]
+    CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
+                 prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
     h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-    ROWS_BUCKET, W_ROWS, W_COLS,
+    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS,
     HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
-    pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
-    sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
-    if sub >= num_subs:
-        return
+    tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
+    w_all = w_ptr
+    if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
+        w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
+                                          block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+    if PERSISTENT:
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        tiles_m = tl.sum(tiles, 0)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
+            sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+    else:
+        max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
+        pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        if sub < num_subs:
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+
+
+@triton.jit
+def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+          N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+          W_ROWS, W_COLS, HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n."""
     expert = sub // P
     part = sub % P
 
@@ -60,18 +86,21 @@ def down_weighted_kernel(
         w_base = w_ptr + expert.to(tl.int64) * stride_we
     w_ptrs = w_base + offs_n[None, :] * stride_wn + (part * K + offs_k)[:, None] * stride_wk
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    # Weight tiles by the tensor-memory accelerator from this expert's [W_ROWS, W_COLS] matrix. Columns past K
-    # belong to the next neuron group (or read as zeros past the matrix); they meet h columns masked to
-    # zero, so they add nothing.
+    # Weight tiles by the tensor-memory accelerator, K contiguous. Columns past K belong to the next neuron
+    # group (or read as zeros past the matrix) and rows past N to the next expert; they meet h columns
+    # masked to zero or land in channels never stored, so they add nothing.
+    w_row = pid_n * BLOCK_SIZE_N
     if W_DESC:
-        w_desc = tl.make_tensor_descriptor(w_base, shape=[W_ROWS, W_COLS], strides=[stride_wn, 1],
-                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        w_row = pid_n * BLOCK_SIZE_N
+        if W_TABLE:  # a descriptor over this expert's own [W_ROWS, W_COLS] matrix
+            w_all = tl.make_tensor_descriptor(w_base, shape=[W_ROWS, W_COLS], strides=[stride_wn, 1],
+                                              block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
+            w_row += expert * W_ROWS
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if W_DESC:
-            w = w_desc.load([w_row, part * K + k * BLOCK_SIZE_K]).T
+            w = w_all.load([w_row, part * K + k * BLOCK_SIZE_K]).T
         else:
             w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, w, acc)

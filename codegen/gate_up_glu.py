@@ -18,20 +18,20 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import prune_by_rows, swizzle, tile_of
+from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, locate, prune_by_rows, swizzle, tile_of, with_persistent
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
 # per program, so BLOCK_SIZE_N stays at or under 128. The prefill tiles are the winners of
 # benchmarks/gemm_sweep.py on the H100 (results/gemm_sweep.json): 128 x (2 x 128) with 8 warps.
-CONFIGS = [
+PREFILL = [((128, 128, 64, 8, 3), 64), ((128, 128, 64, 8, 4), 64), ((128, 128, 32, 8, 5), 128)]
+CONFIGS = with_persistent([
     _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
-    _cfg(64, 128, 64, 4, 4, lo=32, hi=256), _cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64),
-    _cfg(128, 128, 32, 8, 5, lo=128),
-]
+    _cfg(64, 128, 64, 4, 4, lo=32, hi=256), *(_cfg(*c, lo=lo) for c, lo in PREFILL),
+], PREFILL)
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
-    CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2)]
+    CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
 
 @triton.jit
@@ -51,23 +51,54 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
         return gate * tl.sigmoid(2.0 * z) * up
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC"], prune_configs_by={"early_config_prune": prune_by_rows})
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
+                 prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def gate_up_glu_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
-    ROWS_BUCKET, W_ROWS,
+    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
-    pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
-    sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
-    if sub >= num_subs:
-        return
+    tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
+    g_all, u_all = w_ptr, u_ptr
+    if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
+        g_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
+                                          block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        u_all = tl.make_tensor_descriptor(u_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
+                                          block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+    if PERSISTENT:
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        tiles_m = tl.sum(tiles, 0)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
+            sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE,
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+    else:
+        max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
+        pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        if sub < num_subs:
+            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE,
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+
+
+@triton.jit
+def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+          N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+          alpha, limit, W_ROWS, GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+          W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub."""
     expert = sub // P
     first_neuron = (sub % P) * N
 
@@ -90,18 +121,23 @@ def gate_up_glu_kernel(
     u_ptrs = u_base + offs_k[:, None] * stride_wk + (gate_rows + UP_OFFSET)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    if W_DESC:  # tiles by the tensor-memory accelerator from this expert's [W_ROWS, K] matrix, K contiguous
-        g_desc = tl.make_tensor_descriptor(g_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
-                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        u_desc = tl.make_tensor_descriptor(u_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
-                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-        g_row = first_neuron + pid_n * BLOCK_SIZE_N
+    # weight tiles by the tensor-memory accelerator, K contiguous; rows past this sub-expert's neurons
+    # (the next sub-expert's, or zeros past the matrix) are computed and never stored
+    g_row = first_neuron + pid_n * BLOCK_SIZE_N
+    if W_DESC:
+        if W_TABLE:  # a descriptor over this expert's own [W_ROWS, K] matrix
+            g_all = tl.make_tensor_descriptor(g_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
+                                              block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+            u_all = tl.make_tensor_descriptor(u_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
+                                              block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
+        else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
+            g_row += expert * W_ROWS
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if W_DESC:  # rows past this sub-expert's neurons are computed and never stored
-            wg = g_desc.load([g_row, k * BLOCK_SIZE_K]).T
-            wu = u_desc.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
+        if W_DESC:
+            wg = g_all.load([g_row, k * BLOCK_SIZE_K]).T
+            wu = u_all.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
         else:
             wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)

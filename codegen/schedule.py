@@ -1,37 +1,74 @@
 """Which rows a grouped-GEMM program owns: the tile schedule shared by both grouped GEMMs.
 
 Rows are the kept pairs sorted by sub-expert (``align.py``), group s holding counts[s] rows from
-start[s] = sum of the counts before it. Group s takes ceil(counts[s] / BLOCK_SIZE_M) M-tiles; the
-grid is launched for the worst case (cdiv(pairs, BLOCK_SIZE_M) + groups tiles), so it never
-depends on the routing (no host synchronisation, CUDA-graph capturable), and a program whose tile
-lies past the last group returns at once. BLOCK_SIZE_M is an autotuning choice, so the schedule is
-recomputed from the counts inside each program rather than stored by the alignment step.
+start[s] = sum of the counts before it. Group s takes ceil(counts[s] / BLOCK_SIZE_M) M-tiles.
+BLOCK_SIZE_M is an autotuning choice, so the schedule is recomputed from the counts inside each
+program rather than stored by the alignment step. Nothing depends on the routing on the host (no
+host synchronisation, CUDA-graph capturable), in either of the two launch shapes:
+
+- one program per tile: the grid is launched for the worst case (cdiv(pairs, BLOCK_SIZE_M) + groups
+  M-tiles), and a program whose tile lies past the last group returns at once;
+- persistent (``PERSISTENT`` configs): one program per SM walks tiles pid, pid + programs, ... up to
+  the real tile count, computed on the device. The loop over tiles is flattened with the K loop, so
+  the loads of the next tile start while this tile's epilogue runs, and no program starts empty.
 """
+
+import os
 
 import triton
 import triton.language as tl
 
+PERSISTENT = os.environ.get("DSMOE_PERSISTENT", "auto")
+"""Which launch shapes the autotuner may pick: "auto" (both), "on" (persistent only), "off"."""
 
-def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8):
+
+def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=False):
     """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for."""
     return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
-                          "MIN_ROWS": lo, "MAX_ROWS": hi}, num_warps=warps, num_stages=stages)
+                          "MIN_ROWS": lo, "MAX_ROWS": hi, "PERSISTENT": persistent},
+                         num_warps=warps, num_stages=stages)
+
+
+def with_persistent(configs, prefill):
+    """The config list as DSMOE_PERSISTENT allows: each prefill tile also as a persistent config."""
+    if PERSISTENT == "off":
+        return configs
+    both = configs + [gemm_config(*c, lo=lo, persistent=True) for c, lo in prefill]
+    return both if PERSISTENT == "auto" else [c for c in both if c.kwargs["PERSISTENT"]]
+
+
+def launch_grid(meta, pairs, groups, columns, programs):
+    """Programs of a grouped-GEMM launch: the worst-case tile count, or at most one per SM when persistent."""
+    tiles = (triton.cdiv(pairs, meta["BLOCK_SIZE_M"]) + groups) * triton.cdiv(columns, meta["BLOCK_SIZE_N"])
+    return (min(tiles, programs) if meta["PERSISTENT"] else tiles,)
+
+
+@triton.jit
+def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+    """Per group (vectors over BLOCK_SUBS): M-tiles, running end of the M-tiles, rows, first sorted row."""
+    groups = tl.arange(0, BLOCK_SUBS)
+    counts = tl.load(counts_ptr + groups, mask=groups < num_subs, other=0)
+    tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
+    return tiles, tl.cumsum(tiles, 0), counts, tl.cumsum(counts, 0) - counts
+
+
+@triton.jit
+def locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+    """(group, first sorted row of M-tile pid_m, rows of the group left from there); group == groups: no work."""
+    group = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    mine = tl.arange(0, BLOCK_SUBS) == group
+    first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
+    start = tl.sum(tl.where(mine, starts, 0), 0)
+    count = tl.sum(tl.where(mine, counts, 0), 0)
+    local = (pid_m - first_tile) * BLOCK_SIZE_M
+    return group, start + local, count - local
 
 
 @triton.jit
 def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
-    """(group, first sorted row of the tile, rows of the group left from there); group == num_subs: no work."""
-    groups = tl.arange(0, BLOCK_SUBS)
-    counts = tl.load(counts_ptr + groups, mask=groups < num_subs, other=0)
-    tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
-    tiles_end = tl.cumsum(tiles, 0)
-    group = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
-    mine = groups == group
-    first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
-    start = tl.sum(tl.where(groups < group, counts, 0), 0)
-    count = tl.sum(tl.where(mine, counts, 0), 0)
-    local = (pid_m - first_tile) * BLOCK_SIZE_M
-    return group, start + local, count - local
+    """``locate`` for one tile, the group table read from counts."""
+    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+    return locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
 
 
 @triton.jit

@@ -19,13 +19,17 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
-@pytest.mark.parametrize("weights", ["descriptors", "pointers"])
-def test_kernels_under_interpreter(weights):
+@pytest.mark.parametrize("variant", ["descriptors", "pointers", "persistent"])
+def test_kernels_under_interpreter(variant):
     """Weight tiles through tensor descriptors (what Hopper runs) or plain pointer loads (older GPUs,
-    interleaved or strided layouts): every case for the first, the weight-layout cases for the second."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="auto" if weights == "descriptors" else "off")
-    select = [] if weights == "descriptors" else ["-k", "user_layouts or partition or basic or empty"]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select],
+    interleaved or strided layouts), one program per tile: every case for the first, the weight-layout
+    cases for the second; persistent programs walking several tiles each (schedule.py): the layout,
+    partition, drop and empty-expert cases."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
+               DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
+    select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty"],
+              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"]}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select[variant]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
