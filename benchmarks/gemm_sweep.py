@@ -64,7 +64,6 @@ def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
     m, n, k, warps, stages = cfg
     meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=8,
                 MIN_ROWS=0, MAX_ROWS=1 << 30)
-    meta.setdefault("PERSISTENT", False)
     jit = kernel.fn if hasattr(kernel, "fn") else kernel
     grid = grid_of(meta)
     return lambda: jit[grid](*ptrs, *scalars, **meta, num_warps=warps, num_stages=stages)
@@ -109,24 +108,29 @@ def sweep_case(name, T):
 
 
 def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops) -> list[dict]:
-    """Time one grouped GEMM over configs x (one program per tile, persistent); each output checked against
-    config 3's (one program per tile), which is left in ``out`` at the end."""
+    """Time one grouped GEMM over configs x variants (one program per tile or persistent; gate/up: the fused
+    weight as two operands or stacked); each output checked against config 3's first variant, which is
+    left in ``out`` at the end."""
     grid = kernel.grid_fn
-    launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3])()
+    variants = [dict(PERSISTENT=p) for p in (False, True)]
+    if constexprs.get("STACKED"):
+        variants = [dict(v, STACKED=s) for v in variants for s in (False, True)]
+    constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
+    launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3], **variants[0])()
     ref = out.clone()
     results = []
     for cfg in configs:
-        for persistent in (False, True):
+        for flags in variants:
             out.fill_(float("nan"))
             try:
-                run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, PERSISTENT=persistent)
+                run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, **flags)
                 run()
                 err = rel_err(out, ref)
                 t = ms(run)
             except Exception as e:  # out of shared memory / registers: record and go on
-                print(f"{name} {cfg} persistent={persistent}: {type(e).__name__}", flush=True)
+                print(f"{name} {cfg} {flags}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            results.append({"cfg": cfg, "persistent": persistent, "desc": constexprs["W_DESC"], "ms": t,
+            results.append({"cfg": cfg, **flags, "desc": constexprs["W_DESC"], "ms": t,
                             "tflops": flops / t / 1e9, "rel_err": err})
     out.copy_(ref)
     return results
@@ -161,10 +165,11 @@ def main():
             ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
             bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
             for e in sorted(ok, key=lambda e: e["ms"])[:5]:
-                print(f"  {kern:8s} {str(e['cfg']):24s} persistent={e['persistent']!s:6s} {e['ms']:.3f} ms "
+                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED") if f in e)
+                print(f"  {kern:8s} {str(e['cfg']):24s} {flags:26s} {e['ms']:.3f} ms "
                       f"{e['tflops']:.0f} TFLOP/s")
             if bad:
-                print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['persistent'], e['rel_err']) for e in bad][:4]}")
+                print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['PERSISTENT'], e['rel_err']) for e in bad][:4]}")
     print(f"\n{time.time() - start:.0f} s")
 
 

@@ -173,6 +173,10 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 """Weight tiles through tensor descriptors (TMA): "auto" (on Hopper and newer, and in the interpreter), "on", "off"."""
 
 
+STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
+"""A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
+
+
 def _use_desc(x: torch.Tensor) -> bool:
     if TMA == "off" or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
@@ -337,7 +341,8 @@ class _Plan:
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
              wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
-                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table))
+                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table,
+                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, pairs, num_subs, H, programs),
             (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,

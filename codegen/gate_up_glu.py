@@ -60,13 +60,17 @@ def gate_up_glu_kernel(
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
     ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-    W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
-    if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
+    if STACKED:  # fused [gate; up] seen as [E, 2, I, K]: a gate block and its up block in one load
+        g_all = tl.make_tensor_descriptor(w_ptr, shape=[num_subs // P, 2, UP_OFFSET, K],
+                                          strides=[stride_we, UP_OFFSET * stride_wn, stride_wn, 1],
+                                          block_shape=[1, 2, BLOCK_SIZE_N, BLOCK_SIZE_K])
+    elif W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
         g_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
         u_all = tl.make_tensor_descriptor(u_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
@@ -79,7 +83,7 @@ def gate_up_glu_kernel(
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
@@ -88,7 +92,7 @@ def gate_up_glu_kernel(
         if sub < num_subs:
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
@@ -96,7 +100,7 @@ def gate_up_glu_kernel(
 def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
           N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
           alpha, limit, W_ROWS, GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-          W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+          W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub."""
     expert = sub // P
@@ -111,9 +115,33 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
     offs_k = tl.arange(0, BLOCK_SIZE_K)
 
     x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
+    neuron0 = first_neuron + pid_n * BLOCK_SIZE_N
+    if STACKED:
+        acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K,
+                                BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+    else:
+        acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
+                                     neuron0, K, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC, W_TABLE,
+                                     BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+
+    if HAS_BIAS:
+        b_base = b_ptr + expert * stride_be
+        acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    h = _glu(acc_g, acc_u, ACTIVATION, alpha, limit)
+    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert, neuron0,
+                  K, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+                  BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """(gate, up) accumulators from two weight operands per K step: pointers (any strides), a descriptor per
+    expert (W_TABLE), or the descriptor over all experts."""
     if W_TABLE:  # one 2-D tensor per expert: their addresses come from a table
-        g_base = tl.load(w_ptr + expert).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        u_base = tl.load(u_ptr + expert).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        g_base = tl.load(w_ptr + expert).to(tl.pointer_type(x_ptrs.dtype.element_ty))
+        u_base = tl.load(u_ptr + expert).to(tl.pointer_type(x_ptrs.dtype.element_ty))
     else:
         g_base = w_ptr + expert.to(tl.int64) * stride_we
         u_base = u_ptr + expert.to(tl.int64) * stride_we
@@ -123,7 +151,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
     acc_u = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     # weight tiles by the tensor-memory accelerator, K contiguous; rows past this sub-expert's neurons
     # (the next sub-expert's, or zeros past the matrix) are computed and never stored
-    g_row = first_neuron + pid_n * BLOCK_SIZE_N
+    g_row = neuron0
     if W_DESC:
         if W_TABLE:  # a descriptor over this expert's own [W_ROWS, K] matrix
             g_all = tl.make_tensor_descriptor(g_base, shape=[W_ROWS, K], strides=[stride_wn, 1],
@@ -146,11 +174,19 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
         x_ptrs += BLOCK_SIZE_K
         g_ptrs += BLOCK_SIZE_K * stride_wk
         u_ptrs += BLOCK_SIZE_K * stride_wk
+    return acc_g, acc_u
 
-    if HAS_BIAS:
-        b_base = b_ptr + expert * stride_be
-        acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    h = _glu(acc_g, acc_u, ACTIVATION, alpha, limit)
-    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+@triton.jit
+def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K,
+             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """(gate, up) accumulators of a fused [gate; up] read through its [E, 2, I, K] view: the gate block and
+    the up block arrive as one [2 x BLOCK_SIZE_N, BLOCK_SIZE_K] operand, so each K step is one
+    BLOCK_SIZE_M x 2 BLOCK_SIZE_N product that reads the x tile once (a 128 x 256 tile, like the down GEMM's)."""
+    acc = tl.zeros((BLOCK_SIZE_M, 2 * BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k * BLOCK_SIZE_K), other=0.0)
+        w = gu_desc.load([expert, 0, neuron0, k * BLOCK_SIZE_K]).reshape(2 * BLOCK_SIZE_N, BLOCK_SIZE_K)
+        acc = tl.dot(a, w.T, acc)
+        x_ptrs += BLOCK_SIZE_K
+    return acc.reshape(BLOCK_SIZE_M, 2, BLOCK_SIZE_N).permute(0, 2, 1).split()
