@@ -3,11 +3,12 @@
     PYTHONUNBUFFERED=1 python benchmarks/gemm_sweep.py --json results/gemm_sweep.json
 
 Per (shape, tokens): (1) a kernel-by-kernel breakdown of one CUDA-graph replay of the whole layer
-(torch.profiler) with the autotuner offered one-program-per-tile configs only ("tile") and with the
-persistent configs too ("auto"); (2) each grouped GEMM alone over a list of tile configs, each launched
-one program per tile and persistent (schedule.py), weights through tensor descriptors where the GPU
-has them (``--pointers``: plain loads), in TFLOP/s; every config's output is checked against a
-reference launch (rel. err. < 1e-2).
+(torch.profiler) with every config launched one program per tile ("tile") and with the default
+launch shapes ("auto": prefill tiles persistent, codegen/schedule.py); (2) each grouped GEMM alone
+over a list of tile configs, each launched one program per tile and persistent, gate/up also with
+the fused weight as two operands or stacked, weights through tensor descriptors where the GPU has
+them (``--pointers``: plain loads), in TFLOP/s; every config's output is checked against a reference
+launch (rel. err. < 1e-2).
 Prints tables last and writes JSON. Used to choose the autotuning lists in codegen/.
 """
 
@@ -77,8 +78,10 @@ def sweep_case(name, T):
     row = {"shape": name, "tokens": T, "layer": {}, "breakdown": {}}
     all_configs = {k: list(k.configs) for k in (gate_up_glu_kernel, down_weighted_kernel)}
     for mode in ("tile", "auto"):
-        for kern, configs in all_configs.items():  # offer the autotuner one launch shape or both
-            kern.configs = [c for c in configs if mode == "auto" or not c.kwargs["PERSISTENT"]]
+        for kern, configs in all_configs.items():  # the default launch shapes, or all one program per tile
+            kern.configs = configs if mode == "auto" else [
+                triton.Config({**c.kwargs, "PERSISTENT": False}, num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in configs]
             kern.cache.clear()
         dispatch._PLANS = {}
         fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
@@ -157,7 +160,7 @@ def main():
                    "rows": rows, "seconds": time.time() - start}, f, indent=1)
     for r in rows:
         print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['tile']:.3f} ms (one program per tile) / "
-              f"{r['layer']['auto']:.3f} ms (persistent offered)")
+              f"{r['layer']['auto']:.3f} ms (default launch shapes)")
         for mode in ("tile", "auto"):
             print(f"  {mode:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][mode].items()))
             print(f"       chosen: {r['chosen'][mode]}")

@@ -25,18 +25,17 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, locate, prune_by_rows, swizzle, tile_of, with_persistent
+from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle, tile_of
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
 # per program, so BLOCK_SIZE_N stays at or under 128. The prefill tiles are the winners of
 # benchmarks/gemm_sweep.py on the H100 (results/gemm_sweep.json): 128 x (2 x 128) with 8 warps.
-PREFILL = [((128, 128, 64, 8, 3), 64), ((128, 128, 64, 8, 4), 64), ((128, 128, 32, 8, 5), 128)]
-CONFIGS = with_persistent([
-    _cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
-    _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
-    _cfg(64, 128, 64, 4, 4, lo=32, hi=256), *(_cfg(*c, lo=lo) for c, lo in PREFILL),
-], PREFILL)
+CONFIGS = launch_shapes(
+    [_cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
+     _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
+     _cfg(64, 128, 64, 4, 4, lo=32, hi=256)],
+    [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)])
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
