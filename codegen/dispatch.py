@@ -29,7 +29,7 @@ import triton
 from triton import knobs as _knobs
 
 from dsmoe_compiler.codegen import reference
-from dsmoe_compiler.codegen.align import count_kernel, scatter_kernel
+from dsmoe_compiler.codegen.align import count_kernel, count_nested_kernel, scatter_kernel, scatter_nested_kernel
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
@@ -173,6 +173,8 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 """Weight tiles through tensor descriptors (TMA): "auto" (on Hopper and newer, and in the interpreter), "on", "off"."""
 
 
+NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
+"""P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
 
@@ -274,6 +276,12 @@ class _Plan:
         self.num_subs, c = E * P, spec.intermediate // P
         self.pairs_per_token = topk * expand
         self.pairs = pairs = T * self.pairs_per_token
+        # P = 2 partial: one group of rows per expert with nested neuron halves (align.py), not two groups
+        self.nested = NESTED_HALVES and P == 2 and spec.transform == "partial"
+        self.groups = E if self.nested else self.num_subs  # groups of rows the grouped GEMMs see
+        self.rows = T * topk if self.nested else pairs  # rows they may see (all kept)
+        self.rows_per_token = topk if self.nested else self.pairs_per_token
+        counts_len = 3 * E if self.nested else self.num_subs
         self.fused_route = fused_route
         # keep mask written by the route kernel (2t needs exactly the Major and Minor column blocks)
         self.fused_drop = fused_route and drop_on and not keep_given and (spec.drop.mode != "2t" or expand == 2)
@@ -290,9 +298,10 @@ class _Plan:
             regions += [("weights", self.weights_dtype, (T, topk)), ("index", torch.int32, (T, topk))]
             if self.fused_drop:
                 regions.append(("keep", torch.uint8, (T, self.pairs_per_token)))
-            regions.append(("counts", torch.int32, (self.num_subs,)))
-        regions += [("rank", torch.int32, (max(pairs, 1),)), ("sorted", torch.int32, (max(pairs, 1),)),
-                    ("h", dtype, (pairs, c)), ("y", dtype, (pairs, H))]
+            regions.append(("counts", torch.int32, (counts_len,)))
+        rows, width = self.rows, spec.intermediate if self.nested else c
+        regions += [("rank", torch.int32, (max(rows, 1),)), ("sorted", torch.int32, (max(rows, 1),)),
+                    ("h", dtype, (rows, width)), ("y", dtype, (rows, H))]
         self.layout, offset = {}, 0
         for name, dt, shape in regions:
             nbytes = dt.itemsize * max(1, _numel(shape))
@@ -304,51 +313,61 @@ class _Plan:
         if fused_route:
             meta = _route_constexprs(spec, torch.float32 if r.logits_fp32 else dtype)
             shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
-            meta.update(ZERO_COUNTS=True, BLOCK_SUBS=triton.next_power_of_2(self.num_subs),
+            meta.update(ZERO_COUNTS=True, BLOCK_SUBS=triton.next_power_of_2(counts_len),
                         DROP=DROP_CODES[spec.drop.mode] if self.fused_drop else 0, COPIES=expand,
                         HAS_STATS=self.fused_drop and stats_on)
             per_slot = spec.intermediate * spec.top_k / self.pairs_per_token
             self.route = _Kernel(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
-                                 (T, E, self.num_subs, E, r.renorm_eps, r.scale, per_slot,
+                                 (T, E, counts_len, E, r.renorm_eps, r.scale, per_slot,
                                   reference.routed_units(spec) + shared), meta)
-        align_grid = (triton.cdiv(pairs, BLOCK_PAIRS),)
+        align_grid = (triton.cdiv(rows, BLOCK_PAIRS),)
         has_keep = self.has_keep
-        self.count = _Kernel(count_kernel, align_grid, (pairs, topk, self.pairs_per_token, expand),
-                             dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS))
-        block_subs = triton.next_power_of_2(self.num_subs)
-        self.scatter = _Kernel(scatter_kernel, align_grid,
-                               (pairs, topk, self.pairs_per_token, expand, self.num_subs),
-                               dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
+        block_subs = triton.next_power_of_2(self.groups)
+        if self.nested:
+            self.count = _Kernel(count_nested_kernel, align_grid, (rows, E, topk),
+                                 dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS))
+            self.scatter = _Kernel(scatter_nested_kernel, align_grid, (rows, E, topk),
+                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
+        else:
+            self.count = _Kernel(count_kernel, align_grid, (pairs, topk, self.pairs_per_token, expand),
+                                 dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS))
+            self.scatter = _Kernel(scatter_kernel, align_grid,
+                                   (pairs, topk, self.pairs_per_token, expand, self.num_subs),
+                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
+        self.counts_len = counts_len
         self.topk, self.expand, self.c, self.block_subs = topk, expand, c, block_subs
         self.gate_up = self.down = None  # need the weights' strides: built at the first call
         self.tables = None  # list layout: (expert addresses, device tables of them)
         block_h = min(1024, triton.next_power_of_2(H))
-        self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)),
-                               (H, self.pairs_per_token, H, H), dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h))
+        self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)), (H, self.rows_per_token, H, H),
+                               dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested))
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
 
     def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
-        pairs, num_subs, c, H, P = self.pairs, self.num_subs, self.c, self.H, spec.partition
-        bucket = rows_bucket(pairs, num_subs)
+        # nested halves: each expert is one group of full width I (P = 1 to the kernels), halves split at c
+        rows, groups, H, half = self.rows, self.groups, self.H, self.c
+        c, P = (spec.intermediate, 1) if self.nested else (self.c, spec.partition)
+        bucket = rows_bucket(rows, groups)
         w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.descriptors_fit())
 
         programs = _programs(x.device)
         self.gate_up = _Kernel(
-            gate_up_glu_kernel, lambda meta: launch_grid(meta, pairs, num_subs, c, programs),
-            (c, H, num_subs, pairs, self.pairs_per_token, P, wts.up_offset,
+            gate_up_glu_kernel, lambda meta: launch_grid(meta, rows, groups, c, programs),
+            (c, H, groups, rows, self.rows_per_token, P, wts.up_offset,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
-             wts.rows, programs),
+             wts.rows, programs, half),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table,
-                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP))
+                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP, NESTED=self.nested))
         self.down = _Kernel(
-            down_weighted_kernel, lambda meta: launch_grid(meta, pairs, num_subs, H, programs),
-            (H, c, num_subs, pairs, self.pairs_per_token, self.topk, P,
+            down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
+            (H, c, groups, rows, self.rows_per_token, self.topk, P,
              c, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             H, spec.intermediate, programs),
-            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table))
+             H, spec.intermediate, programs, half),
+            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
+                 NESTED=self.nested))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):
@@ -385,7 +404,7 @@ class _Plan:
             if self.fused_drop:
                 keep = buf["keep"]
         else:  # counts zeroed by a memset instead of the route kernel
-            counts_t = torch.zeros(self.num_subs, dtype=torch.int32, device=ws.device)
+            counts_t = torch.zeros(self.counts_len, dtype=torch.int32, device=ws.device)
             counts = counts_t.data_ptr() if fast else counts_t
         rank, sorted_ids, h, y = buf["rank"], buf["sorted"], buf["h"], buf["y"]
         any_ = logits if self.fused_route else index

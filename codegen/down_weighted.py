@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle, tile_of
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
+                                             swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
@@ -35,8 +36,9 @@ def down_weighted_kernel(
     h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS,
+    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF,
     HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+    NESTED: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -46,30 +48,36 @@ def down_weighted_kernel(
         w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
-        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, NESTED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
-        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
         if sub < num_subs:
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, NESTED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
 def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-          N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-          W_ROWS, W_COLS, HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+          major_left, minor_from, HALF, N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+          W_ROWS, W_COLS, HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, NESTED: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
-    """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n."""
+    """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
+    NESTED: h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
+    on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
     expert = sub // P
     part = sub % P
 
@@ -95,9 +103,20 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
                                               block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
         else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
             w_row += expert * W_ROWS
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+    k_first, k_end = 0, tl.cdiv(K, BLOCK_SIZE_K)
+    if NESTED:
+        k_first = tl.where(major_left > 0, 0, HALF // BLOCK_SIZE_K)
+        k_end = tl.where(minor_from < tl.minimum(rows_left, BLOCK_SIZE_M), k_end, tl.cdiv(HALF, BLOCK_SIZE_K))
+        h_ptrs += k_first * BLOCK_SIZE_K
+        w_ptrs += k_first * BLOCK_SIZE_K * stride_wk
+    for k in range(k_first, k_end):
         k_left = K - k * BLOCK_SIZE_K
-        a = tl.load(h_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        live = mask_m[:, None] & (offs_k[None, :] < k_left)
+        if NESTED:
+            major = (k * BLOCK_SIZE_K + offs_k) < HALF
+            live = live & ((major[None, :] & (offs_m < major_left)[:, None])
+                           | ((~major)[None, :] & (offs_m >= minor_from)[:, None]))
+        a = tl.load(h_ptrs, mask=live, other=0.0)
         if W_DESC:
             w = w_all.load([w_row, part * K + k * BLOCK_SIZE_K]).T
         else:
@@ -106,9 +125,12 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
         h_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_wk
 
-    if HAS_BIAS:
+    if HAS_BIAS:  # the expert's bias rides with its Major half (sub-expert p == 0), as in the reference
         bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=mask_n & (offs_n * 0 + part == 0), other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        if NESTED:
+            acc += tl.where((offs_m < major_left)[:, None], bias.to(tl.float32)[None, :], 0.0)
+        else:
+            acc += bias.to(tl.float32)[None, :]
     pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
     # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
     slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle, tile_of
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
+                                             swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -64,9 +65,9 @@ def gate_up_glu_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
-    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
+    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS, HALF,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr,
+    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, NESTED: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -82,33 +83,41 @@ def gate_up_glu_kernel(
         u_all = tl.make_tensor_descriptor(u_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
-        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, NESTED,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
-        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
         if sub < num_subs:
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, NESTED,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
 def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-          N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+          major_left, minor_from, HALF, N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
           alpha, limit, W_ROWS, GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-          W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr,
+          W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, NESTED: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
-    """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub."""
+    """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
+    NESTED: a column block in the Minor half (neurons >= HALF) is skipped when none of the tile's rows
+    needs that half (rows from minor_from on do), one in the Major half when none of the first
+    major_left rows exists; the h entries of a half a row does not need are left unwritten or hold
+    values the down GEMM masks out."""
     expert = sub // P
     first_neuron = (sub % P) * N
 
@@ -122,12 +131,18 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
 
     x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
     neuron0 = first_neuron + pid_n * BLOCK_SIZE_N
+    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+    if NESTED:
+        needed = (((neuron0 < HALF) & (major_left > 0))
+                  | ((neuron0 + BLOCK_SIZE_N > HALF) & (minor_from < tl.minimum(rows_left, BLOCK_SIZE_M))))
+        k_tiles = tl.where(needed, k_tiles, 0)
+        mask_m = mask_m & (offs_m * 0 + k_tiles > 0)  # a per-row vector: the interpreter rejects scalar masks
     if STACKED:
-        acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K,
+        acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K, k_tiles,
                                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
-                                     neuron0, K, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC, W_TABLE,
+                                     neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC, W_TABLE,
                                      BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
     if HAS_BIAS:
@@ -141,7 +156,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
 
 @triton.jit
 def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert, neuron0,
-                  K, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+                  K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
                   BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators from two weight operands per K step: pointers (any strides), a descriptor per
     expert (W_TABLE), or the descriptor over all experts."""
@@ -166,7 +181,7 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
                                               block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
         else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
             g_row += expert * W_ROWS
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+    for k in range(0, k_tiles):
         k_left = K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if W_DESC:
@@ -184,13 +199,13 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
 
 
 @triton.jit
-def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K,
+def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles,
              BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators of a fused [gate; up] read through its [E, 2, I, K] view: the gate block and
     the up block arrive as one [2 x BLOCK_SIZE_N, BLOCK_SIZE_K] operand, so each K step is one
     BLOCK_SIZE_M x 2 BLOCK_SIZE_N product that reads the x tile once (a 128 x 256 tile, like the down GEMM's)."""
     acc = tl.zeros((BLOCK_SIZE_M, 2 * BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+    for k in range(0, k_tiles):
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k * BLOCK_SIZE_K), other=0.0)
         w = gu_desc.load([expert, 0, neuron0, k * BLOCK_SIZE_K]).reshape(2 * BLOCK_SIZE_N, BLOCK_SIZE_K)
         acc = tl.dot(a, w.T, acc)

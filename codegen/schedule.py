@@ -52,10 +52,14 @@ def launch_grid(meta, pairs, groups, columns, programs):
 
 
 @triton.jit
-def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
-    """Per group (vectors over BLOCK_SUBS): M-tiles, running end of the M-tiles, rows, first sorted row."""
+def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, NESTED: tl.constexpr):
+    """Per group (vectors over BLOCK_SUBS): M-tiles, running end of the M-tiles, rows, first sorted row.
+    NESTED: counts holds three classes of rows per group (``align.py``'s nested halves), summed here."""
     groups = tl.arange(0, BLOCK_SUBS)
     counts = tl.load(counts_ptr + groups, mask=groups < num_subs, other=0)
+    if NESTED:
+        counts += tl.load(counts_ptr + num_subs + groups, mask=groups < num_subs, other=0)
+        counts += tl.load(counts_ptr + 2 * num_subs + groups, mask=groups < num_subs, other=0)
     tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
     return tiles, tl.cumsum(tiles, 0), counts, tl.cumsum(counts, 0) - counts
 
@@ -73,10 +77,22 @@ def locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M: tl.constexpr, 
 
 
 @triton.jit
-def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, NESTED: tl.constexpr):
     """``locate`` for one tile, the group table read from counts."""
-    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS)
+    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
     return locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+
+
+@triton.jit
+def halves_of(counts_ptr, group, num_subs, rows_left, NESTED: tl.constexpr):
+    """Which rows of a tile need which neuron half: (rows from the tile's first that need the Major half,
+    first row that needs the Minor half). Nested rows are ordered [Major only | both | Minor only]
+    (``align.py``); otherwise every row needs every neuron."""
+    if NESTED:
+        both = tl.load(counts_ptr + num_subs + group)
+        minor_only = tl.load(counts_ptr + 2 * num_subs + group)
+        return rows_left - minor_only, rows_left - minor_only - both
+    return rows_left, rows_left * 0
 
 
 @triton.jit

@@ -146,6 +146,20 @@ def test_partition_with_dropped_pairs(dtype):
 
 @pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_partition_halves_kept_apart_with_biases(dtype):
+    """P = 2 runs as one group per expert with nested halves (align.py): rows that kept the Major half only,
+    both, or the Minor half only; the down bias belongs to the Major half, so a Minor-only row has none."""
+    routing = RoutingSpec(score_after_topk=True, router_bias=True)
+    x, params, spec = make_case(dtype, T=30, E=4, K=3, I=48, P=2, routing=routing, interleaved=True, transposed=True,
+                                bias=True, activation="gptoss", seed=12)
+    keep = torch.rand(30, 6, generator=torch.Generator().manual_seed(13)) > 0.35
+    major, minor = keep[:, :3], keep[:, 3:]
+    assert (major & ~minor).any() and (major & minor).any() and (~major & minor).any()
+    check(x, params, spec, keep=keep)
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gptoss_layout_interleaved_transposed_bias(dtype):
     routing = RoutingSpec(score_after_topk=True, router_bias=True)
     check(*make_case(dtype, T=16, E=8, K=4, I=40, routing=routing, interleaved=True, transposed=True,
