@@ -3,7 +3,8 @@
 ``moe_triton(x, params, spec)`` returns what ``reference.moe(x, params, spec)`` returns (within
 floating-point tolerance). Every buffer is sized for the worst case (all T * K * P pairs kept, one
 partial tile per sub-expert), so nothing reads a count back to the host: one forward is a fixed
-sequence of launches that a CUDA graph can capture.
+sequence of launches that a CUDA graph can capture. A partial transformation with P = 2 is grouped
+per expert with nested halves (``align.py``), so its GEMMs see E groups of full width I.
 
 Launches: router GEMM (cuBLAS) → ``topk_route`` (also zeroes the counts and, with dropping on, writes
 the keep mask and the drop statistics) → ``align.count`` → ``align.scatter`` → ``gate_up_glu`` →

@@ -109,8 +109,9 @@ def gate_up_glu_kernel(
 
 @triton.jit
 def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-          major_left, minor_from, HALF, N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-          alpha, limit, W_ROWS, GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+          major_left, minor_from, HALF, N, K, PAIRS, P, UP_OFFSET,
+          stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
+          GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, NESTED: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
@@ -142,8 +143,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
                                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
-                                     neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC, W_TABLE,
-                                     BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                                     neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
+                                     W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
     if HAS_BIAS:
         b_base = b_ptr + expert * stride_be
@@ -156,7 +157,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
 
 @triton.jit
 def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert, neuron0,
-                  K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+                  K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
+                  W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
                   BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators from two weight operands per K step: pointers (any strides), a descriptor per
     expert (W_TABLE), or the descriptor over all experts."""
