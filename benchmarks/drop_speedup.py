@@ -76,6 +76,31 @@ def run(name, H, I, E, K, renorm, shared, tokens):
     return rows
 
 
+def profile(name, tokens, rate):
+    """Per-kernel GPU time of 2T at one drop rate, P = 2 grouped with nested halves and as two groups."""
+    from gemm_sweep import breakdown
+
+    H, I, E, K, renorm, shared = SHAPES[name]
+    base = make_spec(H, I, E, K, renorm, shared=shared)
+    params = make_params(base)
+    x = torch.randn(tokens, H, device=DEV, dtype=torch.bfloat16)
+    spec = base.replace(drop=DropSpec(mode="2t"), partition=2)
+    samples = {"layer": (scores_of(x, params, base).float().cpu(), K * I / (K * I + (shared or 0)))}
+    t_major, t_minor = fit.fit_thresholds(samples, rate, "2t")["layer"] if rate else (0.0, 0.0)
+    thr = torch.tensor([t_major, t_minor], device=DEV)
+    for nested in (True, False):
+        dispatch.NESTED_HALVES, dispatch._PLANS = nested, {}
+        fn = lambda: dispatch.moe_triton(x, params, spec, thresholds=thr)  # noqa: E731
+        for _ in range(3):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = breakdown(graph)
+        print(f"{name} {tokens} 2t {rate:.2f} nested={nested}: layer {median_ms(graph.replay):.3f} ms; "
+              + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
+
+
 def table(rows) -> str:
     head = "| shape | tokens | mode | target | measured rate | ms | speedup vs our no-drop | ideal |"
     lines = [head, "|" + "---|" * 8]
@@ -90,7 +115,11 @@ def main():
     parser.add_argument("--json", default="results/drop_speedup.json")
     parser.add_argument("--tokens", default="4096,16384")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--profile", default=None, help="SHAPE:TOKENS:RATE, e.g. OLMoE:16384:0.1: per-kernel times")
     args = parser.parse_args()
+    if args.profile:
+        name, tokens, rate = args.profile.split(":")
+        return profile(name, int(tokens), float(rate))
     torch.manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
