@@ -347,28 +347,30 @@ class _Plan:
     def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
-        # nested halves: each expert is one group of full width I (P = 1 to the kernels), halves split at c
-        rows, groups, H, half = self.rows, self.groups, self.H, self.c
-        c, P = (spec.intermediate, 1) if self.nested else (self.c, spec.partition)
+        # nested halves (align.py): gate/up sees 2 E groups of width c (each half of each expert, rows
+        # overlapping by the rows that kept both), writing full-width h rows; down sees E groups of width I
+        rows, groups, H, c, P, I = self.rows, self.groups, self.H, self.c, spec.partition, spec.intermediate
+        gu_rows, gu_groups = (2 * rows, 2 * groups) if self.nested else (rows, groups)
+        dn_k, dn_p = (I, 1) if self.nested else (c, P)
         bucket = rows_bucket(rows, groups)
         w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.descriptors_fit())
-
         programs = _programs(x.device)
         self.gate_up = _Kernel(
-            gate_up_glu_kernel, lambda meta: launch_grid(meta, rows, groups, c, programs),
-            (c, H, groups, rows, self.rows_per_token, P, wts.up_offset,
-             x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, c, ex.alpha, ex.limit, bucket,
-             wts.rows, programs, half),
+            gate_up_glu_kernel, lambda meta: launch_grid(meta, gu_rows, gu_groups, c, programs),
+            (c, H, gu_groups, gu_rows, self.rows_per_token, P, wts.up_offset,
+             x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, I if self.nested else c,
+             ex.alpha, ex.limit, bucket, wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
-                 BLOCK_SUBS=self.block_subs, W_DESC=w_desc, W_TABLE=wts.table,
-                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP, NESTED=self.nested))
+                 BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
+                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP,
+                 GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
-            (H, c, groups, rows, self.rows_per_token, self.topk, P,
-             c, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             H, spec.intermediate, programs, half),
+            (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
+             dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
+             H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 NESTED=self.nested))
+                 NESTED=self.nested, GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

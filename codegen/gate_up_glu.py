@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
-                                             swizzle, tile_of)
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle,
+                                             tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -65,9 +65,9 @@ def gate_up_glu_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
-    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS, HALF,
+    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, NESTED: tl.constexpr,
+    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -83,42 +83,36 @@ def gate_up_glu_kernel(
         u_all = tl.make_tensor_descriptor(u_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
-        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                  major_left, minor_from, HALF,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, NESTED,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
-        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
-            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                  major_left, minor_from, HALF,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, NESTED,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
 def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-          major_left, minor_from, HALF, N, K, PAIRS, P, UP_OFFSET,
+          N, K, PAIRS, P, UP_OFFSET,
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-          W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, NESTED: tl.constexpr,
+          W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
-    NESTED: a column block in the Minor half (neurons >= HALF) is skipped when none of the tile's rows
-    needs that half (rows from minor_from on do), one in the Major half when none of the first
-    major_left rows exists; the h entries of a half a row does not need are left unwritten or hold
-    values the down GEMM masks out."""
+    GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
+    sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
     expert = sub // P
     first_neuron = (sub % P) * N
 
@@ -133,11 +127,6 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
     x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
     neuron0 = first_neuron + pid_n * BLOCK_SIZE_N
     k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
-    if NESTED:
-        needed = (((neuron0 < HALF) & (major_left > 0))
-                  | ((neuron0 + BLOCK_SIZE_N > HALF) & (minor_from < tl.minimum(rows_left, BLOCK_SIZE_M))))
-        k_tiles = tl.where(needed, k_tiles, 0)
-        mask_m = mask_m & (offs_m * 0 + k_tiles > 0)  # a per-row vector: the interpreter rejects scalar masks
     if STACKED:
         acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K, k_tiles,
                                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
@@ -151,7 +140,10 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
         acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     h = _glu(acc_g, acc_u, ACTIVATION, alpha, limit)
-    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    h_cols = offs_n
+    if GROUPS == "halves":
+        h_cols += first_neuron
+    h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + h_cols[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

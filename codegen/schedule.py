@@ -52,16 +52,39 @@ def launch_grid(meta, pairs, groups, columns, programs):
 
 
 @triton.jit
-def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, NESTED: tl.constexpr):
+def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr):
     """Per group (vectors over BLOCK_SUBS): M-tiles, running end of the M-tiles, rows, first sorted row.
-    NESTED: counts holds three classes of rows per group (``align.py``'s nested halves), summed here."""
-    groups = tl.arange(0, BLOCK_SUBS)
-    counts = tl.load(counts_ptr + groups, mask=groups < num_subs, other=0)
-    if NESTED:
-        counts += tl.load(counts_ptr + num_subs + groups, mask=groups < num_subs, other=0)
-        counts += tl.load(counts_ptr + 2 * num_subs + groups, mask=groups < num_subs, other=0)
+
+    GROUPS "plain": counts[g] rows per group, groups back to back. With ``align.py``'s nested halves,
+    counts holds [A | B | C] (rows keeping the Major half only, both, the Minor half only, per expert;
+    an expert's rows ordered A, B, C): "nested": one group per expert of A + B + C rows (num_subs =
+    experts); "halves": group 2e + p is half p of expert e (num_subs = 2 x experts), the A + B rows
+    that need the Major half or the B + C rows from A on that need the Minor half."""
+    g = tl.arange(0, BLOCK_SUBS)
+    if GROUPS == "plain":
+        counts = tl.load(counts_ptr + g, mask=g < num_subs, other=0)
+        starts = tl.cumsum(counts, 0) - counts
+    else:
+        experts = num_subs
+        e = g
+        if GROUPS == "halves":
+            experts = num_subs // 2
+            e = g // 2
+        live = g < num_subs
+        a = tl.load(counts_ptr + e, mask=live, other=0)
+        b = tl.load(counts_ptr + experts + e, mask=live, other=0)
+        c = tl.load(counts_ptr + 2 * experts + e, mask=live, other=0)
+        total = a + b + c
+        if GROUPS == "nested":
+            counts = total
+            starts = tl.cumsum(counts, 0) - counts
+        else:
+            major = g % 2 == 0
+            expert_start = tl.cumsum(tl.where(major, total, 0), 0) - total
+            counts = tl.where(major, a + b, b + c)
+            starts = expert_start + tl.where(major, 0, a)
     tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
-    return tiles, tl.cumsum(tiles, 0), counts, tl.cumsum(counts, 0) - counts
+    return tiles, tl.cumsum(tiles, 0), counts, starts
 
 
 @triton.jit
@@ -77,17 +100,16 @@ def locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M: tl.constexpr, 
 
 
 @triton.jit
-def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, NESTED: tl.constexpr):
+def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr):
     """``locate`` for one tile, the group table read from counts."""
-    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, NESTED)
+    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
     return locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
 
 
 @triton.jit
 def halves_of(counts_ptr, group, num_subs, rows_left, NESTED: tl.constexpr):
-    """Which rows of a tile need which neuron half: (rows from the tile's first that need the Major half,
-    first row that needs the Minor half). Nested rows are ordered [Major only | both | Minor only]
-    (``align.py``); otherwise every row needs every neuron."""
+    """Which rows of a tile of GROUPS "nested" need which neuron half: (rows from the tile's first that
+    need the Major half, first row that needs the Minor half); without nesting every row needs both."""
     if NESTED:
         both = tl.load(counts_ptr + num_subs + group)
         minor_only = tl.load(counts_ptr + 2 * num_subs + group)
