@@ -139,25 +139,8 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops) -> list[di
     return results
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default="results/gemm_sweep.json")
-    ap.add_argument("--cases", default=None, help="e.g. OLMoE:4096,Mixtral:4096")
-    ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
-    args = ap.parse_args()
-    dispatch.TMA = "off" if args.pointers else "auto"
-    cases = CASES if not args.cases else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
-    start = time.time()
-    torch.manual_seed(0)
-    rows = []
-    for name, T in cases:
-        rows.append(sweep_case(name, T))
-        print(json.dumps({k: rows[-1][k] for k in ("shape", "tokens", "layer")}), flush=True)
-        torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "rows": rows, "seconds": time.time() - start}, f, indent=1)
+def report(rows):
+    """The tables: per case, the layer under both launch-shape lists, its kernels, the five fastest configs."""
     for r in rows:
         print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['tile']:.3f} ms (one program per tile) / "
               f"{r['layer']['auto']:.3f} ms (default launch shapes)")
@@ -173,6 +156,31 @@ def main():
                       f"{e['tflops']:.0f} TFLOP/s")
             if bad:
                 print(f"  {kern}: {len(bad)} configs WRONG: {[(e['cfg'], e['PERSISTENT'], e['rel_err']) for e in bad][:4]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="results/gemm_sweep.json")
+    ap.add_argument("--cases", default=None, help="e.g. OLMoE:4096,Mixtral:4096")
+    ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
+    ap.add_argument("--show", default=None, help="print the tables of a saved JSON and exit")
+    args = ap.parse_args()
+    if args.show:
+        return report(json.load(open(args.show))["rows"])
+    dispatch.TMA = "off" if args.pointers else "auto"
+    cases = CASES if not args.cases else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    start = time.time()
+    torch.manual_seed(0)
+    rows = []
+    for name, T in cases:
+        rows.append(sweep_case(name, T))
+        print(json.dumps({k: rows[-1][k] for k in ("shape", "tokens", "layer")}), flush=True)
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "rows": rows, "seconds": time.time() - start}, f, indent=1)
+    report(rows)
     print(f"\n{time.time() - start:.0f} s")
 
 
