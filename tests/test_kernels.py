@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
@@ -156,6 +158,21 @@ def test_partition_halves_kept_apart_with_biases(dtype):
     major, minor = keep[:, :3], keep[:, 3:]
     assert (major & ~minor).any() and (major & minor).any() and (~major & minor).any()
     check(x, params, spec, keep=keep)
+
+
+@pytestmark_case
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 20), E=st.sampled_from([2, 3, 5]), K=st.integers(1, 3), data=st.data())
+def test_partition_halves_any_keep_pattern(T, E, K, data):
+    """Nested halves (P = 2) under any keep mask: experts with rows of one class only, none kept, all kept."""
+    K = min(K, E)
+    x, params, spec = make_case(torch.float32, T=T, E=E, K=K, I=32, P=2, seed=7 * T + E)
+    bits = data.draw(st.lists(st.booleans(), min_size=2 * T * K, max_size=2 * T * K))
+    keep = torch.tensor(bits).view(T, 2 * K)
+    if keep.any():
+        check(x, params, spec, keep=keep)
+    else:  # nothing kept: exactly zero, not NaN from unwritten buffers
+        assert (dispatch.moe_triton(x, params, spec, keep=keep) == 0).all()
 
 
 @pytestmark_case
