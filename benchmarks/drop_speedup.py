@@ -48,6 +48,12 @@ def scores_of(x, params, spec):
     return reference.normalized_scores(weights)
 
 
+def thresholds_for(samples, rate, mode):
+    """(t_major, t_minor) fitted to the target compute drop rate (0: keep everything), and as a device tensor."""
+    t_major, t_minor = fit.fit_thresholds(samples, rate, mode)["layer"] if rate else (0.0, 0.0)
+    return (t_major, t_minor), torch.tensor([t_major, t_minor], device=DEV)
+
+
 def run(name, H, I, E, K, renorm, shared, tokens):
     base = make_spec(H, I, E, K, renorm, shared=shared)
     params = make_params(base)
@@ -61,8 +67,7 @@ def run(name, H, I, E, K, renorm, shared, tokens):
         for target in RATES:
             spec = base.replace(drop=DropSpec(mode=mode),  # the shared experts are inside the op (spec.shared)
                                 **({"partition": 2} if mode == "2t" else {}))
-            t_major, t_minor = fit.fit_thresholds(samples, target, mode)["layer"] if target else (0.0, 0.0)
-            thr = torch.tensor([t_major, t_minor], device=DEV)
+            (t_major, t_minor), thr = thresholds_for(samples, target, mode)
             stats = torch.zeros(2, dtype=torch.float64, device=DEV)
             dispatch.moe_triton(x, params, spec, thresholds=thr, stats=stats)
             rate = (stats[0] / stats[1]).item()
@@ -86,8 +91,7 @@ def profile(name, tokens, rate):
     x = torch.randn(tokens, H, device=DEV, dtype=torch.bfloat16)
     spec = base.replace(drop=DropSpec(mode="2t"), partition=2)
     samples = {"layer": (scores_of(x, params, base).float().cpu(), K * I / (K * I + (shared or 0)))}
-    t_major, t_minor = fit.fit_thresholds(samples, rate, "2t")["layer"] if rate else (0.0, 0.0)
-    thr = torch.tensor([t_major, t_minor], device=DEV)
+    _, thr = thresholds_for(samples, rate, "2t")
     for nested in (True, False):
         dispatch.NESTED_HALVES, dispatch._PLANS = nested, {}
         fn = lambda: dispatch.moe_triton(x, params, spec, thresholds=thr)  # noqa: E731

@@ -30,6 +30,7 @@ from moe_layer import SHAPES, make_params, make_spec, rel_err  # noqa: E402
 from dsmoe_compiler.codegen import dispatch  # noqa: E402
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel  # noqa: E402
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel  # noqa: E402
+from dsmoe_compiler.codegen.schedule import as_persistent  # noqa: E402
 
 CASES = [("Mixtral", 4096), ("OLMoE", 4096), ("OLMoE", 16384), ("DeepSeek-V2-Lite", 4096),
          ("Qwen3-30B-A3B", 4096), ("Qwen3-30B-A3B", 16384)]
@@ -79,9 +80,7 @@ def sweep_case(name, T):
     all_configs = {k: list(k.configs) for k in (gate_up_glu_kernel, down_weighted_kernel)}
     for mode in ("tile", "auto"):
         for kern, configs in all_configs.items():  # the default launch shapes, or all one program per tile
-            kern.configs = configs if mode == "auto" else [
-                triton.Config({**c.kwargs, "PERSISTENT": False}, num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in configs]
+            kern.configs = configs if mode == "auto" else as_persistent(configs, False)
             kern.cache.clear()
         dispatch._PLANS = {}
         fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731

@@ -370,7 +370,7 @@ class _Plan:
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 NESTED=self.nested, GROUPS="nested" if self.nested else "plain"))
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

@@ -38,7 +38,7 @@ def down_weighted_kernel(
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
     ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF,
     HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
-    NESTED: tl.constexpr, GROUPS: tl.constexpr,
+    GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -53,31 +53,31 @@ def down_weighted_kernel(
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, NESTED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
         sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
-            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, NESTED)
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, NESTED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
 def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
-          HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, NESTED: tl.constexpr,
+          HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
-    NESTED: h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
+    GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
     expert = sub // P
     part = sub % P
@@ -105,7 +105,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
         else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
             w_row += expert * W_ROWS
     k_first, k_end = 0, tl.cdiv(K, BLOCK_SIZE_K)
-    if NESTED:
+    if GROUPS == "nested":
         k_first = tl.where(major_left > 0, 0, HALF // BLOCK_SIZE_K)
         k_end = tl.where(minor_from < tl.minimum(rows_left, BLOCK_SIZE_M), k_end, tl.cdiv(HALF, BLOCK_SIZE_K))
         h_ptrs += k_first * BLOCK_SIZE_K
@@ -113,7 +113,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
     for k in range(k_first, k_end):
         k_left = K - k * BLOCK_SIZE_K
         live = mask_m[:, None] & (offs_k[None, :] < k_left)
-        if NESTED:
+        if GROUPS == "nested":
             major = (k * BLOCK_SIZE_K + offs_k) < HALF
             live = live & ((major[None, :] & (offs_m < major_left)[:, None])
                            | ((~major)[None, :] & (offs_m >= minor_from)[:, None]))
@@ -128,7 +128,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
 
     if HAS_BIAS:  # the expert's bias rides with its Major half (sub-expert p == 0), as in the reference
         bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=mask_n & (offs_n * 0 + part == 0), other=0.0)
-        if NESTED:
+        if GROUPS == "nested":
             acc += tl.where((offs_m < major_left)[:, None], bias.to(tl.float32)[None, :], 0.0)
         else:
             acc += bias.to(tl.float32)[None, :]

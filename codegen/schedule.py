@@ -37,12 +37,13 @@ def launch_shapes(decode, prefill):
     tokens: down 0.975 against 1.105 ms)."""
     if PERSISTENT == "off":
         return decode + prefill
-    persistent = [triton.Config({**c.kwargs, "PERSISTENT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-                  for c in prefill]
-    if PERSISTENT == "on":
-        decode = [triton.Config({**c.kwargs, "PERSISTENT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
-                  for c in decode]
-    return decode + persistent
+    return (as_persistent(decode, True) if PERSISTENT == "on" else decode) + as_persistent(prefill, True)
+
+
+def as_persistent(configs, persistent: bool):
+    """The same tiles with the launch shape set (``gemm_sweep.py`` also turns it off for comparison)."""
+    return [triton.Config({**c.kwargs, "PERSISTENT": persistent}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in configs]
 
 
 def launch_grid(meta, pairs, groups, columns, programs):
@@ -107,10 +108,10 @@ def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS:
 
 
 @triton.jit
-def halves_of(counts_ptr, group, num_subs, rows_left, NESTED: tl.constexpr):
+def halves_of(counts_ptr, group, num_subs, rows_left, GROUPS: tl.constexpr):
     """Which rows of a tile of GROUPS "nested" need which neuron half: (rows from the tile's first that
     need the Major half, first row that needs the Minor half); without nesting every row needs both."""
-    if NESTED:
+    if GROUPS == "nested":
         both = tl.load(counts_ptr + num_subs + group)
         minor_only = tl.load(counts_ptr + 2 * num_subs + group)
         return rows_left - minor_only, rows_left - minor_only - both
