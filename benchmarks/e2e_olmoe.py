@@ -51,7 +51,9 @@ def llama(layers: int):
 
 
 def ms(fn) -> float:
-    return float(do_bench(fn, warmup=5, rep=30, return_mode="median"))
+    """Median over about a second of calls (do_bench's warmup and rep are milliseconds: the earlier 5 / 30 ms
+    timed a 30 ms prefill once)."""
+    return float(do_bench(fn, warmup=200, rep=1000, return_mode="median"))
 
 
 def bench(model, inputs, backend, options=None, mode=None):
@@ -84,6 +86,39 @@ def top_kernels(model, inputs, backend, options=None, n=12) -> list[tuple[str, f
     return [("TOTAL", sum(t for _, t in times))] + times[:n]
 
 
+def host_profile(layers: int, calls: int = 20):
+    """cProfile of `calls` compiled 64 x 1 steps (no CUDA graphs): dualsparse without and with 2T-Drop."""
+    import cProfile
+    import pstats
+
+    torch.manual_seed(0)
+    model = olmoe(layers)
+    inputs = {"input_ids": torch.randint(0, 50304, (64, 1), device="cuda"), "use_cache": False}
+    plan = dsmoe_compiler.calibrate(model, [torch.randint(0, 50304, (1, 4096), device="cuda")], progress=False)
+    for name, options in (("dualsparse", {"kernels": "triton"}),
+                          ("dualsparse 2T 25%", {"kernels": "triton", "plan": plan, "drop": "2t", "drop_rate": 0.25,
+                                                 "stats": True})):
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="dualsparse", options=options)
+        with torch.no_grad():
+            for _ in range(5):
+                fn(**inputs)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(**inputs)
+            host = (time.perf_counter() - start) / calls * 1e3
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fn(**inputs)
+            torch.cuda.synchronize()
+            prof.disable()
+        print(f"\n{name}: host {host:.2f} ms per step (before the sync); cProfile over {calls} steps:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="results/e2e_olmoe.json")
@@ -91,6 +126,8 @@ def main():
     parser.add_argument("--cases", default="prefill,step,dense", help="comma list of prefill, step, dense")
     parser.add_argument("--merge", nargs="*", default=None, help="JSON files of partial runs to combine")
     parser.add_argument("--profile", action="store_true", help="only print the top kernels of a prefill, both backends")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="only print where the host time of a 64 x 1 step goes (cProfile), without and with 2T-Drop")
     args = parser.parse_args()
     if args.profile:
         torch.manual_seed(0)
@@ -101,6 +138,8 @@ def main():
             for name, t in top_kernels(model, inputs, backend, options):
                 print(f"  {t:8.3f}  {name}")
         return
+    if args.host_profile:
+        return host_profile(args.layers)
     if args.merge:
         rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
         meta = json.load(open(args.merge[0]))
