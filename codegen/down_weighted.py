@@ -15,7 +15,7 @@ import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
-                                             steady_bench, swizzle, tile_of)
+                                             swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
@@ -30,7 +30,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
-                 prune_configs_by={"early_config_prune": prune_by_rows}, do_bench=steady_bench)
+                 prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
     h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle,
-                                             steady_bench, tile_of)
+                                             tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -59,7 +59,7 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
-                 prune_configs_by={"early_config_prune": prune_by_rows}, do_bench=steady_bench)
+                 prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def gate_up_glu_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,

@@ -17,7 +17,6 @@ import os
 
 import triton
 import triton.language as tl
-import triton.testing
 
 PERSISTENT = os.environ.get("DSMOE_PERSISTENT", "auto")
 """Launch shape of the grouped GEMMs: "auto" (prefill tiles persistent, decode tiles one program per tile),
@@ -45,16 +44,6 @@ def as_persistent(configs, persistent: bool):
     """The same tiles with the launch shape set (``gemm_sweep.py`` also turns it off for comparison)."""
     return [triton.Config({**c.kwargs, "PERSISTENT": persistent}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in configs]
-
-
-def steady_bench(fn, quantiles=None):
-    """How the grouped GEMMs' autotuners time a config: 150 ms of warm-up, then 150 ms of runs.
-
-    Triton's default (25 ms warm-up, 100 ms of runs) starts timing right after the config's compile,
-    while the GPU's clock is still moving from idle, and its prefill tiles differ by only 5-10 %: on the
-    H200 it chose the 3-stage gate/up tile, 0.480 ms alone against 0.454 ms for the 4-stage one
-    (``benchmarks/gemm_sweep.py``, OLMoE 4096 tokens)."""
-    return triton.testing.do_bench(fn, warmup=150, rep=150, quantiles=quantiles)
 
 
 def launch_grid(meta, pairs, groups, columns, programs):
