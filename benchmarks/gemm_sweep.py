@@ -62,10 +62,10 @@ def breakdown(g) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, TAIL=False, **flags):
+def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
     m, n, k, warps, stages = cfg
     meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=8,
-                MIN_ROWS=0, MAX_ROWS=1 << 30, TAIL_M=m // 2 if TAIL and flags["PERSISTENT"] else 0)
+                MIN_ROWS=0, MAX_ROWS=1 << 30)
     jit = kernel.fn if hasattr(kernel, "fn") else kernel
     grid = grid_of(meta)
     return lambda: jit[grid](*ptrs, *scalars, **meta, num_warps=warps, num_stages=stages)
@@ -78,11 +78,9 @@ def sweep_case(name, T):
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     row = {"shape": name, "tokens": T, "layer": {}, "breakdown": {}}
     all_configs = {k: list(k.configs) for k in (gate_up_glu_kernel, down_weighted_kernel)}
-    for mode in ("tile", "auto", "no tails"):
-        for kern, configs in all_configs.items():  # all one program per tile, the defaults, no tail tiles
-            kern.configs = {"tile": as_persistent(configs, False), "auto": configs,
-                            "no tails": [triton.Config({**c.kwargs, "TAIL_M": 0}, num_warps=c.num_warps,
-                                                       num_stages=c.num_stages) for c in configs]}[mode]
+    for mode in ("tile", "auto"):
+        for kern, configs in all_configs.items():  # the default launch shapes, or all one program per tile
+            kern.configs = configs if mode == "auto" else as_persistent(configs, False)
             kern.cache.clear()
         dispatch._PLANS = {}
         fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
@@ -112,14 +110,14 @@ def sweep_case(name, T):
 
 
 def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops) -> list[dict]:
-    """Time one grouped GEMM over configs x variants (one program per tile, persistent, persistent with tail
-    tiles; gate/up: the fused weight as two operands or stacked); each output checked against config 3's
-    first variant, which is left in ``out`` at the end."""
+    """Time one grouped GEMM over configs x variants (one program per tile or persistent; gate/up: the fused
+    weight as two operands or stacked); each output checked against config 3's first variant, which is
+    left in ``out`` at the end."""
     grid = kernel.grid_fn
-    variants = [dict(PERSISTENT=False), dict(PERSISTENT=True), dict(PERSISTENT=True, TAIL=True)]
+    variants = [dict(PERSISTENT=p) for p in (False, True)]
     if constexprs.get("STACKED"):
         variants = [dict(v, STACKED=s) for v in variants for s in (False, True)]
-    constexprs = {k: v for k, v in constexprs.items() if k not in variants[0] and k != "TAIL_M"}
+    constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
     launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, configs[3], **variants[0])()
     ref = out.clone()
     results = []
@@ -143,16 +141,16 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops) -> list[di
 def report(rows):
     """The tables: per case, the layer under both launch-shape lists, its kernels, the five fastest configs."""
     for r in rows:
-        print(f"\n## {r['shape']} {r['tokens']} tokens: layer ms " + ", ".join(f"{m} {t:.3f}" for m, t in r["layer"].items())
-              + " (tile: one program per tile; auto: the default launch shapes)")
-        for mode in r["breakdown"]:
-            print(f"  {mode:8s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][mode].items()))
+        print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['tile']:.3f} ms (one program per tile) / "
+              f"{r['layer']['auto']:.3f} ms (default launch shapes)")
+        for mode in ("tile", "auto"):
+            print(f"  {mode:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][mode].items()))
             print(f"       chosen: {r['chosen'][mode]}")
         for kern in ("gate_up", "down"):
             ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
             bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
             for e in sorted(ok, key=lambda e: e["ms"])[:5]:
-                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED", "TAIL") if f in e)
+                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED") if f in e)
                 print(f"  {kern:8s} {str(e['cfg']):24s} {flags:26s} {e['ms']:.3f} ms "
                       f"{e['tflops']:.0f} TFLOP/s")
             if bad:
@@ -165,12 +163,7 @@ def main():
     ap.add_argument("--cases", default=None, help="e.g. OLMoE:4096,Mixtral:4096")
     ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
     ap.add_argument("--show", default=None, help="print the tables of a saved JSON and exit")
-    ap.add_argument("--quick", action="store_true", help="only the prefill tiles of the kernels' own autotuning lists")
     args = ap.parse_args()
-    if args.quick:
-        global GATE_UP, DOWN
-        GATE_UP = [GATE_UP[i] for i in (5, 6, 9, 3)]  # index 3 is the reference launch
-        DOWN = [DOWN[i] for i in (4, 5, 8, 3)]
     if args.show:
         return report(json.load(open(args.show))["rows"])
     dispatch.TMA = "off" if args.pointers else "auto"

@@ -24,10 +24,9 @@ import os
 import triton
 import triton.language as tl
 
-from dsmoe_compiler.codegen.schedule import TAILS
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import (PERSISTENT, first_turn, group_tiles, launch_shapes, locate, prune_by_rows,
-                                             swizzle, tail_tiles, tile_of)
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle,
+                                             tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -39,7 +38,7 @@ CONFIGS = launch_shapes(
      _cfg(64, 128, 64, 4, 4, lo=32, hi=256)],
     [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)])
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
-    CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on", tail=8 if TAILS else 0)]
+    CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
 
 @triton.jit
@@ -71,7 +70,6 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    TAIL_M: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -86,9 +84,6 @@ def gate_up_glu_kernel(
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
-        if TAIL_M > 0:
-            tiles, tiles_end, tails, tails_end, tail_rows, tail_starts = tail_tiles(tiles, counts, starts,
-                                                                                    BLOCK_SIZE_M, TAIL_M)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
@@ -97,16 +92,6 @@ def gate_up_glu_kernel(
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
-        if TAIL_M > 0:  # the groups' last few rows, TAIL_M-row tiles (schedule.tail_tiles)
-            tails_m = tl.sum(tails, 0)
-            first = first_turn(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS)
-            for tile in tl.range(first, tails_m * tiles_n, NUM_PROGRAMS, flatten=True):
-                pid_m, pid_n = swizzle(tile, tails_m, tiles_n, GROUP_SIZE_M)
-                sub, row0, rows_left = locate(pid_m, tails, tails_end, tail_rows, tail_starts, TAIL_M, BLOCK_SUBS)
-                _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                      N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                      alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                      TAIL_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)

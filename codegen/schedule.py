@@ -11,13 +11,6 @@ host synchronisation, CUDA-graph capturable), in either of the two launch shapes
 - persistent (``PERSISTENT`` configs): one program per SM walks tiles pid, pid + programs, ... up to
   the real tile count, computed on the device. The loop over tiles is flattened with the K loop, so
   the loads of the next tile start while this tile's epilogue runs, and no program starts empty.
-
-Tail tiles (``TAIL_M`` > 0, persistent configs only): a group's last rows, when at most TAIL_M of them
-are left over after its full BLOCK_SIZE_M tiles, are not given a whole BLOCK_SIZE_M tile (mostly
-empty rows, multiplied all the same) but a TAIL_M-row tile, in a second loop after the main one
-(``tail_tiles``). Under ncu (H200, OLMoE / Qwen3-30B-A3B at 4096 tokens, ~512 / ~256 rows per expert)
-the tensor pipe was 73 % busy in gate/up, and the partly empty last tile of each expert is about a
-tenth / a fifth of the tiles.
 """
 
 import os
@@ -28,23 +21,13 @@ import triton.language as tl
 PERSISTENT = os.environ.get("DSMOE_PERSISTENT", "auto")
 """Launch shape of the grouped GEMMs: "auto" (prefill tiles persistent, decode tiles one program per tile),
 "on" (all persistent), "off" (all one program per tile)."""
-TAILS = os.environ.get("DSMOE_TAIL", "on") == "on"
-"""Persistent configs give a group's last few rows a half-height tile (``tail_tiles``); "off": a full one."""
 
 
-def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=False, tail=None):
-    """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for;
-    tail = TAIL_M (persistent only; default half of BLOCK_SIZE_M when DSMOE_TAIL is on, else 0)."""
+def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=False):
+    """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for."""
     return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
-                          "MIN_ROWS": lo, "MAX_ROWS": hi, "PERSISTENT": persistent,
-                          "TAIL_M": _tail(m, persistent, tail)},
+                          "MIN_ROWS": lo, "MAX_ROWS": hi, "PERSISTENT": persistent},
                          num_warps=warps, num_stages=stages)
-
-
-def _tail(block_m, persistent, tail=None):
-    if not persistent:
-        return 0
-    return tail if tail is not None else (block_m // 2 if TAILS else 0)
 
 
 def launch_shapes(decode, prefill):
@@ -57,11 +40,9 @@ def launch_shapes(decode, prefill):
     return (as_persistent(decode, True) if PERSISTENT == "on" else decode) + as_persistent(prefill, True)
 
 
-def as_persistent(configs, persistent: bool, tail=None):
+def as_persistent(configs, persistent: bool):
     """The same tiles with the launch shape set (``gemm_sweep.py`` also turns it off for comparison)."""
-    return [triton.Config({**c.kwargs, "PERSISTENT": persistent,
-                           "TAIL_M": _tail(c.kwargs["BLOCK_SIZE_M"], persistent, tail)},
-                          num_warps=c.num_warps, num_stages=c.num_stages)
+    return [triton.Config({**c.kwargs, "PERSISTENT": persistent}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in configs]
 
 
@@ -105,28 +86,6 @@ def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl
             starts = expert_start + tl.where(major, 0, a)
     tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
     return tiles, tl.cumsum(tiles, 0), counts, starts
-
-
-@triton.jit
-def tail_tiles(tiles, counts, starts, BLOCK_SIZE_M: tl.constexpr, TAIL_M: tl.constexpr):
-    """Split ``group_tiles``' M-tiles into main and tail tiles: a group whose last tile would hold 1..TAIL_M
-    rows gives those rows a TAIL_M-row tail tile instead. Returns (main tiles, running end of the main
-    tiles, tail tiles (0 or 1), their running end, rows of the tail, its first sorted row), per group.
-    The main tiles keep their rows and starts: a group's rows left from a main tile may exceed BLOCK_SIZE_M
-    (the tail's rows follow), which the tiles' row masks already allow for."""
-    rest = counts % BLOCK_SIZE_M
-    small = (rest > 0) & (rest <= TAIL_M)
-    main = tiles - small.to(tl.int32)
-    tails = small.to(tl.int32)
-    return main, tl.cumsum(main, 0), tails, tl.cumsum(tails, 0), tl.where(small, rest, 0), starts + counts - rest
-
-
-@triton.jit
-def first_turn(pid, done, NUM_PROGRAMS):
-    """Where program pid's round robin over a second tile list starts when the first list had ``done`` tiles:
-    the global index done + t is program (done + t) % NUM_PROGRAMS's, so those short of a last main tile
-    start the tails."""
-    return ((pid - done) % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
 
 
 @triton.jit
