@@ -86,6 +86,11 @@ def top_kernels(model, inputs, backend, options=None, n=12) -> list[tuple[str, f
     return [("TOTAL", sum(t for _, t in times))] + times[:n]
 
 
+def calibration_plan(model):
+    """Neuron importance and score samples from one random 4096-token batch (what the 2T column fits to)."""
+    return dsmoe_compiler.calibrate(model, [torch.randint(0, 50304, (1, 4096), device="cuda")], progress=False)
+
+
 def two_t_options(plan) -> dict:
     """The 2T column: thresholds fitted to a 25 % compute drop rate on the plan's calibration scores."""
     return {"kernels": "triton", "plan": plan, "drop": "2t", "drop_rate": 0.25, "stats": True}
@@ -99,7 +104,7 @@ def host_profile(layers: int, calls: int = 20):
     torch.manual_seed(0)
     model = olmoe(layers)
     inputs = {"input_ids": torch.randint(0, 50304, (64, 1), device="cuda"), "use_cache": False}
-    plan = dsmoe_compiler.calibrate(model, [torch.randint(0, 50304, (1, 4096), device="cuda")], progress=False)
+    plan = calibration_plan(model)
     for name, options in (("dualsparse", {"kernels": "triton"}), ("dualsparse 2T 25%", two_t_options(plan))):
         torch._dynamo.reset()
         fn = torch.compile(model, backend="dualsparse", options=options)
@@ -154,7 +159,7 @@ def main():
     cases = {"prefill 1x4096": {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False},
              "step 64x1": {"input_ids": torch.randint(0, 50304, (64, 1), device="cuda"), "use_cache": False}}
     cases = {k: v for k, v in cases.items() if k.split()[0] in wanted}
-    plan = dsmoe_compiler.calibrate(model, [torch.randint(0, 50304, (1, 4096), device="cuda")], progress=False)
+    plan = calibration_plan(model)
     columns = {"eager": (None, None), "inductor": ("inductor", None),
                "dualsparse": ("dualsparse", {"kernels": "triton"}),
                "dualsparse 2T 25%": ("dualsparse", two_t_options(plan))}
