@@ -42,6 +42,20 @@ DOWN = [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 12
 
 
 GATE_UP_REFERENCE, DOWN_REFERENCE = GATE_UP[3], DOWN[3]  # every swept output is checked against these
+LAYER, TOP = True, 5
+LAUNCHES = {"tile": "one program per tile", "auto": "default launch shapes"}
+VARIANTS = None  # --variants: launch flags to try instead of the default (one program per tile / persistent, x stacked)
+FLAG_NAMES = {"persistent": "PERSISTENT", "stacked": "STACKED", "ws": "WARP_SPEC", "hdesc": "H_DESC"}
+
+
+def parse_tiles(text: str) -> list[tuple]:
+    """'64x256x64x8x3,128x128x64x8x4' -> [(64, 256, 64, 8, 3), (128, 128, 64, 8, 4)]."""
+    return [tuple(int(v) for v in t.split("x")) for t in text.split(",") if t]
+
+
+def parse_variants(text: str) -> list[dict]:
+    """'persistent+stacked,ws+stacked' -> one flag dict per variant; flags not named are False."""
+    return [{FLAG_NAMES[f]: True for f in v.split("+") if f} for v in text.split(",")]
 
 
 def prefill_tiles(kernel) -> list[tuple]:
@@ -87,7 +101,7 @@ def sweep_case(name, T):
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     row = {"shape": name, "tokens": T, "layer": {}, "breakdown": {}}
     all_configs = {k: list(k.configs) for k in (gate_up_glu_kernel, down_weighted_kernel)}
-    for mode in ("tile", "auto"):
+    for mode in ("tile", "auto") if LAYER else ("auto",):
         for kern, configs in all_configs.items():  # the default launch shapes, or all one program per tile
             kern.configs = configs if mode == "auto" else as_persistent(configs, False)
             kern.cache.clear()
@@ -97,8 +111,9 @@ def sweep_case(name, T):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        row["layer"][mode] = ms(g.replay)
-        row["breakdown"][mode] = breakdown(g)
+        if LAYER:
+            row["layer"][mode] = ms(g.replay)
+            row["breakdown"][mode] = breakdown(g)
         row.setdefault("chosen", {})[mode] = [str(k.best_config) for k in all_configs]
     plan = next(p for p in dispatch._PLANS.values() if p.T == T)
     weights, index = dispatch.route(x, params, spec)
@@ -126,6 +141,13 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference)
     variants = [dict(PERSISTENT=p) for p in (False, True)]
     if constexprs.get("STACKED"):
         variants = [dict(v, STACKED=s) for v in variants for s in (False, True)]
+    if VARIANTS:  # only the flags this kernel has: STACKED is gate/up's, H_DESC down's
+        known = set(constexprs) | {"PERSISTENT", "WARP_SPEC", "H_DESC" if name == "down" else "STACKED"}
+        variants = [{f: v.get(f, False) for f in ("PERSISTENT", "STACKED", "WARP_SPEC", "H_DESC") if f in known}
+                    for v in VARIANTS]
+        variants = [dict(t) for t in dict.fromkeys(tuple(v.items()) for v in variants)]  # distinct, in order
+        variants.insert(0, dict(variants[0], PERSISTENT=False, WARP_SPEC=False, H_DESC=False))
+        variants = [{k: v for k, v in d.items() if k != "H_DESC" or name == "down"} for d in variants]
     constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
     launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, reference, **variants[0])()
     ref = out.clone()
@@ -150,16 +172,17 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference)
 def report(rows):
     """The tables: per case, the layer under both launch-shape lists, its kernels, the five fastest configs."""
     for r in rows:
-        print(f"\n## {r['shape']} {r['tokens']} tokens: layer {r['layer']['tile']:.3f} ms (one program per tile) / "
-              f"{r['layer']['auto']:.3f} ms (default launch shapes)")
-        for mode in ("tile", "auto"):
+        print(f"\n## {r['shape']} {r['tokens']} tokens: layer "
+              + " / ".join(f"{v:.3f} ms ({LAUNCHES[m]})" for m, v in r["layer"].items()))
+        for mode in r["layer"]:
             print(f"  {mode:4s} " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"][mode].items()))
             print(f"       chosen: {r['chosen'][mode]}")
         for kern in ("gate_up", "down"):
             ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
             bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
-            for e in sorted(ok, key=lambda e: e["ms"])[:5]:
-                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED") if f in e)
+            for e in sorted(ok, key=lambda e: e["ms"])[:TOP]:
+                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED", "WARP_SPEC", "H_DESC")
+                                 if e.get(f))
                 print(f"  {kern:8s} {str(e['cfg']):24s} {flags:26s} {e['ms']:.3f} ms "
                       f"{e['tflops']:.0f} TFLOP/s")
             if bad:
@@ -173,10 +196,20 @@ def main():
     ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
     ap.add_argument("--show", default=None, help="print the tables of a saved JSON and exit")
     ap.add_argument("--quick", action="store_true", help="only the prefill tiles of the kernels' own autotuning lists")
+    ap.add_argument("--gate-up", default=None, help="gate/up tiles MxNxKxWARPSxSTAGES, comma-separated (adds to --quick)")
+    ap.add_argument("--down", default=None, help="down tiles, as --gate-up")
+    ap.add_argument("--variants", default=None, help="launch flags per variant, e.g. persistent+stacked,ws+stacked,hdesc")
+    ap.add_argument("--gemms-only", action="store_true", help="skip the whole-layer breakdown")
+    ap.add_argument("--top", type=int, default=5, help="configs printed per GEMM")
     args = ap.parse_args()
+    global GATE_UP, DOWN, VARIANTS, LAYER, TOP
     if args.quick:
-        global GATE_UP, DOWN
         GATE_UP, DOWN = prefill_tiles(gate_up_glu_kernel), prefill_tiles(down_weighted_kernel)
+    if args.gate_up or args.down:
+        GATE_UP = (GATE_UP if args.quick else []) + parse_tiles(args.gate_up or "")
+        DOWN = (DOWN if args.quick else []) + parse_tiles(args.down or "")
+    VARIANTS = parse_variants(args.variants) if args.variants else None
+    LAYER, TOP = not args.gemms_only, args.top
     if args.show:
         return report(json.load(open(args.show))["rows"])
     dispatch.TMA = "off" if args.pointers else "auto"
