@@ -86,8 +86,8 @@ def breakdown(g) -> dict:
 
 
 def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
-    m, n, k, warps, stages = cfg
-    meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=8,
+    m, n, k, warps, stages, *group = cfg  # an optional sixth number: GROUP_SIZE_M (default 8)
+    meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=(group or [8])[0],
                 MIN_ROWS=0, MAX_ROWS=1 << 30)
     jit = kernel.fn if hasattr(kernel, "fn") else kernel
     grid = grid_of(meta)
@@ -196,7 +196,8 @@ def main():
     ap.add_argument("--pointers", action="store_true", help="weights through plain loads, not tensor descriptors")
     ap.add_argument("--show", default=None, help="print the tables of a saved JSON and exit")
     ap.add_argument("--quick", action="store_true", help="only the prefill tiles of the kernels' own autotuning lists")
-    ap.add_argument("--gate-up", default=None, help="gate/up tiles MxNxKxWARPSxSTAGES, comma-separated (adds to --quick)")
+    ap.add_argument("--gate-up", default=None,
+                    help="gate/up tiles MxNxKxWARPSxSTAGES[xGROUP_SIZE_M], comma-separated (adds to --quick)")
     ap.add_argument("--down", default=None, help="down tiles, as --gate-up")
     ap.add_argument("--variants", default=None, help="launch flags per variant, e.g. persistent+stacked,ws+stacked,hdesc")
     ap.add_argument("--gemms-only", action="store_true", help="skip the whole-layer breakdown")

@@ -55,7 +55,8 @@ def down_weighted_kernel(
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=not WARP_SPEC,
+                             warp_specialize=WARP_SPEC):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
@@ -63,7 +64,7 @@ def down_weighted_kernel(
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
                   W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                  H_DESC, WARP_SPEC)
+                  H_DESC, False)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)

@@ -86,13 +86,14 @@ def gate_up_glu_kernel(
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=not WARP_SPEC,
+                             warp_specialize=WARP_SPEC):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, WARP_SPEC)
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, False)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
