@@ -45,7 +45,7 @@ GATE_UP_REFERENCE, DOWN_REFERENCE = GATE_UP[3], DOWN[3]  # every swept output is
 LAYER, TOP = True, 5
 LAUNCHES = {"tile": "one program per tile", "auto": "default launch shapes"}
 VARIANTS = None  # --variants: launch flags to try instead of the default (one program per tile / persistent, x stacked)
-FLAG_NAMES = {"persistent": "PERSISTENT", "stacked": "STACKED", "ws": "WARP_SPEC", "hdesc": "H_DESC"}
+FLAG_NAMES = {"persistent": "PERSISTENT", "stacked": "STACKED"}
 
 
 def parse_tiles(text: str) -> list[tuple]:
@@ -141,13 +141,11 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference)
     variants = [dict(PERSISTENT=p) for p in (False, True)]
     if constexprs.get("STACKED"):
         variants = [dict(v, STACKED=s) for v in variants for s in (False, True)]
-    if VARIANTS:  # only the flags this kernel has: STACKED is gate/up's, H_DESC down's
-        known = set(constexprs) | {"PERSISTENT", "WARP_SPEC", "H_DESC" if name == "down" else "STACKED"}
-        variants = [{f: v.get(f, False) for f in ("PERSISTENT", "STACKED", "WARP_SPEC", "H_DESC") if f in known}
-                    for v in VARIANTS]
+    if VARIANTS:  # only the flags this kernel has (STACKED is gate/up's); the reference variant first
+        known = [f for f in FLAG_NAMES.values() if f == "PERSISTENT" or f in constexprs]
+        variants = [{f: v.get(f, False) for f in known} for v in VARIANTS]
+        variants.insert(0, dict(variants[0], PERSISTENT=False))
         variants = [dict(t) for t in dict.fromkeys(tuple(v.items()) for v in variants)]  # distinct, in order
-        variants.insert(0, dict(variants[0], PERSISTENT=False, WARP_SPEC=False, H_DESC=False))
-        variants = [{k: v for k, v in d.items() if k != "H_DESC" or name == "down"} for d in variants]
     constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
     launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, reference, **variants[0])()
     ref = out.clone()
@@ -181,8 +179,7 @@ def report(rows):
             ok = [e for e in r[kern] if e["rel_err"] < 1e-2]
             bad = [e for e in r[kern] if not e["rel_err"] < 1e-2]
             for e in sorted(ok, key=lambda e: e["ms"])[:TOP]:
-                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in ("PERSISTENT", "STACKED", "WARP_SPEC", "H_DESC")
-                                 if e.get(f))
+                flags = " ".join(f"{f.lower()}={int(e[f])}" for f in FLAG_NAMES.values() if e.get(f))
                 print(f"  {kern:8s} {str(e['cfg']):24s} {flags:26s} {e['ms']:.3f} ms "
                       f"{e['tflops']:.0f} TFLOP/s")
             if bad:
@@ -199,7 +196,7 @@ def main():
     ap.add_argument("--gate-up", default=None,
                     help="gate/up tiles MxNxKxWARPSxSTAGES[xGROUP_SIZE_M], comma-separated (adds to --quick)")
     ap.add_argument("--down", default=None, help="down tiles, as --gate-up")
-    ap.add_argument("--variants", default=None, help="launch flags per variant, e.g. persistent+stacked,ws+stacked,hdesc")
+    ap.add_argument("--variants", default=None, help="launch flags per variant, e.g. persistent+stacked,stacked")
     ap.add_argument("--gemms-only", action="store_true", help="skip the whole-layer breakdown")
     ap.add_argument("--top", type=int, default=5, help="configs printed per GEMM")
     args = ap.parse_args()

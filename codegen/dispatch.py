@@ -177,8 +177,6 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
 """P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
-DOWN_H_DESC = os.environ.get("DSMOE_H_DESC", "off") == "on"
-"""The down GEMM reads its h tiles (rows already in sorted order) through a tensor descriptor too; "off": pointers."""
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
 
 
@@ -372,8 +370,7 @@ class _Plan:
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain",
-                 H_DESC=DOWN_H_DESC and _use_desc(x) and not self.nested and dn_k * x.element_size() % 16 == 0))
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

@@ -41,50 +41,41 @@ def down_weighted_kernel(
     GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    H_DESC: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
-    h_all = h_ptr
-    if H_DESC:  # h rows are already in sorted order: its tiles can come by the tensor-memory accelerator too
-        h_all = tl.make_tensor_descriptor(h_ptr, shape=[pairs, K], strides=[stride_hm, 1],
-                                          block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_K])
     if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
         w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=not WARP_SPEC,
-                             warp_specialize=WARP_SPEC):
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-            _tile(h_ptr, h_all, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                  H_DESC, False)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
         sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-            _tile(h_ptr, h_all, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                  H_DESC, WARP_SPEC)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
-def _tile(h_ptr, h_all, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-          H_DESC: tl.constexpr, WARP_SPEC: tl.constexpr):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
@@ -119,17 +110,14 @@ def _tile(h_ptr, h_all, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub
         k_end = tl.where(minor_from < tl.minimum(rows_left, BLOCK_SIZE_M), k_end, tl.cdiv(HALF, BLOCK_SIZE_K))
         h_ptrs += k_first * BLOCK_SIZE_K
         w_ptrs += k_first * BLOCK_SIZE_K * stride_wk
-    for k in tl.range(k_first, k_end, warp_specialize=WARP_SPEC):
+    for k in range(k_first, k_end):
         k_left = K - k * BLOCK_SIZE_K
         live = mask_m[:, None] & (offs_k[None, :] < k_left)
         if GROUPS == "nested":
             major = (k * BLOCK_SIZE_K + offs_k) < HALF
             live = live & ((major[None, :] & (offs_m < major_left)[:, None])
                            | ((~major)[None, :] & (offs_m >= minor_from)[:, None]))
-        if H_DESC:  # rows past this group's are the next group's (or zeros): their products are never stored
-            a = h_all.load([row0, k * BLOCK_SIZE_K])
-        else:
-            a = tl.load(h_ptrs, mask=live, other=0.0)
+        a = tl.load(h_ptrs, mask=live, other=0.0)
         if W_DESC:
             w = w_all.load([w_row, part * K + k * BLOCK_SIZE_K]).T
         else:

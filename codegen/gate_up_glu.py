@@ -70,7 +70,6 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -86,14 +85,13 @@ def gate_up_glu_kernel(
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=not WARP_SPEC,
-                             warp_specialize=WARP_SPEC):
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, False)
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -102,7 +100,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, WARP_SPEC)
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -111,8 +109,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-          WARP_SPEC: tl.constexpr):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -132,7 +129,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
     k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     if STACKED:
         acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K, k_tiles,
-                                BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, WARP_SPEC)
+                                BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
                                      neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
@@ -197,13 +194,12 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
 
 @triton.jit
 def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles,
-             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-             WARP_SPEC: tl.constexpr):
+             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators of a fused [gate; up] read through its [E, 2, I, K] view: the gate block and
     the up block arrive as one [2 x BLOCK_SIZE_N, BLOCK_SIZE_K] operand, so each K step is one
     BLOCK_SIZE_M x 2 BLOCK_SIZE_N product that reads the x tile once (a 128 x 256 tile, like the down GEMM's)."""
     acc = tl.zeros((BLOCK_SIZE_M, 2 * BLOCK_SIZE_N), dtype=tl.float32)
-    for k in tl.range(0, k_tiles, warp_specialize=WARP_SPEC):
+    for k in range(0, k_tiles):
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k * BLOCK_SIZE_K), other=0.0)
         w = gu_desc.load([expert, 0, neuron0, k * BLOCK_SIZE_K]).reshape(2 * BLOCK_SIZE_N, BLOCK_SIZE_K)
         acc = tl.dot(a, w.T, acc)
