@@ -10,6 +10,13 @@ the fused weight as two operands or stacked, weights through tensor descriptors 
 them (``--pointers``: plain loads), in TFLOP/s; every config's output is checked against a reference
 launch (rel. err. < 1e-2).
 Prints tables last and writes JSON. Used to choose the autotuning lists in codegen/.
+
+A/B runs of a few tiles (the form the second H200 session used, results/h200/gemm_sweep_warps.*):
+
+    python benchmarks/gemm_sweep.py --cases OLMoE:4096 --gemms-only --quick --top 6 \
+        --gate-up 128x128x64x16x4,256x128x64x16x3 --down 128x256x64x16x4 --variants persistent+stacked
+
+(--quick: the kernels' own prefill tiles, which the extra tiles join; a sixth number is GROUP_SIZE_M.)
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def parse_tiles(text: str) -> list[tuple]:
 
 
 def parse_variants(text: str) -> list[dict]:
-    """'persistent+stacked,ws+stacked' -> one flag dict per variant; flags not named are False."""
+    """'persistent+stacked,stacked' -> one flag dict per variant; flags not named are False."""
     return [{FLAG_NAMES[f]: True for f in v.split("+") if f} for v in text.split(",")]
 
 
