@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 from triton.testing import do_bench
 
 import dsmoe_compiler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_layer import host_ms  # noqa: E402
 
 
 def olmoe(layers: int):
@@ -111,12 +115,7 @@ def host_profile(layers: int, calls: int = 20):
         with torch.no_grad():
             for _ in range(5):
                 fn(**inputs)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn(**inputs)
-            host = (time.perf_counter() - start) / calls * 1e3
-            torch.cuda.synchronize()
+            host = host_ms(lambda: fn(**inputs), calls)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(calls):
