@@ -30,7 +30,8 @@ def test_kernels_under_interpreter(variant):
     env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
                DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
     select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty"],
-              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"]}
+              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"
+                                  " or split_tails"]}
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select[variant]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
@@ -173,6 +174,25 @@ def test_partition_halves_any_keep_pattern(T, E, K, data):
         check(x, params, spec, keep=keep)
     else:  # nothing kept: exactly zero, not NaN from unwritten buffers
         assert (dispatch.moe_triton(x, params, spec, keep=keep) == 0).all()
+
+
+@pytestmark_case
+@pytest.mark.parametrize("T,E,K,P,keep_rate", [(200, 3, 2, 1, None), (100, 2, 2, 1, None), (150, 2, 1, 2, None),
+                                              (180, 2, 2, 2, 0.3)])
+def test_split_tails(monkeypatch, T, E, K, P, keep_rate):
+    """Each grouped GEMM as two launches (schedule.MAIN_ROWS): groups with a short tail past a full 128-row tile
+    (131 rows: tail of 3), groups under one tile all in the tail launch (< 64 rows) or all in the main one
+    (65 to 128 rows), nested halves (P = 2) with and without dropped halves."""
+    monkeypatch.setattr(dispatch, "SPLIT_TAILS", "on")
+    monkeypatch.setattr(dispatch, "_PLANS", {})
+    x, params, spec = make_case(torch.float32, T=T, E=E, K=K, I=48, P=P, seed=T + E)
+    keep = None
+    if keep_rate is not None:
+        keep = torch.rand(T, K * P, generator=torch.Generator().manual_seed(T)) > keep_rate
+    _, _, idx = reference.route(x, params, spec)
+    counts = torch.bincount(idx.flatten(), minlength=E)
+    assert ((counts > 128) | (counts < 128)).all()
+    check(x, params, spec, keep=keep)
 
 
 @pytestmark_case
