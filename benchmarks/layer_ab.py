@@ -1,10 +1,10 @@
 """A/B of codegen switches on one MoE layer (GPU, bf16): CUDA-graph replay time and where it goes.
 
     PYTHONUNBUFFERED=1 python benchmarks/layer_ab.py --cases OLMoE:4096,Qwen3-30B-A3B:4096 \
-        --variants base:SPLIT_TAILS=off,split:SPLIT_TAILS=on --json results/layer_ab.json
+        --variants stacked:STACK_GATE_UP=on,two:STACK_GATE_UP=off --json results/layer_ab.json
 
 A variant is NAME:SETTING+SETTING, a setting ATTR=VALUE of ``codegen/dispatch.py`` (the module's switches:
-SPLIT_TAILS, COMBINE, ...). Per case every variant is built fresh (plans dropped), checked against
+TMA, STACK_GATE_UP, NESTED_HALVES, ...; on / off become True / False, digits integers). Per case every variant is built fresh (plans dropped), checked against
 reference.moe (relative error < 1e-2) and timed as the median of do_bench over graph replays, rounds
 alternating between variants so that clock drift falls on all of them alike; the kernel breakdown is
 one profiled replay (``gemm_sweep.breakdown``). Prints a table last and writes JSON.
@@ -37,8 +37,15 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
         for attr, _ in pairs:
             if not hasattr(dispatch, attr):
                 raise SystemExit(f"--variants: codegen/dispatch.py has no switch {attr!r}")
-        out.append((name, {attr: int(value) if value.isdigit() else value for attr, value in pairs}))
+        out.append((name, {attr: _value(attr, value) for attr, value in pairs}))
     return out
+
+
+def _value(attr: str, text: str):
+    """The switch's own type: booleans from on / off, integers from digits, else the text (e.g. TMA=off)."""
+    if isinstance(getattr(dispatch, attr), bool):
+        return text == "on"
+    return int(text) if text.isdigit() else text
 
 
 def build(x, params, spec, settings):

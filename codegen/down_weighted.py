@@ -6,8 +6,6 @@ p * c of down[e] (or the row slice of a transposed [I, H] layout), read through 
 The down bias belongs to the whole expert, so only sub-expert p == 0 adds it (as the reference does).
 Each result row, scaled by its pair's routing weight, goes to its own row of the pair buffer
 [T * PAIRS, H]; ``combine.py`` then sums a token's rows in a fixed order (deterministic, no atomics).
-ATOMIC instead adds it into the token's row of an fp32 [T, H] sum (``dispatch.COMBINE``): no pair buffer,
-but the order of the additions, and so the last bits of the sum, vary from run to run.
 """
 
 import os
@@ -27,14 +25,11 @@ CONFIGS = launch_shapes(
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 256, 64, 8, 3, lo=32, hi=256)],
     [_cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64), _cfg(128, 256, 32, 8, 5, lo=128)])
-# PART "tail" launches (schedule.MAIN_ROWS): one 64-row tile per group, BLOCK_SIZE_M = TAIL_ROWS always
-TAIL_CONFIGS = [_cfg(64, 256, 64, 4, 4), _cfg(64, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
-    TAIL_CONFIGS = [_cfg(64, 32, 16, 1, 1, group=2)]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "ATOMIC"],
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
                  prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
@@ -46,7 +41,6 @@ def down_weighted_kernel(
     GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    PART: tl.constexpr = "all", ATOMIC: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
@@ -54,7 +48,7 @@ def down_weighted_kernel(
         w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
-        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS, PART)
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
@@ -63,19 +57,17 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, ATOMIC)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
-        if PART == "tail":  # one tile per group at most
-            max_tiles_m = num_subs
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
-        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS, PART)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, ATOMIC)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -83,7 +75,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, ATOMIC: tl.constexpr):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
@@ -144,14 +136,5 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
     # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
     slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
     acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    if ATOMIC:  # y is the fp32 [T, H] sum itself: add into the token's row (order varies between runs)
-        y_ptrs = y_ptr + (pair // PAIRS)[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
-        tl.atomic_add(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
-    else:
-        y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-down_weighted_tail_kernel = triton.autotune(configs=TAIL_CONFIGS, key=["N", "K", "W_DESC", "W_TABLE", "ATOMIC"])(
-    down_weighted_kernel.fn)
-"""The same kernel tuned apart for the split-off tails (PART "tail", schedule.MAIN_ROWS)."""
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

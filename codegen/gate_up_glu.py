@@ -37,11 +37,8 @@ CONFIGS = launch_shapes(
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 128, 64, 4, 4, lo=32, hi=256)],
     [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)])
-# PART "tail" launches (schedule.MAIN_ROWS): one 64-row tile per group, BLOCK_SIZE_M = TAIL_ROWS always
-TAIL_CONFIGS = [_cfg(64, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 3), _cfg(64, 64, 64, 4, 4)]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
-    TAIL_CONFIGS = [_cfg(64, 16, 32, 1, 1, group=2)]
 
 
 @triton.jit
@@ -73,7 +70,6 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    PART: tl.constexpr = "all",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -87,7 +83,7 @@ def gate_up_glu_kernel(
         u_all = tl.make_tensor_descriptor(u_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
-        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS, PART)
+        tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
@@ -98,10 +94,8 @@ def gate_up_glu_kernel(
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
-        if PART == "tail":  # one tile per group at most
-            max_tiles_m = num_subs
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
-        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS, PART)
+        sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
@@ -211,8 +205,3 @@ def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles,
         acc = tl.dot(a, w.T, acc)
         x_ptrs += BLOCK_SIZE_K
     return acc.reshape(BLOCK_SIZE_M, 2, BLOCK_SIZE_N).permute(0, 2, 1).split()
-
-
-gate_up_glu_tail_kernel = triton.autotune(configs=TAIL_CONFIGS, key=["N", "K", "W_DESC", "W_TABLE"])(
-    gate_up_glu_kernel.fn)
-"""The same kernel tuned apart for the split-off tails (PART "tail", schedule.MAIN_ROWS)."""

@@ -52,34 +52,8 @@ def launch_grid(meta, pairs, groups, columns, programs):
     return (min(tiles, programs) if meta["PERSISTENT"] else tiles,)
 
 
-MAIN_ROWS = tl.constexpr(128)
-TAIL_ROWS = tl.constexpr(64)
-"""Split tails: a group's rows past its last full MAIN_ROWS tile, when there are at most TAIL_ROWS of them, go
-to a second launch of TAIL_ROWS-row tiles (PART "tail") instead of a 128-row tile at least half empty; the
-first launch (PART "main") leaves them out. ``PART "all"``: no split, one launch covers every row."""
-
-
-def tail_grid(meta, groups, columns):
-    """Programs of a PART "tail" launch: at most one M-tile per group."""
-    return (groups * triton.cdiv(columns, meta["BLOCK_SIZE_N"]),)
-
-
 @triton.jit
-def split_tails(counts, starts, PART: tl.constexpr):
-    """(rows that get M-tiles, rows, first row) per group for one part of a split launch (see MAIN_ROWS).
-    "main" tiles only the rows before a split-off tail, but keeps the group's full row count: its tiles there
-    are full, and ``halves_of`` measures rows to the group's end; "tail" starts at the split-off tail."""
-    full = counts // MAIN_ROWS * MAIN_ROWS
-    small = (counts > full) & (counts - full <= TAIL_ROWS)
-    if PART == "main":
-        return tl.where(small, full, counts), counts, starts
-    tail = tl.where(small, counts - full, 0)
-    return tail, tail, starts + full
-
-
-@triton.jit
-def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr,
-                PART: tl.constexpr = "all"):
+def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr):
     """Per group (vectors over BLOCK_SUBS): M-tiles, running end of the M-tiles, rows, first sorted row.
 
     GROUPS "plain": counts[g] rows per group, groups back to back. With ``align.py``'s nested halves,
@@ -110,10 +84,7 @@ def group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl
             expert_start = tl.cumsum(tl.where(major, total, 0), 0) - total
             counts = tl.where(major, a + b, b + c)
             starts = expert_start + tl.where(major, 0, a)
-    tiled = counts
-    if PART != "all":
-        tiled, counts, starts = split_tails(counts, starts, PART)
-    tiles = (tiled + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
+    tiles = (counts + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M
     return tiles, tl.cumsum(tiles, 0), counts, starts
 
 
@@ -130,10 +101,9 @@ def locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M: tl.constexpr, 
 
 
 @triton.jit
-def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr,
-            PART: tl.constexpr = "all"):
+def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS: tl.constexpr, GROUPS: tl.constexpr):
     """``locate`` for one tile, the group table read from counts."""
-    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS, PART)
+    tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
     return locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
 
 

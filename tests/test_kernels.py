@@ -30,8 +30,7 @@ def test_kernels_under_interpreter(variant):
     env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
                DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
     select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty"],
-              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"
-                                  " or split_tails"]}
+              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"]}
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select[variant]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
@@ -177,25 +176,6 @@ def test_partition_halves_any_keep_pattern(T, E, K, data):
 
 
 @pytestmark_case
-@pytest.mark.parametrize("T,E,K,P,keep_rate", [(200, 3, 2, 1, None), (100, 2, 2, 1, None), (150, 2, 1, 2, None),
-                                              (180, 2, 2, 2, 0.3)])
-def test_split_tails(monkeypatch, T, E, K, P, keep_rate):
-    """Each grouped GEMM as two launches (schedule.MAIN_ROWS): groups with a short tail past a full 128-row tile
-    (131 rows: tail of 3), groups under one tile all in the tail launch (< 64 rows) or all in the main one
-    (65 to 128 rows), nested halves (P = 2) with and without dropped halves."""
-    monkeypatch.setattr(dispatch, "SPLIT_TAILS", "on")
-    monkeypatch.setattr(dispatch, "_PLANS", {})
-    x, params, spec = make_case(torch.float32, T=T, E=E, K=K, I=48, P=P, seed=T + E)
-    keep = None
-    if keep_rate is not None:
-        keep = torch.rand(T, K * P, generator=torch.Generator().manual_seed(T)) > keep_rate
-    _, _, idx = reference.route(x, params, spec)
-    counts = torch.bincount(idx.flatten(), minlength=E)
-    assert ((counts > 128) | (counts < 128)).all()
-    check(x, params, spec, keep=keep)
-
-
-@pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gptoss_layout_interleaved_transposed_bias(dtype):
     routing = RoutingSpec(score_after_topk=True, router_bias=True)
@@ -331,3 +311,54 @@ def test_compiled_model_drops_the_same_pairs_through_the_kernels(mode):
     assert outs["triton_rate"] == outs["reference_rate"] > 0
     err = ((outs["triton"].double() - outs["reference"].double()).norm() / outs["reference"].double().norm()).item()
     assert err < 1e-5, f"relative error {err:.2e}"
+
+
+# ---- the alignment kernels alone (align.py) ----
+@pytestmark_case
+@pytest.mark.parametrize("T,K,E,P,nested,with_keep", [(100, 8, 64, 1, False, False), (150, 2, 64, 2, False, True),
+                                                       (1, 1, 1, 1, False, False), (70, 4, 300, 1, False, True),
+                                                       (200, 2, 8, 2, True, True), (100, 2, 90, 2, True, True)])
+def test_align_counts_ranks_and_sorted_ids(T, K, E, P, nested, with_keep):
+    """Several programs and one crowded group: counts = kept pairs per group (E * P sub-experts, or the 3 * E
+    nested counters), each group's ranks are exactly 0..count - 1 (block ranks + one atomic per program and
+    group up to 256 groups, one atomic per pair above: E = 300, 3 * 90), and its slots of sorted hold its pairs."""
+    import triton
+
+    from dsmoe_compiler.codegen import align
+
+    g = torch.Generator().manual_seed(T * E)
+    index = torch.randint(0, E, (T, K), generator=g, dtype=torch.int32)
+    index[: T // 2, 0] = E - 1
+    cols = 2 * K if nested else K * P
+    keep = torch.randint(0, 2, (T, cols), generator=g, dtype=torch.uint8) if with_keep else None
+    kept = keep != 0 if with_keep else torch.ones(T, cols, dtype=torch.bool)
+    if nested:  # one row per (token, slot): counter = class * E + expert, class 0 Major only, 1 both, 2 Minor only
+        major, minor = kept[:, :K], kept[:, K:]
+        cls = torch.where(major & minor, 1, torch.where(major, 0, 2))
+        group = torch.where(major | minor, cls * E + index, -1).flatten()
+    else:
+        col = torch.arange(cols)
+        group = torch.where(kept, index[:, col % K] * P + col // K, -1).flatten()
+    n, groups = group.numel(), 3 * E if nested else E * P
+    counts = torch.zeros(groups, dtype=torch.int32)
+    rank, sorted_ids = torch.full((n,), -1, dtype=torch.int32), torch.full((n,), -1, dtype=torch.int32)
+    grid, keep_arg = (triton.cdiv(n, dispatch.BLOCK_PAIRS),), keep if with_keep else index
+    meta = dict(HAS_KEEP=with_keep, BLOCK_PAIRS=dispatch.BLOCK_PAIRS)
+    if nested:
+        align.count_nested_kernel[grid](index, keep_arg, counts, rank, n, E, K, groups,
+                                        BLOCK_SUBS=triton.next_power_of_2(groups), **meta)
+        align.scatter_nested_kernel[grid](index, keep_arg, counts, rank, sorted_ids, n, E, K,
+                                          BLOCK_SUBS=triton.next_power_of_2(E), **meta)
+        c = counts.long().view(3, E)  # rows of expert e: [A | B | C] from the exclusive cumsum of the totals
+        start = (c.sum(0).cumsum(0) - c.sum(0) + torch.stack([torch.zeros_like(c[0]), c[0], c[0] + c[1]])).flatten()
+    else:
+        args = (n, K, cols, P, groups)
+        align.count_kernel[grid](index, keep_arg, counts, rank, *args, BLOCK_SUBS=triton.next_power_of_2(groups), **meta)
+        align.scatter_kernel[grid](index, keep_arg, counts, rank, sorted_ids, *args,
+                                   BLOCK_SUBS=triton.next_power_of_2(groups), **meta)
+        start = counts.long().cumsum(0) - counts.long()
+    assert counts.tolist() == torch.bincount(group[group >= 0], minlength=groups).tolist()
+    for s in range(groups):
+        members = (group == s).nonzero().flatten()
+        assert sorted(rank[members].tolist()) == list(range(len(members))), f"ranks of group {s}"
+        assert sorted(sorted_ids[start[s]:start[s] + len(members)].tolist()) == members.tolist(), f"rows of group {s}"
