@@ -5,8 +5,10 @@
 Host time = wall time of 200 back-to-back calls / 200, measured while the GPU keeps up (no sync inside;
 synchronised before and after). Variants: ``replay`` (codegen/dispatch.py as shipped: recorded kernels
 replayed with raw pointers), ``triton launch`` (the same plan, every kernel launched through Triton's
-own ``kernel[grid](...)`` path: ``dispatch.FAST_LAUNCH = False``), ``custom op`` (replay, called as the
-compiled graph calls it: ``torch.ops.dualsparse.moe``), and, with ``--baseline DIR`` holding the earlier
+own ``kernel[grid](...)`` path: ``dispatch.FAST_LAUNCH = False``), ``graph`` (calls of at most
+``dispatch.GRAPH_MAX_PAIRS`` pairs as one CUDA graph replay of the operator's launches, the default;
+``replay`` has it off), ``custom op`` (the default path, called as the compiled graph calls it:
+``torch.ops.dualsparse.moe``), and, with ``--baseline DIR`` holding the earlier
 ``old_dispatch.py``, ``baseline`` (the dispatch before the host-time work). Cases without and with
 2T dropping (P = 2, thresholds and statistics on the device). Also the GPU time (median of
 ``triton.testing.do_bench``) to show the kernels did not change, the cost of single pieces, and the
@@ -73,6 +75,7 @@ def main():
         import old_dispatch as baseline  # noqa: E402
 
     rows, pieces = [], {}
+    graph_max_pairs = dispatch.GRAPH_MAX_PAIRS
     thresholds = torch.tensor([0.08, 0.16], device="cuda")
     for drop in (False, True):
         spec, params = make(drop)
@@ -82,6 +85,7 @@ def main():
             kw = {"thresholds": thresholds, "stats": stats} if drop else {}
             ref = reference.moe(x, params, spec, thresholds if drop else None)
             variants = {"replay": lambda: dispatch.moe_triton(x, params, spec, **kw)}
+            variants["graph"] = variants["replay"]
             variants["triton launch"] = variants["replay"]
             if baseline is not None:
                 variants["baseline"] = lambda: baseline.moe_triton(x, params, spec, **kw)
@@ -96,13 +100,15 @@ def main():
             row = {"case": f"T={T}" + (" 2T P=2" if drop else ""), "tokens": T, "drop": drop}
             for name, fn in variants.items():
                 dispatch.FAST_LAUNCH = name != "triton launch"
+                # every variant builds its own plan: only "replay" turns the operator's own CUDA graph off
+                dispatch._PLANS, dispatch.GRAPH_MAX_PAIRS = {}, 0 if name == "replay" else graph_max_pairs
                 out = fn()
                 fn()  # second call: the plan's kernels are recorded
                 row[name + " err"] = rel(out, ref)
                 assert row[name + " err"] < 1e-2, (row, name)
                 row[name + " host us"] = host_us(fn)
                 row[name + " gpu ms"] = gpu_ms(fn)
-            dispatch.FAST_LAUNCH = True
+            dispatch.FAST_LAUNCH, dispatch.GRAPH_MAX_PAIRS = True, graph_max_pairs
             if drop:  # statistics equal to the reference's for one call
                 s_ref = torch.zeros(2, dtype=torch.float64, device="cuda")
                 _, w, _ = reference.route(x, params, spec)
@@ -160,7 +166,7 @@ def main():
     for k, v in pieces.items():
         if isinstance(v, float):
             print(f"| {k} | {v:.1f} |")
-    cols = ["baseline", "triton launch", "replay", "custom op", "custom op no_grad"]
+    cols = ["baseline", "triton launch", "replay", "graph", "custom op", "custom op no_grad"]
     print("| case | " + " | ".join(f"{c} host us" for c in cols) + " | baseline gpu ms | replay gpu ms |")
     print("|---" * (len(cols) + 3) + "|")
     for r in rows:

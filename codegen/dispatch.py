@@ -347,6 +347,8 @@ class _Plan:
         self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)), (H, self.rows_per_token, H, H),
                                dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested))
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
+        self.graph = None  # (graph, its x, its output, the addresses it reads): see _graphed
+        self.graphable = FAST_LAUNCH and device.type == "cuda" and 0 < T * topk <= GRAPH_MAX_PAIRS and not keep_given
 
     def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
@@ -500,13 +502,71 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
         plan = _plan(key, spec, lambda: _Plan(spec, T, x.dtype, x.device, topk, fused_route=fused,
                                               keep_given=keep is not None, drop_on=drop_on,
                                               stats_on=stats is not None))
+    thresholds, stats = (thresholds, stats) if drop_on else (None, None)
+    forward = functools.partial(_forward, params=params, spec=spec, plan=plan, keep=keep, thresholds=thresholds,
+                                stats=stats, list_key=list_key, fused=fused)
+    if keep is None and plan.graphable and not torch.cuda.is_current_stream_capturing() and not _hooks_on():
+        return _graphed(plan, forward, x, (params, thresholds, stats, list_key))
+    return forward(x)
+
+
+def _forward(x, params, spec, plan, keep, thresholds, stats, list_key, fused):
+    """Routing (cuBLAS router GEMM + the route kernel, or torch), the plan's launches, shared experts."""
     if fused:
         out = plan(x, params, logits=reference.router_logits(x, params, spec).contiguous(), keep=keep,
-                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None, list_key=list_key)
+                   thresholds=thresholds, stats=stats, list_key=list_key)
     else:
         _, weights, index = reference.route(x, params, spec)
         out = plan(x, params, weights=weights.contiguous(), index=index.to(torch.int32), keep=keep,
-                   thresholds=thresholds if drop_on else None, stats=stats if drop_on else None, list_key=list_key)
+                   thresholds=thresholds, stats=stats, list_key=list_key)
     if spec.shared is not None:
         out = out + reference.shared_experts(x, params, spec)
     return out
+
+
+# ---- small calls as one CUDA graph ------------------------------------------------------------------
+GRAPH_MAX_PAIRS = int(os.environ.get("DSMOE_GRAPH_MAX_PAIRS", "1024"))
+"""Calls with at most this many (token, slot) pairs (decode: up to 128 tokens at top-8) replay the operator's
+own launches as one CUDA graph when called outside any capture; 0 turns it off. ``_graphed`` says why. Each
+captured graph keeps its buffers (1024 pairs: ~6 MB at OLMoE's sizes, ~40 MB at Mixtral's), at most
+MAX_GRAPHS of them."""
+MAX_GRAPHS = 64
+
+
+def _addresses(inputs) -> tuple:
+    """Where every tensor the graph reads besides x lives (a graph replays fixed addresses)."""
+    params, thresholds, stats, list_key = inputs
+    ptrs = tuple(None if p is None else p.data_ptr() for p in params)
+    return ptrs + tuple(None if t is None else t.data_ptr() for t in (thresholds, stats)) + (list_key,)
+
+
+def _graphed(plan, forward, x, inputs):
+    """The call as one CUDA graph replay (x copied into the graph's own input, the output cloned out).
+
+    Without CUDA graphs a decode step is host-bound: each call of the operator issues the router GEMM
+    and six kernel launches, ~0.1-0.2 ms of host time on the H200's host (benchmarks/moe_layer.py,
+    ours_host), where one graph replay and two copies take a fraction of that. The graph is captured at
+    the second call of a plan (the first compiles, autotunes and records the kernels); it reads the weights,
+    thresholds and statistics at the addresses they had then, so a call where any moved runs the plain
+    launches, and that plan stops using its graph (inputs that move every call would otherwise recapture
+    every call). Inside a user's own capture (torch.compile's reduce-overhead) the launches are captured
+    into that graph instead, as before."""
+    addresses = _addresses(inputs)
+    if plan.graph is None:
+        if plan.signature is None:  # first call: compile, autotune, record
+            return forward(x)
+        if sum(p.graph is not None for p in _PLANS.values()) >= MAX_GRAPHS:
+            plan.graphable = False
+            return forward(x)
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = forward(static_x)
+        plan.graph = (graph, static_x, static_out, addresses)
+    graph, static_x, static_out, captured = plan.graph
+    if addresses != captured:
+        plan.graph, plan.graphable = None, False
+        return forward(x)
+    static_x.copy_(x)
+    graph.replay()
+    return static_out.clone()

@@ -108,3 +108,37 @@ def test_replay_inside_a_cuda_graph_with_new_thresholds():
         ref_stats = torch.zeros(2, dtype=torch.float64, device="cuda")
         reference.record_drops(ref_stats, reference.keep_mask(w, spec, thresholds), spec)
         assert torch.equal(stats, ref_stats)
+
+
+@pytest.mark.parametrize("case,T", [("olmoe-like", 1), ("olmoe-like", 64), ("shared experts", 16),
+                                    ("gptoss layout (torch routing)", 8), ("2t with statistics", 32)])
+def test_small_calls_replay_their_own_cuda_graph(monkeypatch, case, T):
+    """Calls of at most GRAPH_MAX_PAIRS pairs replay one CUDA graph per plan from the second call on: each call's
+    output equals the plain launches' bit for bit, earlier outputs are not overwritten, drop statistics still
+    accumulate, and thresholds moved to a new tensor make the plan fall back to plain launches."""
+    two_t = case == "2t with statistics"
+    kw = dict(P=2, drop="2t") if two_t else dict(CASES[case], routing=_routing(CASES[case].get("routing")))
+    x0, params, spec = make(T, seed=11, **kw)
+    thresholds = torch.tensor([0.1, 0.2], device="cuda") if two_t else None
+    stats = torch.zeros(2, dtype=torch.float64, device="cuda") if two_t else None
+    xs = [torch.randn_like(x0) for _ in range(4)]
+    monkeypatch.setattr(dispatch, "GRAPH_MAX_PAIRS", 0)  # the plain launches, under a spec of their own
+    plain_spec = spec.replace(name=spec.name + "-plain")
+    expected = [dispatch.moe_triton(x, params, plain_spec, thresholds=thresholds) for x in xs]
+    monkeypatch.setattr(dispatch, "GRAPH_MAX_PAIRS", 1024)
+    outs = [dispatch.moe_triton(x, params, spec, thresholds=thresholds, stats=stats) for x in xs]
+    plan = next(p for p in dispatch._PLANS.values() if p.spec is spec and p.T == T)
+    assert plan.graph is not None, "the calls did not go through a CUDA graph"
+    for out, exp in zip(outs, expected):
+        assert torch.equal(out, exp)
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+    if two_t:
+        ref_stats = torch.zeros(2, dtype=torch.float64, device="cuda")
+        for x in xs:
+            _, w, _ = reference.route(x, params, spec)
+            reference.record_drops(ref_stats, reference.keep_mask(w, spec, thresholds), spec)
+        assert torch.equal(stats, ref_stats)
+        moved = thresholds.clone() * 2
+        out = dispatch.moe_triton(xs[0], params, spec, thresholds=moved, stats=stats)
+        assert plan.graph is None and not plan.graphable
+        assert torch.equal(out, dispatch.moe_triton(xs[0], params, plain_spec, thresholds=moved))
