@@ -560,7 +560,7 @@ def _graphed(plan, forward, x, inputs):
             return forward(x)
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are theirs
             static_out = forward(static_x)
         plan.graph = (graph, static_x, static_out, addresses)
     graph, static_x, static_out, captured = plan.graph
