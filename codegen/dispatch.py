@@ -18,6 +18,8 @@ kernel's scalar arguments and grid. The first call of a plan launches through Tr
 later calls replay the compiled binaries directly with raw pointers (``_Kernel.replay``), skipping
 Triton's argument binding, autotuner lookup and grid lambdas. A replay is only taken when every
 input tensor has the dtype, strides and 16-byte alignment the recorded specialisation assumed.
+Small calls (decode) go one step further: from a plan's second call they replay all of it, router
+GEMM included, as one CUDA graph of its own (``_graphed``; ``GRAPH_MAX_PAIRS``).
 """
 
 from __future__ import annotations
