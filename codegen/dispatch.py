@@ -535,10 +535,12 @@ MAX_GRAPHS of them."""
 MAX_GRAPHS = 64
 
 
-def _addresses(inputs) -> tuple:
-    """Where every tensor the graph reads besides x lives (a graph replays fixed addresses)."""
+def _addresses(inputs, slots) -> tuple:
+    """Where every tensor the graph reads besides x lives (a graph replays fixed addresses). A ModuleList's
+    experts ("gate.0", ...) are in list_key already, computed once per call anyway."""
     params, thresholds, stats, list_key = inputs
-    ptrs = tuple(None if p is None else p.data_ptr() for p in params)
+    ptrs = tuple(None if p is None else p.data_ptr() for name, p in zip(slots, params)
+                 if list_key is None or "." not in name)
     return ptrs + tuple(None if t is None else t.data_ptr() for t in (thresholds, stats)) + (list_key,)
 
 
@@ -553,7 +555,7 @@ def _graphed(plan, forward, x, inputs):
     launches, and that plan stops using its graph (inputs that move every call would otherwise recapture
     every call). Inside a user's own capture (torch.compile's reduce-overhead) the launches are captured
     into that graph instead, as before."""
-    addresses = _addresses(inputs)
+    addresses = _addresses(inputs, plan.spec.slots)
     if plan.graph is None:
         if plan.signature is None:  # first call: compile, autotune, record
             return forward(x)
