@@ -101,12 +101,10 @@ def align(index: torch.Tensor, keep: torch.Tensor | None, num_subs: int, expand:
     keep_arg = keep if keep is not None else index
     grid = (triton.cdiv(pairs, BLOCK_PAIRS),)
     if pairs:
-        count_kernel[grid](index, keep_arg, counts, rank, pairs, topk, pairs_per_token, expand, num_subs,
-                           HAS_KEEP=keep is not None, BLOCK_PAIRS=BLOCK_PAIRS,
-                           BLOCK_SUBS=triton.next_power_of_2(num_subs))
+        meta = dict(HAS_KEEP=keep is not None, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=triton.next_power_of_2(num_subs))
+        count_kernel[grid](index, keep_arg, counts, rank, pairs, topk, pairs_per_token, expand, num_subs, **meta)
         scatter_kernel[grid](index, keep_arg, counts, rank, sorted_ids, pairs, topk, pairs_per_token, expand,
-                             num_subs, HAS_KEEP=keep is not None, BLOCK_PAIRS=BLOCK_PAIRS,
-                             BLOCK_SUBS=triton.next_power_of_2(num_subs))
+                             num_subs, **meta)
     return sorted_ids, counts
 
 
@@ -507,7 +505,7 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     thresholds, stats = (thresholds, stats) if drop_on else (None, None)
     forward = functools.partial(_forward, params=params, spec=spec, plan=plan, keep=keep, thresholds=thresholds,
                                 stats=stats, list_key=list_key, fused=fused)
-    if keep is None and plan.graphable and not torch.cuda.is_current_stream_capturing() and not _hooks_on():
+    if plan.graphable and not torch.cuda.is_current_stream_capturing() and not _hooks_on():  # never with keep given
         return _graphed(plan, forward, x, (params, thresholds, stats, list_key))
     return forward(x)
 
