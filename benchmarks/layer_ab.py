@@ -7,7 +7,8 @@ A variant is NAME:SETTING+SETTING, a setting ATTR=VALUE of ``codegen/dispatch.py
 TMA, STACK_GATE_UP, NESTED_HALVES, ...; on / off become True / False, digits integers). Per case every variant is built fresh (plans dropped), checked against
 reference.moe (relative error < 1e-2) and timed as the median of do_bench over graph replays, rounds
 alternating between variants so that clock drift falls on all of them alike; the kernel breakdown is
-one profiled replay (``gemm_sweep.breakdown``). Prints a table last and writes JSON.
+one profiled replay (``gemm_sweep.breakdown``), the timeline of another (``gemm_sweep.timeline``: span from the
+first kernel's start to the last one's end, idle = span - kernel time). Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm_sweep import breakdown  # noqa: E402
+from gemm_sweep import breakdown, timeline  # noqa: E402
 from moe_layer import SHAPES, make_params, make_spec, median_ms, rel_err  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch, reference  # noqa: E402
@@ -94,19 +95,27 @@ def run_case(name, T, variants, rounds):
     for vname, (graph, err) in built.items():
         ms = sorted(times[vname])[len(times[vname]) // 2]
         rows.append({"shape": name, "tokens": T, "variant": vname, "settings": dict(variants)[vname], "ms": ms,
-                     "rounds": times[vname], "rel_err": err, "breakdown": breakdown(graph)})
+                     "rounds": times[vname], "rel_err": err, "breakdown": breakdown(graph),
+                     "timeline": timeline(graph)})
         print(json.dumps({k: rows[-1][k] for k in ("shape", "tokens", "variant", "ms", "rel_err")}), flush=True)
+        tl = rows[-1]["timeline"]
+        print(f"  one replay, µs from its first kernel: span {tl['span_us']:.1f}, idle {tl['idle_us']:.1f}: "
+              + ", ".join(f"{k['name'].split('_kernel')[0][:24]} @{k['start_us']:.1f}+{k['us']:.1f}"
+                          for k in tl["kernels"]), flush=True)
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| shape | tokens | variant | ms | vs first | kernels (ms) |", "|---|---|---|---|---|---|"]
+    lines = ["| shape | tokens | variant | ms | vs first | span / idle (µs) | kernels (ms) |",
+             "|---|---|---|---|---|---|---|"]
     first = {}
     for r in rows:
         base = first.setdefault((r["shape"], r["tokens"]), r["ms"])
         kernels = ", ".join(f"{k.split('_kernel')[0]} {v:.3f}" for k, v in r["breakdown"].items())
+        tl = r.get("timeline")
+        span = f"{tl['span_us']:.0f} / {tl['idle_us']:.0f}" if tl else "–"
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | {base / r['ms']:.3f}x "
-                     f"| {kernels} |")
+                     f"| {span} | {kernels} |")
     return "\n".join(lines)
 
 
