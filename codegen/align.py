@@ -26,8 +26,6 @@ each half its own partly empty last tile (measured: 2T at 0 % drop 5-15 % slower
 import triton
 import triton.language as tl
 
-from dsmoe_compiler.codegen.pdl import dependent_wait
-
 
 @triton.jit
 def _sub_expert(index_ptr, keep_ptr, pairs, offs, TOPK, PAIRS, P, HAS_KEEP: tl.constexpr):
@@ -69,9 +67,7 @@ def _count_and_rank(counts_ptr, rank_ptr, group, num_groups, BLOCK_PAIRS: tl.con
 
 @triton.jit
 def count_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, pairs, TOPK, PAIRS, P, num_subs,
-                 HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-                 PDL: tl.constexpr = False):
-    dependent_wait(PDL)
+                 HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
     sub = _sub_expert(index_ptr, keep_ptr, pairs, offs, TOPK, PAIRS, P, HAS_KEEP)
     _count_and_rank(counts_ptr, rank_ptr, sub, num_subs, BLOCK_PAIRS, BLOCK_SUBS)
@@ -79,9 +75,7 @@ def count_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, pairs, TOPK, PAIRS, 
 
 @triton.jit
 def scatter_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, sorted_ptr, pairs, TOPK, PAIRS, P, num_subs,
-                   HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    dependent_wait(PDL)
+                   HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
     sub = _sub_expert(index_ptr, keep_ptr, pairs, offs, TOPK, PAIRS, P, HAS_KEEP)
     live = sub >= 0
@@ -119,10 +113,8 @@ def _nested_class(index_ptr, keep_ptr, rows, offs, E, TOPK, HAS_KEEP: tl.constex
 
 @triton.jit
 def count_nested_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, rows, E, TOPK, num_counters,
-                        HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
     """As count_kernel over the num_counters = 3 * E counters (BLOCK_SUBS: power of two >= 3 * E)."""
-    dependent_wait(PDL)
     offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
     counter, _, _ = _nested_class(index_ptr, keep_ptr, rows, offs, E, TOPK, HAS_KEEP)
     _count_and_rank(counts_ptr, rank_ptr, counter, num_counters, BLOCK_PAIRS, BLOCK_SUBS)
@@ -130,9 +122,7 @@ def count_nested_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, rows, E, TOPK
 
 @triton.jit
 def scatter_nested_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, sorted_ptr, rows, E, TOPK,
-                          HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-                          PDL: tl.constexpr = False):
-    dependent_wait(PDL)
+                          HAS_KEEP: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
     counter, expert, cls = _nested_class(index_ptr, keep_ptr, rows, offs, E, TOPK, HAS_KEEP)
     live = counter >= 0

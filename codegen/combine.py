@@ -8,14 +8,10 @@ Summed in fp32 and cast once, like the reference's fp32 index_add.
 import triton
 import triton.language as tl
 
-from dsmoe_compiler.codegen.pdl import dependent_wait
-
 
 @triton.jit
 def combine_kernel(y_ptr, keep_ptr, out_ptr, H, PAIRS, stride_yp, stride_ot,
-                   HAS_KEEP: tl.constexpr, BLOCK_SIZE_H: tl.constexpr, NESTED: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
-    dependent_wait(PDL)
+                   HAS_KEEP: tl.constexpr, BLOCK_SIZE_H: tl.constexpr, NESTED: tl.constexpr = False):
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_SIZE_H + tl.arange(0, BLOCK_SIZE_H)
     mask = offs < H

@@ -183,17 +183,6 @@ STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
 
 
-PDL = os.environ.get("DSMOE_PDL", "auto")
-"""Launch each kernel after the first as a programmatic dependent of the one before (pdl.py): "auto" (on Hopper
-and newer), "on", "off"."""
-
-
-def _use_pdl(device) -> bool:
-    if PDL == "off" or INTERPRETED or device.type != "cuda":
-        return False
-    return PDL == "on" or torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _use_desc(x: torch.Tensor) -> bool:
     if TMA == "off" or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
@@ -243,9 +232,7 @@ class _Kernel:
 
     __slots__ = ("kernel", "grid_fn", "scalars", "constexprs", "grid", "args_tail", "run", "function", "metadata")
 
-    def __init__(self, kernel, grid_fn, scalars, constexprs, pdl=False):
-        if pdl:  # launched as a programmatic dependent of the previous kernel (pdl.py)
-            constexprs = dict(constexprs, PDL=True, launch_pdl=True)
+    def __init__(self, kernel, grid_fn, scalars, constexprs):
         self.kernel, self.grid_fn, self.scalars, self.constexprs = kernel, grid_fn, tuple(scalars), constexprs
         self.run = None
 
@@ -308,7 +295,6 @@ class _Plan:
         self.weights_dtype = weights_dtype or (torch.float32 if r.weights_fp32 else dtype)
         self.stream_index = device.index if device.index is not None else 0
         self.stream_index = self.stream_index if device.type == "cuda" else None
-        self.pdl = _use_pdl(device)
 
         # one workspace: (name, dtype, shape); fused routing owns weights/index/keep there
         regions = []
@@ -337,31 +323,29 @@ class _Plan:
             per_slot = spec.intermediate * spec.top_k / self.pairs_per_token
             self.route = _Kernel(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
                                  (T, E, counts_len, E, r.renorm_eps, r.scale, per_slot,
-                                  reference.routed_units(spec) + shared), meta, pdl=self.pdl)
+                                  reference.routed_units(spec) + shared), meta)
         align_grid = (triton.cdiv(rows, BLOCK_PAIRS),)
         has_keep = self.has_keep
         block_subs = triton.next_power_of_2(self.groups)
         if self.nested:
             self.count = _Kernel(count_nested_kernel, align_grid, (rows, E, topk, counts_len),
                                  dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS,
-                                      BLOCK_SUBS=triton.next_power_of_2(counts_len)), pdl=self.pdl)
+                                      BLOCK_SUBS=triton.next_power_of_2(counts_len)))
             self.scatter = _Kernel(scatter_nested_kernel, align_grid, (rows, E, topk),
-                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs),
-                                   pdl=self.pdl)
+                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
         else:
             self.count = _Kernel(count_kernel, align_grid, (pairs, topk, self.pairs_per_token, expand, self.num_subs),
-                                 dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs), pdl=self.pdl)
+                                 dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
             self.scatter = _Kernel(scatter_kernel, align_grid,
                                    (pairs, topk, self.pairs_per_token, expand, self.num_subs),
-                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs),
-                                   pdl=self.pdl)
+                                   dict(HAS_KEEP=has_keep, BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_SUBS=block_subs))
         self.counts_len = counts_len
         self.topk, self.expand, self.c, self.block_subs = topk, expand, c, block_subs
         self.gate_up = self.down = None  # need the weights' strides: built at the first call
         self.tables = None  # list layout: (expert addresses, device tables of them)
         block_h = min(1024, triton.next_power_of_2(H))
         self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)), (H, self.rows_per_token, H, H),
-                               dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested), pdl=self.pdl)
+                               dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested))
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
         self.graph = None  # (graph, its x, its output, the addresses it reads): see _graphed
         self.graphable = FAST_LAUNCH and device.type == "cuda" and 0 < T * topk <= GRAPH_MAX_PAIRS and not keep_given
@@ -385,14 +369,14 @@ class _Plan:
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
                  STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP,
-                 GROUPS="halves" if self.nested else "plain"), pdl=self.pdl)
+                 GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain"), pdl=self.pdl)
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

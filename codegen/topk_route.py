@@ -17,8 +17,6 @@ Fused into the same launch (each optional, so one forward needs fewer launches a
 import triton
 import triton.language as tl
 
-from dsmoe_compiler.codegen.pdl import dependent_wait
-
 
 @triton.jit
 def topk_route_kernel(
@@ -28,9 +26,8 @@ def topk_route_kernel(
     HAS_SCORE_BIAS: tl.constexpr, ROUND_SCORES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     ZERO_COUNTS: tl.constexpr = False, BLOCK_SUBS: tl.constexpr = 1, DROP: tl.constexpr = 0,
-    COPIES: tl.constexpr = 1, HAS_STATS: tl.constexpr = False, PDL: tl.constexpr = False,
+    COPIES: tl.constexpr = 1, HAS_STATS: tl.constexpr = False,
 ):
-    dependent_wait(PDL)
     if ZERO_COUNTS:
         if tl.program_id(0) == 0:
             subs = tl.arange(0, BLOCK_SUBS)
