@@ -179,11 +179,6 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 
 NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
 """P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
-EARLY_LOADS = os.environ.get("DSMOE_EARLY_LOADS", "on") == "on"
-"""The down GEMM gathers its rows' pair ids and routing weights before its K loop instead of in the epilogue."""
-STORE_POLICY = os.environ.get("DSMOE_STORE_POLICY", "")
-"""L2 eviction hint of the grouped GEMMs' output stores (h, y): "" (default) or "evict_first" (read much later, so
-they need not push the experts' weights out of L2 meanwhile)."""
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
 
@@ -374,15 +369,14 @@ class _Plan:
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
                  STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP,
-                 GROUPS="halves" if self.nested else "plain", STORE_POLICY=STORE_POLICY))
+                 GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain", EARLY_LOADS=EARLY_LOADS,
-                 STORE_POLICY=STORE_POLICY))
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

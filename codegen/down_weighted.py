@@ -41,7 +41,6 @@ def down_weighted_kernel(
     GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    EARLY_LOADS: tl.constexpr = False, STORE_POLICY: tl.constexpr = "",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
@@ -58,8 +57,7 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                  EARLY_LOADS, STORE_POLICY)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -69,8 +67,7 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                  EARLY_LOADS, STORE_POLICY)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -78,8 +75,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-          EARLY_LOADS: tl.constexpr = False, STORE_POLICY: tl.constexpr = ""):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
@@ -108,8 +104,6 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
                                               block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
         else:  # the descriptor over all experts: this expert's rows start at expert * W_ROWS
             w_row += expert * W_ROWS
-    if EARLY_LOADS:  # the epilogue's gathers issued before the K loop, their latency hidden behind it
-        pair, scale = _pairs_and_weights(sorted_ptr, route_w_ptr, row0, offs_m, mask_m, PAIRS, TOPK)
     k_first, k_end = 0, tl.cdiv(K, BLOCK_SIZE_K)
     if GROUPS == "nested":
         k_first = tl.where(major_left > 0, 0, HALF // BLOCK_SIZE_K)
@@ -138,18 +132,9 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
             acc += tl.where((offs_m < major_left)[:, None], bias.to(tl.float32)[None, :], 0.0)
         else:
             acc += bias.to(tl.float32)[None, :]
-    if not EARLY_LOADS:
-        pair, scale = _pairs_and_weights(sorted_ptr, route_w_ptr, row0, offs_m, mask_m, PAIRS, TOPK)
-    acc *= scale[:, None]
-    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
-             eviction_policy=STORE_POLICY)
-
-
-@triton.jit
-def _pairs_and_weights(sorted_ptr, route_w_ptr, row0, offs_m, mask_m, PAIRS, TOPK):
-    """Pair id of each sorted row of the tile and its routing weight (fp32)."""
     pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
     # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
     slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
-    return pair, tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

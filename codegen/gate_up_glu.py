@@ -70,7 +70,6 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    STORE_POLICY: tl.constexpr = "",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -92,7 +91,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, STORE_POLICY)
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -101,7 +100,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
                   alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, STORE_POLICY)
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -110,8 +109,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-          STORE_POLICY: tl.constexpr = ""):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -146,8 +144,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
     if GROUPS == "halves":
         h_cols += first_neuron
     h_ptrs = h_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_hm + h_cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
-             eviction_policy=STORE_POLICY)
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
