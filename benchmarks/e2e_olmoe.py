@@ -27,6 +27,7 @@ from triton.testing import do_bench
 import dsmoe_compiler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_sweep import timeline  # noqa: E402
 from moe_layer import host_ms  # noqa: E402
 
 
@@ -84,10 +85,18 @@ def top_kernels(model, inputs, backend, options=None, n=12) -> list[tuple[str, f
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn(**inputs)
             torch.cuda.synchronize()
+        print_idle(timeline(lambda: fn(**inputs)))
     times = [(ev.key[:60], getattr(ev, "device_time_total", 0) / 1e3)
              for ev in prof.key_averages()]
     times = sorted((kv for kv in times if kv[1] > 0), key=lambda kv: -kv[1])
     return [("TOTAL", sum(t for _, t in times))] + times[:n]
+
+
+def print_idle(tl: dict):
+    """Where the GPU waits inside one compiled call: span, kernel time, idle, and the longest gaps."""
+    print(f"  one call on the GPU: span {tl['span_us'] / 1e3:.3f} ms, kernels {tl['busy_us'] / 1e3:.3f} ms, "
+          f"idle {tl['idle_us'] / 1e3:.3f} ms; longest gaps (µs): "
+          + "; ".join(f"{g['us']:.1f} {g['after'][:28]} -> {g['before'][:28]}" for g in tl["largest_gaps"]))
 
 
 def calibration_plan(model):

@@ -92,16 +92,17 @@ def breakdown(g) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def timeline(g, replays: int = 5) -> dict:
-    """One replay of the CUDA graph g on the GPU's clock: each kernel's start (µs from the first kernel's) and
-    duration, and the span (first start to last end) against the busy time (sum of durations), median over
-    ``replays`` profiled replays. span - busy is the GPU's idle time between the kernels of one call."""
+def timeline(call, replays: int = 5) -> dict:
+    """One call (a CUDA graph's replay, or any function) on the GPU's clock: each kernel's start (µs from the
+    first kernel's) and duration, the span (first start to last end) against the busy time (sum of durations),
+    and the longest idle gaps between kernels, median call of ``replays`` profiled calls."""
+    call = call.replay if hasattr(call, "replay") else call
     for _ in range(3):
-        g.replay()
+        call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            g.replay()
+            call()
             torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
     events = sorted((e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
@@ -109,10 +110,12 @@ def timeline(g, replays: int = 5) -> dict:
     per = len(events) // replays
     calls = [events[i * per:(i + 1) * per] for i in range(replays)]
     spans = sorted((c[-1][1] - c[0][0], sum(e - s for s, e, _ in c), c) for c in calls if c)
-    span, busy, call = spans[len(spans) // 2]
-    t0 = call[0][0]
-    kernels = [{"name": n[:40], "start_us": (s - t0) / 1e3, "us": (e - s) / 1e3} for s, e, n in call]
-    return {"span_us": span / 1e3, "busy_us": busy / 1e3, "idle_us": (span - busy) / 1e3, "kernels": kernels}
+    span, busy, one = spans[len(spans) // 2]
+    t0 = one[0][0]
+    kernels = [{"name": n[:40], "start_us": (s - t0) / 1e3, "us": (e - s) / 1e3} for s, e, n in one]
+    gaps = sorted(((b[0] - a[1]) / 1e3, a[2][:40], b[2][:40]) for a, b in zip(one, one[1:]))[::-1][:8]
+    return {"span_us": span / 1e3, "busy_us": busy / 1e3, "idle_us": (span - busy) / 1e3, "kernels": kernels,
+            "largest_gaps": [{"us": g, "after": a, "before": b} for g, a, b in gaps]}
 
 
 def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
