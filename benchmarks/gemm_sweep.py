@@ -153,26 +153,23 @@ def sweep_case(name, T):
     sorted_ids, counts = dispatch.align(index, None, plan.num_subs, 1)
     pairs, c = plan.pairs, plan.c
     h = torch.randn(pairs, c, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(plan.y_rows, H, device="cuda", dtype=torch.bfloat16)
-    pos = torch.empty(pairs, device="cuda", dtype=torch.int32)
+    y = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
     gate_up, down = params[1], params[2]
     gu_ptrs = (x, gate_up, gate_up, gate_up, h, sorted_ids, counts)
-    dn_ptrs = (h, down, down, weights, y, sorted_ids, counts, pos)
-    y_rows = (lambda: y[pos.long()]) if plan.sorted_y else (lambda: y)  # each pair's row, wherever its tile put it
+    dn_ptrs = (h, down, down, weights, y, sorted_ids, counts)
     gu_const, dn_const = plan.gate_up.constexprs, plan.down.constexprs
     gu_flops, dn_flops = 4 * pairs * H * c, 2 * pairs * c * H
 
     # gate/up first: it leaves its reference h in place for the down GEMM
     row["gate_up"] = sweep_kernel("gate_up", plan.gate_up, gu_ptrs, gu_const, h, GATE_UP, gu_flops, GATE_UP_REFERENCE)
-    row["down"] = sweep_kernel("down", plan.down, dn_ptrs, dn_const, y, DOWN, dn_flops, DOWN_REFERENCE, y_rows)
+    row["down"] = sweep_kernel("down", plan.down, dn_ptrs, dn_const, y, DOWN, dn_flops, DOWN_REFERENCE)
     return row
 
 
-def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference, rows=None) -> list[dict]:
+def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference) -> list[dict]:
     """Time one grouped GEMM over configs x variants (one program per tile or persistent; gate/up: the fused
-    weight as two operands or stacked); each output (``rows()`` of it: the rows that hold results) checked against
-    the reference tile's first variant, which is left in ``out`` at the end."""
-    rows = rows or (lambda: out)
+    weight as two operands or stacked); each output checked against the reference tile's first variant, which is
+    left in ``out`` at the end."""
     grid = kernel.grid_fn
     variants = [dict(PERSISTENT=p) for p in (False, True)]
     if constexprs.get("STACKED"):
@@ -184,7 +181,7 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference,
         variants = [dict(t) for t in dict.fromkeys(tuple(v.items()) for v in variants)]  # distinct, in order
     constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
     launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, reference, **variants[0])()
-    ref, ref_out = rows().clone(), out.clone()
+    ref = out.clone()
     results = []
     for cfg in configs:
         for flags in variants:
@@ -192,14 +189,14 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference,
             try:
                 run = launch(kernel.kernel, grid, ptrs, kernel.scalars, constexprs, cfg, **flags)
                 run()
-                err = rel_err(rows(), ref)
+                err = rel_err(out, ref)
                 t = ms(run)
             except Exception as e:  # out of shared memory / registers: record and go on
                 print(f"{name} {cfg} {flags}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             results.append({"cfg": cfg, **flags, "desc": constexprs["W_DESC"], "ms": t,
                             "tflops": flops / t / 1e9, "rel_err": err})
-    out.copy_(ref_out)
+    out.copy_(ref)
     return results
 
 

@@ -179,12 +179,6 @@ TMA = os.environ.get("DSMOE_TMA", "auto")
 
 NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
 """P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
-SORTED_Y = os.environ.get("DSMOE_SORTED_Y", "auto")
-"""The down GEMM writes each M-tile's rows of y to rows the tile owns (through a tensor descriptor where there are
-descriptors) and the pair -> row map for the combine, instead of scattering rows by pair id: "auto" (prefill: 64 or
-more rows per group on average), "on", "off"."""
-MAX_BLOCK_M = 128  # the tallest M-tile of any down-GEMM config (sizes the tile-owned y rows)
-assert max(c.kwargs["BLOCK_SIZE_M"] for c in down_weighted_kernel.configs) <= MAX_BLOCK_M
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
 
@@ -310,12 +304,8 @@ class _Plan:
                 regions.append(("keep", torch.uint8, (T, self.pairs_per_token)))
             regions.append(("counts", torch.int32, (counts_len,)))
         rows, width = self.rows, spec.intermediate if self.nested else c
-        # y rows owned by the down GEMM's M-tiles (combine.py reads them through pos): at most one partly
-        # filled tile per group, of at most MAX_BLOCK_M rows
-        self.sorted_y = SORTED_Y == "on" or (SORTED_Y == "auto" and rows_bucket(rows, self.groups) >= 64)
-        self.y_rows = rows + MAX_BLOCK_M * (self.groups + 1) if self.sorted_y else rows
         regions += [("rank", torch.int32, (max(rows, 1),)), ("sorted", torch.int32, (max(rows, 1),)),
-                    ("pos", torch.int32, (max(rows, 1),)), ("h", dtype, (rows, width)), ("y", dtype, (self.y_rows, H))]
+                    ("h", dtype, (rows, width)), ("y", dtype, (rows, H))]
         self.layout, offset = {}, 0
         for name, dt, shape in regions:
             nbytes = dt.itemsize * max(1, _numel(shape))
@@ -355,8 +345,7 @@ class _Plan:
         self.tables = None  # list layout: (expert addresses, device tables of them)
         block_h = min(1024, triton.next_power_of_2(H))
         self.combine = _Kernel(combine_kernel, (T, triton.cdiv(H, block_h)), (H, self.rows_per_token, H, H),
-                               dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested, HAS_POS=self.sorted_y,
-                                    BLOCK_PAIRS=triton.next_power_of_2(self.rows_per_token)))
+                               dict(HAS_KEEP=has_keep, BLOCK_SIZE_H=block_h, NESTED=self.nested))
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
         self.graph = None  # (graph, its x, its output, the addresses it reads): see _graphed
         self.graphable = FAST_LAUNCH and device.type == "cuda" and 0 < T * topk <= GRAPH_MAX_PAIRS and not keep_given
@@ -385,10 +374,9 @@ class _Plan:
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             H, I, programs, c, self.y_rows),
+             H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain", Y_SORTED=self.sorted_y,
-                 Y_DESC=self.sorted_y and _use_desc(x) and H * x.element_size() % 16 == 0))
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):
@@ -427,7 +415,7 @@ class _Plan:
         else:  # counts zeroed by a memset instead of the route kernel
             counts_t = torch.zeros(self.counts_len, dtype=torch.int32, device=ws.device)
             counts = counts_t.data_ptr() if fast else counts_t
-        rank, sorted_ids, pos, h, y = buf["rank"], buf["sorted"], buf["pos"], buf["h"], buf["y"]
+        rank, sorted_ids, h, y = buf["rank"], buf["sorted"], buf["h"], buf["y"]
         any_ = logits if self.fused_route else index
         launches = []
         if self.fused_route:
@@ -439,8 +427,8 @@ class _Plan:
             (self.count, (index, keep_arg, counts, rank)),
             (self.scatter, (index, keep_arg, counts, rank, sorted_ids)),
             (self.gate_up, (x, w, u, gub if gub is not None else w, h, sorted_ids, counts)),
-            (self.down, (h, dn, db if db is not None else dn, weights, y, sorted_ids, counts, pos)),
-            (self.combine, (y, keep if keep is not None else counts, out_ptr, pos)),
+            (self.down, (h, dn, db if db is not None else dn, weights, y, sorted_ids, counts)),
+            (self.combine, (y, keep if keep is not None else counts, out_ptr)),
         ]
         if fast:
             stream = torch._C._cuda_getCurrentRawStream(self.stream_index)

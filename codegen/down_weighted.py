@@ -29,16 +29,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "Y_DESC"],
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
                  prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
-    h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr, pos_ptr,
+    h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF, Y_ROWS,
+    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF,
     HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
-    GROUPS: tl.constexpr, Y_SORTED: tl.constexpr, Y_DESC: tl.constexpr,
+    GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -47,10 +47,6 @@ def down_weighted_kernel(
     if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
         w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
-    y_out = y_ptr
-    if Y_DESC:  # tile-owned y rows (Y_SORTED) stored through a descriptor, in two column halves (less shared memory)
-        y_out = tl.make_tensor_descriptor(y_ptr, shape=[Y_ROWS, N], strides=[stride_yp, 1],
-                                          block_shape=[BLOCK_SIZE_M, BLOCK_SIZE_N // 2])
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         tiles_m = tl.sum(tiles, 0)
@@ -58,30 +54,27 @@ def down_weighted_kernel(
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_out, sorted_ptr, pos_ptr, sub, row0, rows_left, pid_m,
-                  pid_n, major_left, minor_from, HALF,
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, Y_SORTED, Y_DESC,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
         sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
             major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_out, sorted_ptr, pos_ptr, sub, row0, rows_left, pid_m,
-                  pid_n, major_left, minor_from, HALF,
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, Y_SORTED, Y_DESC,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
-def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_out, sorted_ptr, pos_ptr, sub, row0, rows_left, pid_m, pid_n,
+def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
-          Y_SORTED: tl.constexpr, Y_DESC: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
@@ -143,17 +136,5 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_out, sorted_ptr, pos_ptr, s
     # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
     slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
     acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    if Y_SORTED:  # M-tile pid_m owns y rows [pid_m * BLOCK_SIZE_M, +BLOCK_SIZE_M); pos tells the combine which is whose
-        y_row0 = pid_m * BLOCK_SIZE_M
-        tl.store(pos_ptr + pair, y_row0 + offs_m, mask=mask_m & (offs_m * 0 + pid_n == 0))
-        if Y_DESC:
-            out = acc.to(y_out.dtype)
-            left, right = out.reshape(BLOCK_SIZE_M, 2, BLOCK_SIZE_N // 2).permute(0, 2, 1).split()
-            y_out.store([y_row0, pid_n * BLOCK_SIZE_N], left)
-            y_out.store([y_row0, pid_n * BLOCK_SIZE_N + BLOCK_SIZE_N // 2], right)
-        else:
-            y_ptrs = y_out + (y_row0 + offs_m)[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
-            tl.store(y_ptrs, acc.to(y_out.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    else:  # y row = pair id
-        y_ptrs = y_out + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_out.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -26,12 +26,9 @@ def test_kernels_under_interpreter(variant):
     """Weight tiles through tensor descriptors (what Hopper runs) or plain pointer loads (older GPUs,
     interleaved or strided layouts), one program per tile: every case for the first, the weight-layout
     cases for the second; persistent programs walking several tiles each (schedule.py): the layout,
-    partition, drop and empty-expert cases. The last two also write the down GEMM's y to tile-owned rows
-    (dispatch.SORTED_Y; through a descriptor in the persistent run), which the first leaves to "auto" (off at
-    these sizes)."""
+    partition, drop and empty-expert cases."""
     env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
-               DSMOE_PERSISTENT="on" if variant == "persistent" else "off",
-               DSMOE_SORTED_Y="auto" if variant == "descriptors" else "on")
+               DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
     select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty"],
               "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"]}
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select[variant]],
