@@ -1,0 +1,92 @@
+"""How the timing method moves one MoE layer's number (GPU, bf16): do_bench against other ways to time it.
+
+    PYTHONUNBUFFERED=1 python benchmarks/timing_check.py --cases OLMoE:4096,Qwen3-30B-A3B:4096
+
+Per case, one CUDA graph of ``dispatch.moe_triton`` is timed five ways, medians in ms:
+- do_bench: ``triton.testing.do_bench`` as moe_layer.py calls it (L2 flushed before every call, calls queued);
+- no_flush: CUDA events around each call of a queued loop, no flush;
+- flush_sync: flush, synchronize, then one event-timed call (nothing queued behind the flush);
+- flush_wait: flush, then a ~200 µs sleep kernel, then the event-timed call (the call queued behind both);
+- span: first kernel start to last kernel end of one profiled call (``gemm_sweep.timeline``).
+Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_sweep import timeline  # noqa: E402
+from moe_layer import SHAPES, make_params, make_spec, median_ms  # noqa: E402
+
+from dsmoe_compiler.codegen import dispatch  # noqa: E402
+
+CALLS = 60
+
+
+def events_ms(call, before=None, sync=False) -> float:
+    """Median of CALLS event-timed calls, each after ``before()`` (and a synchronize when ``sync``)."""
+    times = []
+    for _ in range(CALLS):
+        if before is not None:
+            before()
+        if sync:
+            torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_case(name, T):
+    H, I, E, K, renorm, _ = SHAPES[name]
+    spec = make_spec(H, I, E, K, renorm)
+    params = make_params(spec)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
+    fn()
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    flush = cache.zero_
+    sleep = lambda: (flush(), torch.cuda._sleep(int(2e5 * 1.8)))  # noqa: E731  ~200 µs at ~1.8 GHz cycles
+    row = {"shape": name, "tokens": T,
+           "do_bench": median_ms(graph.replay),
+           "no_flush": events_ms(graph.replay),
+           "flush_sync": events_ms(graph.replay, flush, sync=True),
+           "flush_wait": events_ms(graph.replay, sleep),
+           "span": timeline(graph)["span_us"] / 1e3}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="OLMoE:4096,Qwen3-30B-A3B:4096")
+    ap.add_argument("--json", default="results/timing_check.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = [run_case(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "rows": rows}, f, indent=1)
+    cols = ["do_bench", "no_flush", "flush_sync", "flush_wait", "span"]
+    print("| shape | tokens | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['shape']} | {r['tokens']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
