@@ -23,9 +23,8 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_sweep import timeline  # noqa: E402
+from layer_ab import build  # noqa: E402
 from moe_layer import SHAPES, make_params, make_spec, median_ms  # noqa: E402
-
-from dsmoe_compiler.codegen import dispatch  # noqa: E402
 
 CALLS = 60
 
@@ -52,20 +51,19 @@ def run_case(name, T):
     spec = make_spec(H, I, E, K, renorm)
     params = make_params(spec)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    fn = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
-    fn()
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _, _ = build(x, params, spec, {})  # the shipped switches
     cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     flush = cache.zero_
-    sleep = lambda: (flush(), torch.cuda._sleep(int(2e5 * 1.8)))  # noqa: E731  ~200 µs at ~1.8 GHz cycles
+
+    def flush_then_sleep():
+        flush()
+        torch.cuda._sleep(int(2e5 * 1.8))  # cycles: ~200 µs at ~1.8 GHz
+
     row = {"shape": name, "tokens": T,
            "do_bench": median_ms(graph.replay),
            "no_flush": events_ms(graph.replay),
            "flush_sync": events_ms(graph.replay, flush, sync=True),
-           "flush_wait": events_ms(graph.replay, sleep),
+           "flush_wait": events_ms(graph.replay, flush_then_sleep),
            "span": timeline(graph)["span_us"] / 1e3}
     print(json.dumps(row), flush=True)
     return row
