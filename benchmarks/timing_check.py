@@ -8,6 +8,8 @@ Per case, one CUDA graph of ``dispatch.moe_triton`` is timed five ways, medians 
 - flush_sync: flush, synchronize, then one event-timed call (nothing queued behind the flush);
 - flush_wait: flush, then a ~200 µs sleep kernel, then the event-timed call (the call queued behind both);
 - span: first kernel start to last kernel end of one profiled call (``gemm_sweep.timeline``).
+Case "dense:N" times the floor's GEMM ceiling (a bf16 N x N x N cuBLAS product, as ``moe_layer.ceilings``
+does) the same five ways, so a gap that both show is the timing's or the clocks', not the layer's.
 Prints a table last and writes JSON.
 """
 
@@ -46,12 +48,24 @@ def events_ms(call, before=None, sync=False) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_case(name, T):
+def layer_call(name, T):
+    """One MoE layer's CUDA graph replay (the shipped switches)."""
     H, I, E, K, renorm, _ = SHAPES[name]
     spec = make_spec(H, I, E, K, renorm)
     params = make_params(spec)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    graph, _, _ = build(x, params, spec, {})  # the shipped switches
+    graph, _, _ = build(x, params, spec, {})
+    return graph.replay
+
+
+def dense_call(n):
+    """The floor's GEMM ceiling as moe_layer.ceilings times it: a bf16 n x n x n product (cuBLAS)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return lambda: a @ b
+
+
+def run_case(name, T):
+    call = dense_call(T) if name == "dense" else layer_call(name, T)
     cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     flush = cache.zero_
 
@@ -60,11 +74,11 @@ def run_case(name, T):
         torch.cuda._sleep(int(2e5 * 1.8))  # cycles: ~200 µs at ~1.8 GHz
 
     row = {"shape": name, "tokens": T,
-           "do_bench": median_ms(graph.replay),
-           "no_flush": events_ms(graph.replay),
-           "flush_sync": events_ms(graph.replay, flush, sync=True),
-           "flush_wait": events_ms(graph.replay, flush_then_sleep),
-           "span": timeline(graph)["span_us"] / 1e3}
+           "do_bench": median_ms(call),
+           "no_flush": events_ms(call),
+           "flush_sync": events_ms(call, flush, sync=True),
+           "flush_wait": events_ms(call, flush_then_sleep),
+           "span": timeline(call)["span_us"] / 1e3}
     print(json.dumps(row), flush=True)
     return row
 
