@@ -181,16 +181,6 @@ NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
 """P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
-TAILS = os.environ.get("DSMOE_TAILS", "off") == "on"
-"""Persistent 128-row tiles give a group's last 1-64 rows a 64-row tile, walked by programs of their own
-(schedule.split_tails); under the interpreter its 16-row tiles do so with 8-row tails."""
-TAIL_COST = int(os.environ.get("DSMOE_TAIL_COST", "60"))
-"""A half-height tail tile's cost in percent of a full one: how many programs the tails get."""
-
-
-def _tails() -> int:
-    """The TAILS constexpr of the grouped GEMMs: the smallest BLOCK_SIZE_M that splits off tails (0: none)."""
-    return (16 if INTERPRETED else 128) if TAILS else 0
 
 
 def _use_desc(x: torch.Tensor) -> bool:
@@ -375,18 +365,18 @@ class _Plan:
             gate_up_glu_kernel, lambda meta: launch_grid(meta, gu_rows, gu_groups, c, programs),
             (c, H, gu_groups, gu_rows, self.rows_per_token, P, wts.up_offset,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, I if self.nested else c,
-             ex.alpha, ex.limit, bucket, wts.rows, programs, TAIL_COST),
+             ex.alpha, ex.limit, bucket, wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
                  STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP,
-                 GROUPS="halves" if self.nested else "plain", TAILS=_tails()))
+                 GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
-             H, I, programs, c, TAIL_COST),
+             H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain", TAILS=_tails()))
+                 GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
-                                             split_tails, swizzle, tile_of)
+                                             swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
@@ -36,12 +36,11 @@ def down_weighted_kernel(
     h_ptr, w_ptr, b_ptr, route_w_ptr, y_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF, TAIL_COST,
+    ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF,
     HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
     GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    TAILS: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
@@ -50,33 +49,15 @@ def down_weighted_kernel(
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
-        pid, programs = tl.program_id(0), tl.num_programs(0)  # the grid (NUM_PROGRAMS or fewer)
-        full_programs = programs
-        if TAILS != 0 and BLOCK_SIZE_M >= TAILS:  # short tails: half-height tiles (schedule.split_tails)
-            tiles, tiles_end, tail, tail_end, tail_rows, tail_first, full_programs = split_tails(
-                tiles, counts, starts, programs, TAIL_COST, BLOCK_SIZE_M)
         tiles_m = tl.sum(tiles, 0)
-        if pid < full_programs:
-            for tile in tl.range(pid, tiles_m * tiles_n, full_programs, flatten=True):
-                pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
-                sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-                major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-                _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                      major_left, minor_from, HALF,
-                      N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                      W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
-        if TAILS != 0 and BLOCK_SIZE_M >= TAILS:
-            if pid >= full_programs:
-                for item in tl.range(pid - full_programs, tl.sum(tail, 0) * tiles_n, programs - full_programs,
-                                     flatten=True):
-                    sub, row0, rows_left = locate(item // tiles_n, tail, tail_end, tail_rows, tail_first,
-                                                  BLOCK_SIZE_M, BLOCK_SUBS)
-                    major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
-                    _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left,
-                          item % tiles_n, major_left, minor_from, HALF,
-                          N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                          W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M // 2, BLOCK_SIZE_N,
-                          BLOCK_SIZE_K)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
+            sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            major_left, minor_from = halves_of(counts_ptr, sub, num_subs, rows_left, GROUPS)
+            _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  major_left, minor_from, HALF,
+                  N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows,
-                                             split_tails, swizzle, tile_of)
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_by_rows, swizzle,
+                                             tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -65,12 +65,11 @@ def gate_up_glu_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
     N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
-    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS, TAIL_COST,
+    ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    TAILS: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -85,30 +84,14 @@ def gate_up_glu_kernel(
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
         tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
-        pid, programs = tl.program_id(0), tl.num_programs(0)  # the grid (NUM_PROGRAMS or fewer)
-        full_programs = programs
-        if TAILS != 0 and BLOCK_SIZE_M >= TAILS:  # short tails: half-height tiles (schedule.split_tails)
-            tiles, tiles_end, tail, tail_end, tail_rows, tail_first, full_programs = split_tails(
-                tiles, counts, starts, programs, TAIL_COST, BLOCK_SIZE_M)
         tiles_m = tl.sum(tiles, 0)
-        if pid < full_programs:
-            for tile in tl.range(pid, tiles_m * tiles_n, full_programs, flatten=True):
-                pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
-                sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-                _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                      N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                      alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
-                      BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
-        if TAILS != 0 and BLOCK_SIZE_M >= TAILS:
-            if pid >= full_programs:
-                for item in tl.range(pid - full_programs, tl.sum(tail, 0) * tiles_n, programs - full_programs,
-                                     flatten=True):
-                    sub, row0, rows_left = locate(item // tiles_n, tail, tail_end, tail_rows, tail_first,
-                                                  BLOCK_SIZE_M, BLOCK_SUBS)
-                    _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left,
-                          item % tiles_n, N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk,
-                          stride_be, stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC,
-                          W_TABLE, STACKED, GROUPS, BLOCK_SIZE_M // 2, BLOCK_SIZE_N, BLOCK_SIZE_K)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
+            sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
+            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
+                  N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, GROUPS,
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)

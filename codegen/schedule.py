@@ -11,13 +11,6 @@ host synchronisation, CUDA-graph capturable), in either of the two launch shapes
 - persistent (``PERSISTENT`` configs): one program per SM walks tiles pid, pid + programs, ... up to
   the real tile count, computed on the device. The loop over tiles is flattened with the K loop, so
   the loads of the next tile start while this tile's epilogue runs, and no program starts empty.
-
-Short tails (``TAILS``, persistent only): a group whose last M-tile would hold at most BLOCK_SIZE_M / 2
-rows gets a half-height tile for them instead, so that tile's products on empty rows halve. The
-programs split into two roles, both computed on the device from the counts (``split_tails``): the
-first walk the full-height tiles as above, the last walk the half-height tails, as many programs
-as the tails' share of the work (``tail_cost``: a tail job's cost in percent of a full one). Each role
-has its own flattened loop, so the two tile shapes never share one.
 """
 
 import os
@@ -112,24 +105,6 @@ def tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M: tl.constexpr, BLOCK_SUBS:
     """``locate`` for one tile, the group table read from counts."""
     tiles, tiles_end, counts, starts = group_tiles(counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
     return locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-
-
-@triton.jit
-def split_tails(tiles, counts, starts, programs, tail_cost, BLOCK_SIZE_M: tl.constexpr):
-    """Full-height tiles per group and their running end, the tails (one half-height tile per group
-    whose last tile has at most BLOCK_SIZE_M / 2 rows) with their running end, rows and first row, and
-    how many of the programs walk the full-height tiles (the rest walk the tails)."""
-    last_rows = counts - (tiles - 1) * BLOCK_SIZE_M
-    tail = ((tiles > 0) & (last_rows <= BLOCK_SIZE_M // 2)).to(tl.int32)
-    main = tiles - tail
-    main_rows = main * BLOCK_SIZE_M
-    n_main, n_tail = tl.sum(main, 0), tl.sum(tail, 0)
-    tail_work = n_tail * tail_cost
-    share = (programs * tail_work + (n_main * 100 + tail_work) // 2) // tl.maximum(n_main * 100 + tail_work, 1)
-    tail_programs = tl.where(n_tail == 0, 0, tl.where(n_main == 0, programs, tl.minimum(tl.maximum(share, 1),
-                                                                                          programs - 1)))
-    return (main, tl.cumsum(main, 0), tail, tl.cumsum(tail, 0), counts - main_rows, starts + main_rows,
-            programs - tail_programs)
 
 
 @triton.jit
