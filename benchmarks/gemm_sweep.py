@@ -66,9 +66,10 @@ def parse_variants(text: str) -> list[dict]:
 
 
 def prefill_tiles(kernel) -> list[tuple]:
-    """The kernel's own prefill autotuning tiles (those tried from 64 rows per group up), as sweep tuples."""
-    return [(c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps, c.num_stages)
-            for c in kernel.configs if c.kwargs["MIN_ROWS"] >= 64]
+    """The kernel's own prefill autotuning tiles (those tried from 64 rows per group up), as sweep tuples, once each
+    (gate/up lists them in both launch shapes; the sweep's variants set the shape)."""
+    return list(dict.fromkeys((c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps,
+                               c.num_stages) for c in kernel.configs if c.kwargs["MIN_ROWS"] >= 64))
 
 
 def ms(fn) -> float:

@@ -30,14 +30,17 @@ def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=Fa
                          num_warps=warps, num_stages=stages)
 
 
-def launch_shapes(decode, prefill):
+def launch_shapes(decode, prefill, both_for_prefill=False):
     """The autotuning list as DSMOE_PERSISTENT says. Prefill tiles run persistent by default: in
     benchmarks/gemm_sweep.py (H100, results/gemm_sweep.json) the persistent launch of the best tile beat
     the one-program-per-tile launch of every tile for both GEMMs at every prefill shape (e.g. OLMoE 16384
-    tokens: down 0.975 against 1.105 ms)."""
+    tokens: down 0.975 against 1.105 ms). ``both_for_prefill``: under "auto" the prefill tiles are listed in
+    both launch shapes, for a prune that picks one per call (``prune_launch_shape``)."""
     if PERSISTENT == "off":
         return decode + prefill
-    return (as_persistent(decode, True) if PERSISTENT == "on" else decode) + as_persistent(prefill, True)
+    if PERSISTENT == "on":
+        return as_persistent(decode + prefill, True)
+    return decode + as_persistent(prefill, True) + (as_persistent(prefill, False) if both_for_prefill else [])
 
 
 def as_persistent(configs, persistent: bool):
@@ -135,8 +138,24 @@ def rows_bucket(pairs: int, groups: int) -> int:
     return min(triton.next_power_of_2(max(1, pairs // max(1, groups))), 1024)
 
 
+def _arg(name, named_args, kwargs):
+    return named_args[name] if name in named_args else kwargs[name]
+
+
 def prune_by_rows(configs, named_args, **kwargs):
     """Keep the tiles whose BLOCK_SIZE_M suits the rows per group: 16 for decode, up to 128 for prefill."""
-    rows = named_args["ROWS_BUCKET"] if "ROWS_BUCKET" in named_args else kwargs["ROWS_BUCKET"]
+    rows = _arg("ROWS_BUCKET", named_args, kwargs)
     fit = [c for c in configs if c.kwargs.get("MIN_ROWS", 0) <= rows <= c.kwargs.get("MAX_ROWS", 1 << 30)]
     return fit or configs[:1]
+
+
+def prune_launch_shape(configs, named_args, **kwargs):
+    """``prune_by_rows``, then, of prefill tiles listed in both launch shapes, the persistent ones when the
+    gate/up operand is stacked and the one-program-per-tile ones when it is two operands. Measured on the
+    H200 (benchmarks/shared_expert.py, results/h200/shared_expert_*.json, a one-expert group in the
+    "separate" layout): two-operand gate/up per tile 0.161 against 0.191 ms persistent at 4096 x 2048 x 2816,
+    0.300 / 0.356 at 4096 x 2048 x 5632, 0.327 / 0.422 at 4096 x 7168 x 2048."""
+    fit = prune_by_rows(configs, named_args, **kwargs)
+    persistent = bool(_arg("STACKED", named_args, kwargs))
+    shaped = [c for c in fit if c.kwargs.get("MIN_ROWS", 0) < 64 or c.kwargs["PERSISTENT"] == persistent]
+    return shaped or fit
