@@ -28,11 +28,10 @@ import sys
 import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import SHAPES, make_params, make_spec, rel_err  # noqa: E402
+from moe_layer import SHAPES, make_params, make_spec, parse_cases, rel_err, save_json  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch  # noqa: E402
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel  # noqa: E402
@@ -245,7 +244,7 @@ def main():
     if args.show:
         return report(json.load(open(args.show))["rows"])
     dispatch.TMA = "off" if args.pointers else "auto"
-    cases = CASES if not args.cases else [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    cases = CASES if not args.cases else parse_cases(args.cases)
     start = time.time()
     torch.manual_seed(0)
     rows = []
@@ -253,10 +252,7 @@ def main():
         rows.append(sweep_case(name, T))
         print(json.dumps({k: rows[-1][k] for k in ("shape", "tokens", "layer")}), flush=True)
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "rows": rows, "seconds": time.time() - start}, f, indent=1)
+    save_json(args.json, rows, seconds=time.time() - start)
     report(rows)
     print(f"\n{time.time() - start:.0f} s")
 

@@ -21,11 +21,10 @@ import sys
 import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_sweep import breakdown, timeline  # noqa: E402
-from moe_layer import SHAPES, make_params, make_spec, median_ms, rel_err  # noqa: E402
+from moe_layer import SHAPES, make_params, make_spec, median_ms, parse_cases, rel_err, save_json  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch, reference  # noqa: E402
 
@@ -152,14 +151,10 @@ def main():
     variants = parse_variants(args.variants)
     torch.manual_seed(0)
     start, rows = time.time(), []
-    for case in args.cases.split(","):
-        name, tokens = case.split(":")
-        rows += run_case(name, int(tokens), variants, args.rounds)
+    for name, tokens in parse_cases(args.cases):
+        rows += run_case(name, tokens, variants, args.rounds)
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "command": " ".join(sys.argv), "rows": rows, "seconds": time.time() - start}, f, indent=1)
+    save_json(args.json, rows, command=" ".join(sys.argv), seconds=time.time() - start)
     print(table(rows))
     print(f"\n{time.time() - start:.0f} s")
 

@@ -41,6 +41,19 @@ def median_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=max(100, 30 * estimate), return_mode="median"))
 
 
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    """'OLMoE:4096,Mixtral:16384' -> [("OLMoE", 4096), ("Mixtral", 16384)] (the --cases of the GPU scripts)."""
+    return [(name, int(tokens)) for name, tokens in (case.split(":") for case in text.split(","))]
+
+
+def save_json(path: str, rows: list, **extra) -> None:
+    """A GPU script's result file: the machine and versions, the script's extra fields, then its rows."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   **extra, "rows": rows}, f, indent=1)
+
+
 def host_ms(fn, calls=50) -> float:
     """Host time per call when the GPU keeps up: launch overhead of the eager path."""
     torch.cuda.synchronize()

@@ -20,11 +20,10 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_sweep import breakdown  # noqa: E402
-from moe_layer import make_spec, rel_err  # noqa: E402
+from moe_layer import make_spec, parse_cases, rel_err, save_json  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch, reference  # noqa: E402
 
@@ -86,11 +85,8 @@ def main():
     ap.add_argument("--json", default="results/shared_expert.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = [run_case(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "persistent": os.environ.get("DSMOE_PERSISTENT", "auto"), "rows": rows}, f, indent=1)
+    rows = [run_case(name, T) for name, T in parse_cases(args.cases)]
+    save_json(args.json, rows, persistent=os.environ.get("DSMOE_PERSISTENT", "auto"))
     print(f"DSMOE_PERSISTENT={os.environ.get('DSMOE_PERSISTENT', 'auto')}; GPU ms per call (profiled)")
     print("| shape | tokens | torch (cuBLAS) | TFLOP/s | our two GEMMs | TFLOP/s | ours incl. routing | rel. err. torch / ours |")
     print("|---|---|---|---|---|---|---|---|")

@@ -21,12 +21,11 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm_sweep import timeline  # noqa: E402
 from layer_ab import build  # noqa: E402
-from moe_layer import SHAPES, make_params, make_spec, median_ms  # noqa: E402
+from moe_layer import SHAPES, make_params, make_spec, median_ms, parse_cases, save_json  # noqa: E402
 
 CALLS = 60
 
@@ -89,11 +88,8 @@ def main():
     ap.add_argument("--json", default="results/timing_check.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = [run_case(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "rows": rows}, f, indent=1)
+    rows = [run_case(name, T) for name, T in parse_cases(args.cases)]
+    save_json(args.json, rows)
     cols = ["do_bench", "no_flush", "flush_sync", "flush_wait", "span"]
     print("| shape | tokens | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
     for r in rows:
