@@ -181,6 +181,9 @@ NESTED_HALVES = os.environ.get("DSMOE_NESTED", "on") == "on"
 """P = 2 partial transformations run as one group per expert with nested halves (align.py); "off": 2 groups."""
 STACK_GATE_UP = os.environ.get("DSMOE_STACK", "on") == "on"
 """A fused [gate; up] read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._stacked); "off": two."""
+PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
+"""An interleaved fused gate/up (GPT-OSS) read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._paired);
+"off": gate and up apart, each load striding by 2."""
 
 
 def _use_desc(x: torch.Tensor) -> bool:
@@ -368,7 +371,8 @@ class _Plan:
              ex.alpha, ex.limit, bucket, wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
-                 STACKED=w_desc and ex.layout == "fused" and STACK_GATE_UP,
+                 STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,
+                 PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),

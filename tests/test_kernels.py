@@ -177,9 +177,12 @@ def test_partition_halves_any_keep_pattern(T, E, K, data):
 
 @pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gptoss_layout_interleaved_transposed_bias(dtype):
+@pytest.mark.parametrize("transposed", [True, False])
+def test_gptoss_layout_interleaved_transposed_bias(dtype, transposed):
+    """GPT-OSS's interleaved gate/up, read as one operand of paired rows (gate_up_glu._paired), in its own
+    transposed layout and K-contiguous; I = 40 leaves the last column block partly past the neurons."""
     routing = RoutingSpec(score_after_topk=True, router_bias=True)
-    check(*make_case(dtype, T=16, E=8, K=4, I=40, routing=routing, interleaved=True, transposed=True,
+    check(*make_case(dtype, T=16, E=8, K=4, I=40, routing=routing, interleaved=True, transposed=transposed,
                      bias=True, activation="gptoss", seed=9))
 
 
