@@ -154,6 +154,14 @@ class _Weights:
         gu = self.aligned and not self.interleaved and all(_k_contiguous(t, self.gu_strides) for t in (gate, up))
         return gu, self.aligned and _k_contiguous(down, self.dn_strides)
 
+    def n_major_fit(self) -> tuple[bool, bool]:
+        """(gate/up, down): stored output channel innermost (transposed, as GPT-OSS), all experts one contiguous
+        tensor, so one descriptor over [E x K, N] reads them; gate/up only interleaved (read as paired columns)."""
+        gate, _, down = self.first
+        fused = not self.table
+        return (fused and self.interleaved and _n_contiguous(gate, self.gu_strides),
+                fused and _n_contiguous(down, self.dn_strides))
+
 
 def _list_key(spec: MoESpec, params):
     """Per-expert (gate, up, down) addresses; whether every expert shares dtype, shape and strides; whether
@@ -192,6 +200,12 @@ def _use_desc(x: torch.Tensor) -> bool:
     if TMA == "on" or INTERPRETED:
         return True
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _n_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
+    """A descriptor over all experts' [K, N] matrices fits: contiguous, N innermost, 16-byte rows and base."""
+    return (strides[1] == 1 and w.is_contiguous() and strides[2] * w.element_size() % 16 == 0
+            and w.data_ptr() % 16 == 0)
 
 
 def _k_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
@@ -363,6 +377,7 @@ class _Plan:
         dn_k, dn_p = (I, 1) if self.nested else (c, P)
         bucket = rows_bucket(rows, groups)
         w_desc, dn_desc = (_use_desc(x) and ok for ok in wts.descriptors_fit())
+        gu_nmajor, dn_nmajor = (_use_desc(x) and ok for ok in wts.n_major_fit())
         programs = _programs(x.device)
         self.gate_up = _Kernel(
             gate_up_glu_kernel, lambda meta: launch_grid(meta, gu_rows, gu_groups, c, programs),
@@ -373,13 +388,15 @@ class _Plan:
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
                  STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
+                 W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
                  GROUPS="halves" if self.nested else "plain"))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
              dn_k, *wts.dn_strides, db.stride(0) if db is not None else 0, H, bucket,
              H, I, programs, c),
-            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_TABLE=wts.table,
+            dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_NMAJOR=dn_nmajor,
+                 W_TABLE=wts.table,
                  GROUPS="nested" if self.nested else "plain"))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,

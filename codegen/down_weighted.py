@@ -37,14 +37,17 @@ def down_weighted_kernel(
     N, K, num_subs, pairs, PAIRS, TOPK, P,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
     ROWS_BUCKET, W_ROWS, W_COLS, NUM_PROGRAMS, HALF,
-    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
-    GROUPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_SUBS: tl.constexpr, W_DESC: tl.constexpr, W_NMAJOR: tl.constexpr,
+    W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
-    if W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
+    if W_NMAJOR:  # [E, I, H] (transposed, GPT-OSS): one descriptor over all experts' I rows of H channels
+        w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_COLS, stride_wk], strides=[stride_wk, 1],
+                                          block_shape=[BLOCK_SIZE_K, BLOCK_SIZE_N])
+    elif W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
         w_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, W_COLS], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
     if PERSISTENT:
@@ -57,7 +60,7 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -67,15 +70,15 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
 def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
-          HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_NMAJOR: tl.constexpr, W_TABLE: tl.constexpr,
+          GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
@@ -118,7 +121,9 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
             live = live & ((major[None, :] & (offs_m < major_left)[:, None])
                            | ((~major)[None, :] & (offs_m >= minor_from)[:, None]))
         a = tl.load(h_ptrs, mask=live, other=0.0)
-        if W_DESC:
+        if W_NMAJOR:  # K rows past this expert's meet h columns masked to zero
+            w = w_all.load([expert * W_COLS + part * K + k * BLOCK_SIZE_K, pid_n * BLOCK_SIZE_N])
+        elif W_DESC:
             w = w_all.load([w_row, part * K + k * BLOCK_SIZE_K]).T
         else:
             w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)

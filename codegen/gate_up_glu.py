@@ -68,8 +68,8 @@ def gate_up_glu_kernel(
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
     ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
-    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr, GROUPS: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr, W_NMAJOR: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
@@ -78,6 +78,9 @@ def gate_up_glu_kernel(
         g_all = tl.make_tensor_descriptor(w_ptr, shape=[num_subs // P, 2, UP_OFFSET, K],
                                           strides=[stride_we, UP_OFFSET * stride_wn, stride_wn, 1],
                                           block_shape=[1, 2, BLOCK_SIZE_N, BLOCK_SIZE_K])
+    elif PAIRED and W_NMAJOR:  # interleaved [E, K, 2 I] (GPT-OSS): one descriptor over all experts' K rows
+        g_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * K, stride_wk], strides=[stride_wk, 1],
+                                          block_shape=[BLOCK_SIZE_K, 2 * BLOCK_SIZE_N])
     elif W_DESC and not W_TABLE:  # 3-D weights: one descriptor over all experts' rows, built once per program
         g_all = tl.make_tensor_descriptor(w_ptr, shape=[(num_subs // P) * W_ROWS, K], strides=[stride_wn, 1],
                                           block_shape=[BLOCK_SIZE_N, BLOCK_SIZE_K])
@@ -91,8 +94,8 @@ def gate_up_glu_kernel(
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, W_NMAJOR,
+                  GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -100,8 +103,8 @@ def gate_up_glu_kernel(
         if sub < num_subs:
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, GROUPS,
-                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, W_NMAJOR,
+                  GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -110,7 +113,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
-          GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr,
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -132,8 +136,9 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
         acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K, k_tiles,
                                 BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     elif PAIRED:
-        acc_g, acc_u = _paired(x_ptrs, mask_m, offs_k, w_ptr, expert, neuron0, pid_n * BLOCK_SIZE_N, N, K, k_tiles,
-                               stride_we, stride_wn, stride_wk, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+        acc_g, acc_u = _paired(x_ptrs, mask_m, offs_k, w_ptr, g_all, expert, neuron0, pid_n * BLOCK_SIZE_N, N, K,
+                               k_tiles, stride_we, stride_wn, stride_wk, W_NMAJOR,
+                               BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
                                      neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
@@ -197,12 +202,15 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
 
 
 @triton.jit
-def _paired(x_ptrs, mask_m, offs_k, w_ptr, expert, neuron0, first_col, N, K, k_tiles, stride_we, stride_wn, stride_wk,
+def _paired(x_ptrs, mask_m, offs_k, w_ptr, w_desc, expert, neuron0, first_col, N, K, k_tiles,
+            stride_we, stride_wn, stride_wk, W_NMAJOR: tl.constexpr,
             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators of an interleaved fused weight (g0, u0, g1, u1, ...: GPT-OSS): the 2 x BLOCK_SIZE_N
     consecutive rows of this column block are one operand, read whole (contiguous along them in the transposed
     layout, so the loads vectorise, where reading gate and up apart strides by 2), and each K step is one
-    BLOCK_SIZE_M x 2 BLOCK_SIZE_N product; even accumulator columns are gate, odd ones up."""
+    BLOCK_SIZE_M x 2 BLOCK_SIZE_N product; even accumulator columns are gate, odd ones up. W_NMAJOR: the block comes
+    by the tensor-memory accelerator from the descriptor over [E x K, 2 I] (K rows past this expert's meet x
+    columns masked to zero; columns past the matrix read as zeros)."""
     offs_2n = tl.arange(0, 2 * BLOCK_SIZE_N)
     live = first_col + offs_2n // 2 < N
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
@@ -211,7 +219,10 @@ def _paired(x_ptrs, mask_m, offs_k, w_ptr, expert, neuron0, first_col, N, K, k_t
     for k in range(0, k_tiles):
         k_live = offs_k < K - k * BLOCK_SIZE_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & k_live[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_live[:, None] & live[None, :], other=0.0)
+        if W_NMAJOR:
+            w = w_desc.load([expert * K + k * BLOCK_SIZE_K, 2 * neuron0])
+        else:
+            w = tl.load(w_ptrs, mask=k_live[:, None] & live[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         x_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_wk
