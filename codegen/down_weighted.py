@@ -2,7 +2,9 @@
 
 Program (pid_m, pid_n) owns BLOCK_SIZE_M sorted rows of sub-expert s and BLOCK_SIZE_N hidden
 channels. The down weight of neuron group p of expert e is the [H, c] column slice starting at
-p * c of down[e] (or the row slice of a transposed [I, H] layout), read through the original strides.
+p * c of down[e] (or the row slice of a transposed [I, H] layout), read through the original strides:
+by a descriptor over all experts' [H, I] rows when K-contiguous (W_DESC), over their [I, H] rows when
+transposed (W_NMAJOR, GPT-OSS), else by pointer loads.
 The down bias belongs to the whole expert, so only sub-expert p == 0 adds it (as the reference does).
 Each result row, scaled by its pair's routing weight, goes to its own row of the pair buffer
 [T * PAIRS, H]; ``combine.py`` then sums a token's rows in a fixed order (deterministic, no atomics).
