@@ -36,7 +36,7 @@ from moe_layer import SHAPES, make_params, make_spec, parse_cases, rel_err, save
 from dsmoe_compiler.codegen import dispatch  # noqa: E402
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel  # noqa: E402
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel  # noqa: E402
-from dsmoe_compiler.codegen.schedule import as_persistent  # noqa: E402
+from dsmoe_compiler.codegen.schedule import as_persistent, is_prefill  # noqa: E402
 
 CASES = [("Mixtral", 4096), ("OLMoE", 4096), ("OLMoE", 16384), ("DeepSeek-V2-Lite", 4096),
          ("Qwen3-30B-A3B", 4096), ("Qwen3-30B-A3B", 16384)]
@@ -68,7 +68,7 @@ def prefill_tiles(kernel) -> list[tuple]:
     """The kernel's own prefill autotuning tiles (those tried from 64 rows per group up), as sweep tuples, once each
     (gate/up lists them in both launch shapes; the sweep's variants set the shape)."""
     return list(dict.fromkeys((c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps,
-                               c.num_stages) for c in kernel.configs if c.kwargs["MIN_ROWS"] >= 64))
+                               c.num_stages) for c in kernel.configs if is_prefill(c)))
 
 
 def ms(fn) -> float:

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import median_ms, rel_err, save_json  # noqa: E402
+from moe_layer import cuda_graph, median_ms, rel_err, save_json  # noqa: E402
 
 import dsmoe_compiler  # noqa: E402,F401  (registers the backend)
 
@@ -43,14 +43,6 @@ def gptoss_mlp(experts: int, impl: str, dtype=torch.bfloat16, hidden: int = 2880
     return mlp
 
 
-def graphed(fn, x):
-    fn(x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
-    return graph.replay
-
-
 def run(mlp, T, reference_mlp):
     x = torch.randn(1, T, mlp.experts.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -62,7 +54,7 @@ def run(mlp, T, reference_mlp):
         with torch.no_grad():
             row[f"{name}_err"] = rel_err(call(x), ref)
             row[f"{name}_ms"] = median_ms(lambda: call(x))
-            row[f"{name}_graph_ms"] = median_ms(graphed(call, x))
+            row[f"{name}_graph_ms"] = median_ms(cuda_graph(lambda: call(x)).replay)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     torch._dynamo.reset()
     return row

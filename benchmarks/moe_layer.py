@@ -54,6 +54,14 @@ def save_json(path: str, rows: list, **extra) -> None:
                    **extra, "rows": rows}, f, indent=1)
 
 
+def cuda_graph(fn) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of fn, which has run once already (compiled, autotuned, its buffers allocated)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def host_ms(fn, calls=50) -> float:
     """Host time per call when the GPU keeps up: launch overhead of the eager path."""
     torch.cuda.synchronize()
@@ -164,10 +172,8 @@ def layout_rows() -> list[dict]:
         for name, (s, p) in layouts.items():
             fn = lambda: dispatch.moe_triton(x, p, s)  # noqa: E731
             err = rel_err(fn(), reference.moe(x, p, s))
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            row = {"case": f"OLMoE layout {name}", "tokens": T, "rel_err": err, "ours_graph": median_ms(g.replay)}
+            row = {"case": f"OLMoE layout {name}", "tokens": T, "rel_err": err,
+                   "ours_graph": median_ms(cuda_graph(fn).replay)}
             rows.append(row)
             print(f"check {row['case']:40s} T={T:5d} rel_err={err:.2e} graph {row['ours_graph']:.3f} ms", flush=True)
     return rows
@@ -210,11 +216,7 @@ def run_shape(name, H, I, E, K, renorm, shared, peak, bw, skip_eager_at):
         floor = max(flops / peak, touched * 3 * H * I * 2 / bw) * 1e3
         row = {"shape": name, "tokens": T, "rel_err": err, "floor": floor, "touched_experts": touched,
                "ours": median_ms(ours)}
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            ours()
-        row["ours_graph"] = median_ms(g.replay)
-        del g
+        row["ours_graph"] = median_ms(cuda_graph(ours).replay)
         row["ours_host"] = host_ms(ours)
         for key, fn in impls.items():
             if key == "hf_eager" and T >= skip_eager_at:
@@ -235,10 +237,7 @@ def run_shape(name, H, I, E, K, renorm, shared, peak, bw, skip_eager_at):
             ours = lambda: dispatch.moe_triton(x, params_s, spec_s)  # noqa: E731
             row = {"shape": name + "+shared", "tokens": T, "rel_err": rel_err(ours(), reference.moe(x, params_s, spec_s)),
                    "ours": median_ms(ours)}
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                ours()
-            row["ours_graph"] = median_ms(g.replay)
+            row["ours_graph"] = median_ms(cuda_graph(ours).replay)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -8,7 +8,8 @@ it (cuBLAS GEMMs and torch elementwise), and as ``dispatch.moe_triton`` of a one
 MLP, weights in the "separate" layout with no copy (every token routed to expert 0 with weight 1). For ours only
 the two grouped GEMMs count (gate_up_glu + down_weighted, from the kernel breakdown of a graph replay): what a
 shared-expert launch of the same kernels would cost without routing. Both outputs are checked against the fp32
-reference. Milliseconds are GPU time per call (profiled replays, median of 5 profiles); DSMOE_PERSISTENT
+reference. Milliseconds are GPU time per call (profiled replays, per kernel the median of 5 profiles after a
+discarded one, ``layer_ab.profiled_rounds``); DSMOE_PERSISTENT
 decides the launch shape as in the kernels. Prints a table last and writes JSON.
 """
 
@@ -22,8 +23,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm_sweep import breakdown  # noqa: E402
-from moe_layer import make_spec, parse_cases, rel_err, save_json  # noqa: E402
+from layer_ab import profiled_rounds  # noqa: E402
+from moe_layer import cuda_graph, make_spec, parse_cases, rel_err, save_json  # noqa: E402
 
 from dsmoe_compiler.codegen import dispatch, reference  # noqa: E402
 
@@ -32,20 +33,6 @@ SHAPES = {  # name: (hidden, shared intermediate)
     "Qwen1.5-MoE-A2.7B": (2048, 5632),
     "DeepSeek-V3": (7168, 2048),
 }
-
-
-def graph_of(fn):
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def median_breakdown(graph, profiles=5) -> dict:
-    samples = [breakdown(graph) for _ in range(profiles)]
-    names = dict.fromkeys(k for s in samples for k in s)
-    return {k: sorted(s.get(k, 0.0) for s in samples)[profiles // 2] for k in names}
 
 
 def run_case(name, T):
@@ -66,8 +53,7 @@ def run_case(name, T):
     ours_fn = lambda: dispatch.moe_triton(x, ours_params, one_expert)  # noqa: E731
     row = {"shape": name, "tokens": T, "hidden": H, "shared": S,
            "torch_err": rel_err(torch_fn(), ref), "ours_err": rel_err(ours_fn(), ref)}
-    torch_k = median_breakdown(graph_of(torch_fn))
-    ours_k = median_breakdown(graph_of(ours_fn))
+    torch_k, ours_k = (profiled_rounds({"one": cuda_graph(fn)}, rounds=5)["one"] for fn in (torch_fn, ours_fn))
     row["torch_ms"] = sum(torch_k.values())
     row["ours_gemms_ms"] = sum(v for k, v in ours_k.items() if k.startswith(("gate_up_glu", "down_weighted")))
     row["ours_all_ms"] = sum(ours_k.values())

@@ -138,6 +138,11 @@ def rows_bucket(pairs: int, groups: int) -> int:
     return min(triton.next_power_of_2(max(1, pairs // max(1, groups))), 1024)
 
 
+def is_prefill(config) -> bool:
+    """A prefill tile: tried from 64 average rows per group up (decode tiles stop below)."""
+    return config.kwargs.get("MIN_ROWS", 0) >= 64
+
+
 def _arg(name, named_args, kwargs):
     return named_args[name] if name in named_args else kwargs[name]
 
@@ -158,5 +163,5 @@ def prune_launch_shape(configs, named_args, **kwargs):
     0.300 / 0.356 at 4096 x 2048 x 5632, 0.327 / 0.422 at 4096 x 7168 x 2048."""
     fit = prune_by_rows(configs, named_args, **kwargs)
     persistent = bool(_arg("STACKED", named_args, kwargs))
-    shaped = [c for c in fit if c.kwargs.get("MIN_ROWS", 0) < 64 or c.kwargs["PERSISTENT"] == persistent]
+    shaped = [c for c in fit if not is_prefill(c) or c.kwargs["PERSISTENT"] == persistent]
     return shaped or fit

@@ -20,7 +20,7 @@ def _picked(kernel, rows, **constexprs):
 def test_prefill_gate_up_persistent_only_when_stacked(rows):
     stacked = _picked(gate_up_glu.gate_up_glu_kernel, rows, STACKED=True)
     apart = _picked(gate_up_glu.gate_up_glu_kernel, rows, STACKED=False)
-    prefill = lambda picked: [c for c in picked if c.kwargs["MIN_ROWS"] >= 64]  # noqa: E731
+    prefill = lambda picked: [c for c in picked if schedule.is_prefill(c)]  # noqa: E731
     assert prefill(stacked) and all(c.kwargs["PERSISTENT"] for c in prefill(stacked))
     assert prefill(apart) and not any(c.kwargs["PERSISTENT"] for c in prefill(apart))
     tiles = lambda picked: sorted((c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"],  # noqa: E731
@@ -33,13 +33,13 @@ def test_decode_tiles_unchanged_by_the_operand(rows):
     """Decode tiles (one program per tile unless DSMOE_PERSISTENT=on) are the same whichever the operand."""
     stacked = _picked(gate_up_glu.gate_up_glu_kernel, rows, STACKED=True)
     apart = _picked(gate_up_glu.gate_up_glu_kernel, rows, STACKED=False)
-    decode = lambda picked: [c for c in picked if c.kwargs["MIN_ROWS"] < 64]  # noqa: E731
+    decode = lambda picked: [c for c in picked if not schedule.is_prefill(c)]  # noqa: E731
     assert decode(stacked) and decode(stacked) == decode(apart)
 
 
 def test_down_keeps_one_launch_shape_per_tile():
     """The down GEMM lists each prefill tile once (persistent under "auto"): nothing for the prune to pick."""
-    prefill = [c for c in down_weighted.down_weighted_kernel.configs if c.kwargs["MIN_ROWS"] >= 64]
+    prefill = [c for c in down_weighted.down_weighted_kernel.configs if schedule.is_prefill(c)]
     keys = [(c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps, c.num_stages)
             for c in prefill]
     assert prefill and len(keys) == len(set(keys))
