@@ -366,6 +366,7 @@ class _Plan:
         self.signature = None  # of the inputs at the recorded launch; None: nothing recorded yet
         self.graph = None  # (graph, its x, its output, the addresses it reads): see _graphed
         self.graphable = FAST_LAUNCH and device.type == "cuda" and 0 < T * topk <= GRAPH_MAX_PAIRS and not keep_given
+        self.rows_only, self.ones = False, None  # labelled_rows: return y (a row per pair), no combine; unit weights
 
     def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
@@ -418,7 +419,7 @@ class _Plan:
         fast = FAST_LAUNCH and self.signature is not None and signature == self.signature and not _hooks_on()
         _ensure_allocator()
         ws = _empty((self.ws_bytes,), torch.uint8, x.device)
-        out = _empty((self.T, self.H), x.dtype, x.device)
+        out = None if self.rows_only else _empty((self.T, self.H), x.dtype, x.device)
         if fast:
             base = ws.data_ptr()
             buf = {name: base + o for name, (o, _, _, _) in self.layout.items()}
@@ -451,6 +452,10 @@ class _Plan:
             (self.down, (h, dn, db if db is not None else dn, weights, y, sorted_ids, counts)),
             (self.combine, (y, keep if keep is not None else counts, out_ptr)),
         ]
+        if self.rows_only:
+            launches.pop()
+            o, n, dt, shape = self.layout["y"]
+            out = ws[o:o + n].view(dt).view(shape)
         if fast:
             stream = torch._C._cuda_getCurrentRawStream(self.stream_index)
             for kernel, ptrs in launches:
@@ -494,6 +499,33 @@ def experts(x, weights, index, params, spec: MoESpec, keep=None) -> torch.Tensor
     plan = _Plan(spec, T, x.dtype, x.device, index.shape[1], fused_route=False, keep_given=keep is not None,
                  drop_on=False, stats_on=False, weights_dtype=weights.dtype)
     return plan(x, params, weights=weights.contiguous(), index=index.contiguous(), keep=keep)
+
+
+def labelled_rows(x: torch.Tensor, sub: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
+    """Unweighted outputs of rows that already name their sub-expert: y[i] = expert sub[i] applied to x[i].
+
+    Expert parallelism's local step (``runtime/ep.py``): the received rows, ``spec`` with one pair per row
+    (transform "complete", dropping off). Every EP call brings a different number of rows, so the plan is
+    sized for a power-of-two capacity and reused; the rows past the real ones are marked dropped (no
+    FLOPs, never read). No host synchronisation."""
+    n = x.shape[0]
+    if n == 0:
+        return x.new_empty(0, spec.hidden)
+    cap = max(256, triton.next_power_of_2(n))
+    key = ("rows", id(spec), cap, x.dtype, x.device)
+    plan = _plan(key, spec, lambda: _labelled_rows_plan(spec, cap, x.dtype, x.device))
+    index = torch.empty(cap, 1, dtype=torch.int32, device=x.device)
+    index[:n, 0] = sub
+    keep = (torch.arange(cap, device=x.device) < n).view(cap, 1).view(torch.uint8)
+    return plan(x.contiguous(), params, weights=plan.ones, index=index, keep=keep)[:n]
+
+
+def _labelled_rows_plan(spec: MoESpec, cap: int, dtype, device) -> _Plan:
+    plan = _Plan(spec, cap, dtype, device, 1, fused_route=False, keep_given=True, drop_on=False, stats_on=False,
+                 weights_dtype=torch.float32)
+    plan.rows_only = True
+    plan.ones = torch.ones(cap, 1, dtype=torch.float32, device=device)
+    return plan
 
 
 def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None = None, *,

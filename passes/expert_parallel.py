@@ -6,12 +6,12 @@ Pattern (a block after partition and drop)::
 
 Replacement (``runtime/ep.py`` documents each step)::
 
-    send, token, weight, counts = dualsparse.ep_route(x, params, spec, ep)
+    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep)
     send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
     recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(send, recv_splits, send_splits, group))
     y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
     back = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(y_local, send_splits, recv_splits, group))
-    y = dualsparse.ep_combine(x, back, token, weight, params, spec, ep)
+    y = dualsparse.ep_combine(x, back, row, weight, params, spec, ep, impl)
 
 Setting: per-rank tokens (each rank runs the compiled model on its own share of the batch, the
 usual EP); rank r computes the contiguous sub-experts ``dist.expert_ranges(E*P, W)[r:r+2]``, so
@@ -83,7 +83,7 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
         impl = _impl(options, node)
         with graph.inserting_before(node):
             routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json))
-            send, token, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
+            send, row, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
             sizes = graph.call_function(ep.splits, (counts, ep_json))
             send_splits, recv_splits = (graph.call_function(operator.getitem, (sizes, i)) for i in range(2))
             recv = graph.call_function(WAIT, (graph.call_function(A2A, (send, recv_splits, send_splits, name)),))
@@ -91,7 +91,7 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
                                         (recv, counts, params, spec_json, ep_json, impl))
             back = graph.call_function(WAIT, (graph.call_function(A2A, (local, send_splits, recv_splits, name)),))
             out = graph.call_function(torch.ops.dualsparse.ep_combine.default,
-                                      (x, back, token, weight, params, spec_json, ep_json))
+                                      (x, back, row, weight, params, spec_json, ep_json, impl))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

@@ -8,12 +8,17 @@ output; the experts still run once per (token, pair, rank)).
 
 The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualsparse.moe`` node::
 
-    send, token, weight, counts = dualsparse.ep_route(x, params, spec, ep)   # route, drop, sort by sub-expert
+    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep)     # route, drop, sort by sub-expert
     send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
     recv = all_to_all_single(send, recv_splits, send_splits, group)          # dispatch (functional collective)
     y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
     back = all_to_all_single(y, send_splits, recv_splits, group)             # combine
-    out = dualsparse.ep_combine(x, back, token, weight, params, spec, ep)    # weighted sum + shared experts
+    out = dualsparse.ep_combine(x, back, row, weight, params, spec, ep, impl)  # weighted sum + shared experts
+
+``row`` [T, K'] says where each (token, slot) comes back: its row of ``back`` (the send order), or -1 when
+it was dropped; ``weight`` [T, K'] is its routing weight. The combine gathers, weights and sums those rows
+in fp32 (``codegen/gather_combine.py`` on the GPU). Host synchronisations per block: the split sizes (one
+``.tolist()``) and, with dropping, the kept count.
 
 Semantics: equal to ``reference.moe`` on each rank's x (dropping off: up to the summation order;
 dropping on: with uniform thresholds, the same kept pairs as ``reference.keep_mask``). A dropped
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen.gather_combine import gather_combine, gather_combine_reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import DropSpec, MoESpec
 from dsmoe_compiler.runtime import dist as ds_dist
@@ -284,6 +290,12 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def _count(index: torch.Tensor, num_subs: int) -> torch.Tensor:
+    """Pairs per sub-expert, without torch.bincount's host read of the largest index on CUDA."""
+    return torch.zeros(num_subs, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index, dtype=torch.long))
+
+
 def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
@@ -298,7 +310,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     if spec.transform == "partial":
         index, weights = reference.partial_transform(index, weights, spec.partition)
     owner = owners(ep, x.device)
-    pre = torch.bincount(index.reshape(-1), minlength=num_subs)
+    pre = _count(index.reshape(-1), num_subs)
     keep = None
     gathered_pre = None
     clock.mark("gather0")
@@ -322,15 +334,15 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
         if block.stats is not None:
             reference.record_drops(block.stats, keep, spec)
     flat_index = index.reshape(-1)
-    token = torch.arange(T, device=x.device).repeat_interleave(index.shape[1])
+    pair = torch.arange(flat_index.numel(), device=x.device)
     if keep is not None:
-        sel = keep.reshape(-1).nonzero().squeeze(1)
-        flat_index, token, flat_w = flat_index[sel], token[sel], weights.reshape(-1)[sel]
-    else:
-        flat_w = weights.reshape(-1)
-    post = torch.bincount(flat_index, minlength=num_subs)
-    order = torch.argsort(flat_index, stable=True)
-    token, flat_w = token[order], flat_w[order]
+        pair = keep.reshape(-1).nonzero().squeeze(1)  # NOTE: host sync (the kept count), dropping only
+        flat_index = flat_index[pair]
+    post = _count(flat_index, num_subs)
+    pair = pair[torch.argsort(flat_index, stable=True)]  # the kept pairs in send order: by sub-expert
+    # where each (token, slot) comes back: its row in the send order, -1 if dropped
+    row = torch.full((index.numel(),), -1, dtype=torch.int32, device=x.device)
+    row[pair] = torch.arange(pair.numel(), dtype=torch.int32, device=x.device)
     clock.mark("gather2")
     if keep is None or gathered_pre is not None or not ep.stats:
         counts = ds_dist.all_gather_rows(post, group)
@@ -344,22 +356,32 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
         per_rank = lambda c: torch.zeros(ep.world, dtype=torch.float64, device=x.device).index_add_(  # noqa: E731
             0, owner, c.sum(0).double())
         _STATS[ep.key].add_loads(per_rank(gathered_pre), per_rank(counts))
-    send = x[token]
+    send = x[pair // index.shape[1]]
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
                        ("comm", "gather2", "gather3"), ("compute", "gather3", "route1")):
         clock.span(kind, a, b)
-    return send, token, flat_w, counts
+    return send, row.view(index.shape), weights.contiguous(), counts
 
 
 def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
-    """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange)."""
+    """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange), the
+    block's only one when dropping is off."""
     ep = parse_ep(ep_json)
-    b = ep.ranges
-    mine = counts[ep.rank]
-    send = [mine[b[r]:b[r + 1]].sum() for r in range(ep.world)]
+    bounds = torch.tensor(ep.ranges, device=counts.device)
+    ends = counts[ep.rank].cumsum(0)[bounds[1:] - 1]  # rows sent to ranks 0..r: the sends by difference
+    send = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
     recv = counts[:, ep.lo:ep.hi].sum(dim=1)
-    return torch.stack(send).tolist(), recv.tolist()
+    both = torch.cat([send, recv]).tolist()
+    return both[:ep.world], both[ep.world:]
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_spec(spec_json: str) -> tuple[MoESpec, int]:
+    """(spec of the held weights with one pair per row and no dropping, first held sub-expert); cached, so
+    the kernels' plan (keyed by the spec object) is reused from call to call."""
+    held, offset = local_spec(parse_spec(spec_json))
+    return held.replace(transform="complete", drop=DropSpec()), offset
 
 
 def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: str, ep_json: str, impl: str):
@@ -369,16 +391,15 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     clock.mark("experts0")
     clock.span("comm", "route1", "experts0")  # dispatch
     local = counts[:, ep.lo:ep.hi].reshape(-1)
-    sub = torch.arange(ep.lo, ep.hi, device=recv.device).repeat(ep.world).repeat_interleave(local)
+    sub = torch.arange(ep.lo, ep.hi, device=recv.device).repeat(ep.world).repeat_interleave(
+        local, output_size=recv.shape[0])  # output_size: no host read of the total
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
     if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
-        from dsmoe_compiler.codegen.dispatch import experts as triton_experts
+        from dsmoe_compiler.codegen.dispatch import labelled_rows
 
-        # one pair per row, its sub-expert id given directly: no partial expansion, weight 1
-        flat = held.replace(transform="complete", drop=DropSpec())
-        ones = torch.ones(recv.shape[0], 1, dtype=recv.dtype, device=recv.device)
-        y = triton_experts(recv.contiguous(), ones, (sub - offset)[:, None], params, flat)
+        rows_spec, offset = _rows_spec(spec_json)
+        y = labelled_rows(recv, sub - offset, params, rows_spec)
     else:
         y = torch.empty_like(recv)
         ex = spec.experts
@@ -395,16 +416,18 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     return y
 
 
-def combine(x: torch.Tensor, back: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, params,
-            spec_json: str, ep_json: str):
+def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, params,
+            spec_json: str, ep_json: str, impl: str = "reference"):
+    """out[t] = sum over slots j of weight[t, j] * back[row[t, j]] (row -1: dropped), in fp32, + shared experts."""
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
     clock.mark("combine0")
     clock.span("comm", "experts1", "combine0")
     flat = _flat(x)
-    out = torch.zeros(flat.shape, dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
-    out.index_add_(0, token, (back * weight[:, None]).to(out.dtype))
-    out = out.to(flat.dtype)
+    if impl == "triton" and back.is_cuda:
+        out = gather_combine(back, row, weight, flat.dtype)
+    else:
+        out = gather_combine_reference(back, row, weight, flat.dtype)
     if spec.shared is not None:
         out = out + reference.shared_experts(flat, params, spec)
     clock.mark("combine1")
@@ -416,8 +439,14 @@ def combine(x: torch.Tensor, back: torch.Tensor, token: torch.Tensor, weight: to
 @torch.library.custom_op("dualsparse::ep_route", mutates_args=())
 def ep_route(x: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    send, token, weight, counts = route(x, params, spec, ep)
-    return send, token, weight, counts
+    send, row, weight, counts = route(x, params, spec, ep)
+    return send, row, weight, counts
+
+
+def pairs_per_token(spec: MoESpec) -> int:
+    """(token, sub-expert) slots per token after the partition: K * P (complete: top-k * P; partial: indices
+    expanded P times)."""
+    return spec.top_k * (spec.partition if spec.transform in ("complete", "partial") else 1)
 
 
 @ep_route.register_fake
@@ -425,7 +454,8 @@ def _(x, params, spec, ep):
     s, e = parse_spec(spec), parse_ep(ep)
     n = torch.library.get_ctx().new_dynamic_size()
     wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
-    return (x.new_empty(n, x.shape[-1]), x.new_empty(n, dtype=torch.long), x.new_empty(n, dtype=wdtype),
+    T, K = _flat(x).shape[0], pairs_per_token(s)
+    return (x.new_empty(n, x.shape[-1]), x.new_empty(T, K, dtype=torch.int32), x.new_empty(T, K, dtype=wdtype),
             x.new_empty(e.world, s.num_experts * s.partition, dtype=torch.long))
 
 
@@ -441,22 +471,22 @@ def _(recv, counts, params, spec, ep, impl="reference"):
 
 
 @torch.library.custom_op("dualsparse::ep_combine", mutates_args=())
-def ep_combine(x: torch.Tensor, back: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
-               params: list[torch.Tensor], spec: str, ep: str) -> torch.Tensor:
-    return combine(x, back, token, weight, params, spec, ep)
+def ep_combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor,
+               params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference") -> torch.Tensor:
+    return combine(x, back, row, weight, params, spec, ep, impl)
 
 
 @ep_combine.register_fake
-def _(x, back, token, weight, params, spec, ep):
+def _(x, back, row, weight, params, spec, ep, impl="reference"):
     return torch.empty_like(x)
 
 
 def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:
     """The whole EP block eagerly, in the order the pass puts into the graph (for tests and benchmarks)."""
-    send, token, weight, counts = ep_route(x, params, spec_json, ep_json)
+    send, row, weight, counts = ep_route(x, params, spec_json, ep_json)
     send_splits, recv_splits = splits(counts, ep_json)
     name = parse_ep(ep_json).group
     recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
     y = ep_experts(recv, counts, params, spec_json, ep_json, impl)
     back = ds_dist.all_to_all(y, send_splits, recv_splits, name)
-    return ep_combine(x, back, token, weight, params, spec_json, ep_json)
+    return ep_combine(x, back, row, weight, params, spec_json, ep_json, impl)
