@@ -368,6 +368,8 @@ def main():
         with open(os.path.splitext(path)[0] + ".md", "w") as f:
             f.write(f"{json.dumps(meta)}\n\n{text}\n")
         print(json.dumps(meta))
+        if "error" in impl_check:  # the Triton local path failed its check: these are the reference loop's times
+            print(f"WARNING: impl {impl}, the Triton path failed: {impl_check['error']}")
         print(text, flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -488,19 +488,6 @@ def _plan(key, spec, build):
     return plan
 
 
-def experts(x, weights, index, params, spec: MoESpec, keep=None) -> torch.Tensor:
-    """Routed experts on pairs of index [T, K'] (expanded P times for a partial transformation)."""
-    T = x.shape[0]
-    expand = spec.partition if spec.transform == "partial" else 1
-    if T * index.shape[1] * expand == 0:
-        return _empty(x.shape, x.dtype, x.device).zero_()
-    if keep is not None:
-        keep = keep.contiguous().view(torch.uint8)
-    plan = _Plan(spec, T, x.dtype, x.device, index.shape[1], fused_route=False, keep_given=keep is not None,
-                 drop_on=False, stats_on=False, weights_dtype=weights.dtype)
-    return plan(x, params, weights=weights.contiguous(), index=index.contiguous(), keep=keep)
-
-
 def labelled_rows(x: torch.Tensor, sub: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
     """Unweighted outputs of rows that already name their sub-expert: y[i] = expert sub[i] applied to x[i].
 
