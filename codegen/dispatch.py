@@ -488,22 +488,25 @@ def _plan(key, spec, build):
     return plan
 
 
-def labelled_rows(x: torch.Tensor, sub: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
-    """Unweighted outputs of rows that already name their sub-expert: y[i] = expert sub[i] applied to x[i].
+def labelled_rows(x: torch.Tensor, label: torch.Tensor, params, spec: MoESpec, halves=None) -> torch.Tensor:
+    """Unweighted outputs of rows that already name their sub-expert: y[i] = sub-expert label[i] on x[i].
+    With ``halves`` [n, 2] (bool; ``spec`` a P = 2 partial transformation, top-1): label[i] is an expert and
+    y[i] sums the neuron halves the row keeps (Major, Minor), through the nested-halves grouping.
 
-    Expert parallelism's local step (``runtime/ep.py``): the received rows, ``spec`` with one pair per row
-    (transform "complete", dropping off). Every EP call brings a different number of rows, so the plan is
-    sized for a power-of-two capacity and reused; the rows past the real ones are marked dropped (no
-    FLOPs, never read). No host synchronisation."""
+    Expert parallelism's local step (``runtime/ep.py``), dropping off in ``spec``. Every EP call brings a
+    different number of rows, so the plan is sized for a power-of-two capacity and reused; the rows past
+    the real ones are marked dropped (no FLOPs, never read). No host synchronisation."""
     n = x.shape[0]
     if n == 0:
         return x.new_empty(0, spec.hidden)
     cap = max(256, triton.next_power_of_2(n))
-    key = ("rows", id(spec), cap, x.dtype, x.device)
+    slots = 1 if halves is None else 2
+    key = ("rows", id(spec), cap, slots, x.dtype, x.device)
     plan = _plan(key, spec, lambda: _labelled_rows_plan(spec, cap, x.dtype, x.device))
     index = torch.empty(cap, 1, dtype=torch.int32, device=x.device)
-    index[:n, 0] = sub
-    keep = (torch.arange(cap, device=x.device) < n).view(cap, 1).view(torch.uint8)
+    index[:n, 0] = label
+    keep = torch.zeros(cap, slots, dtype=torch.bool, device=x.device)
+    keep[:n] = True if halves is None else halves
     return plan(x.contiguous(), params, weights=plan.ones, index=index, keep=keep)[:n]
 
 

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -72,6 +73,10 @@ class EPSpec:
     key: str
     """Name of the block's EP statistics in ``_STATS``."""
     stats: bool = False
+    nested: bool = False
+    """P = 2 partial transformation: rows travel as (token, slot, rank) units that carry both neuron halves
+    when one rank holds both, in groups g = 3 e + c (c: 0 Major half only, 1 both, 2 Minor half only,
+    ``align.py``'s nested order); otherwise one row per kept (token, sub-expert) pair, grouped by sub-expert."""
 
     @property
     def lo(self) -> int:
@@ -80,6 +85,18 @@ class EPSpec:
     @property
     def hi(self) -> int:
         return self.ranges[self.rank + 1]
+
+    @property
+    def group_ranges(self) -> tuple[int, ...]:
+        """Row-group boundaries of the ranks: the sub-expert ranges, or with ``nested`` their image in groups
+        3 e + c (a boundary inside expert e, after its Major half, leaves the Minor-only group to the next rank)."""
+        if not self.nested:
+            return self.ranges
+        return tuple(b // 2 * 3 + (2 if b % 2 else 0) for b in self.ranges)
+
+    @property
+    def groups(self) -> int:
+        return self.group_ranges[-1]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -93,7 +110,13 @@ def ep_spec_for(spec: MoESpec, group=None, stats: bool = False) -> EPSpec:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     return EPSpec(group=ds_dist.group_name(group), rank=rank, world=world,
                   ranges=tuple(ds_dist.expert_ranges(spec.num_experts * spec.partition, world)),
-                  key=register(spec.name, rank), stats=stats)
+                  key=register(spec.name, rank), stats=stats,
+                  nested=NESTED_UNITS and spec.partition == 2 and spec.transform == "partial")
+
+
+NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
+"""P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
+once per sub-expert (for comparisons)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,10 +237,16 @@ def clear() -> None:
 
 
 # ---- dropping with per-destination thresholds ---------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _rank_of(bounds: tuple[int, ...], device) -> torch.Tensor:
+    """[bounds[-1]] rank of each id under contiguous boundaries (cached: no host-to-device copy per call)."""
+    b = torch.tensor(bounds, device=device)
+    return torch.bucketize(torch.arange(bounds[-1], device=device), b[1:], right=True)
+
+
 def owners(ep: EPSpec, device) -> torch.Tensor:
     """[E*P] rank of each sub-expert."""
-    b = torch.tensor(ep.ranges, device=device)
-    return torch.bucketize(torch.arange(ep.ranges[-1], device=device), b[1:], right=True)
+    return _rank_of(ep.ranges, torch.device(device))
 
 
 def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESpec,
@@ -296,6 +325,30 @@ def _count(index: torch.Tensor, num_subs: int) -> torch.Tensor:
         0, index, torch.ones_like(index, dtype=torch.long))
 
 
+def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec, owner: torch.Tensor) -> torch.Tensor:
+    """Row group of each (token, column) [T, 2K] under ``ep.nested`` (-1: nothing sent). Column j < K carries
+    expert index[:, j] to the owner of its Major half, with both halves (group 3 e + 1) when that rank holds
+    both and both were kept, else the one kept half it holds (3 e, or 3 e + 2); column K + j carries the Minor
+    half alone (3 e + 2) to its own rank when the halves sit on two ranks."""
+    kept = (torch.ones_like(index, dtype=torch.bool),) * 2 if keep is None else keep.chunk(2, dim=1)
+    major, minor = kept
+    split = owner[index * 2] != owner[index * 2 + 1]
+    together = torch.where(major & minor & ~split, 1, torch.where(major, 0, torch.where(minor & ~split, 2, -1)))
+    apart = torch.where(minor & split, 2, -1)
+    cls = torch.cat([together, apart], dim=1)
+    return torch.where(cls >= 0, index.repeat(1, 2) * 3 + cls, -1)
+
+
+def _pair_loads(counts: torch.Tensor, ep: EPSpec, device) -> torch.Tensor:
+    """[W] (token, sub-expert) pairs each rank computes, from row counts per group summed over sources
+    (a nested unit of both halves is two pairs)."""
+    rows = counts.sum(0).double()
+    if ep.nested:
+        rows = rows * torch.where(torch.arange(rows.numel(), device=device) % 3 == 1, 2.0, 1.0).double()
+    return torch.zeros(ep.world, dtype=torch.float64, device=device).index_add_(
+        0, _rank_of(ep.group_ranges, torch.device(device)), rows)
+
+
 def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
@@ -306,7 +359,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     T = x.shape[0]
     num_subs = spec.num_experts * spec.partition
     _, weights, index = reference.route(x, params, spec)
-    raw = weights
+    raw, experts = weights, index
     if spec.transform == "partial":
         index, weights = reference.partial_transform(index, weights, spec.partition)
     owner = owners(ep, x.device)
@@ -333,87 +386,110 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
         keep = keep_per_destination(raw, index, spec, thresholds, owner)
         if block.stats is not None:
             reference.record_drops(block.stats, keep, spec)
-    flat_index = index.reshape(-1)
-    pair = torch.arange(flat_index.numel(), device=x.device)
-    if keep is not None:
-        pair = keep.reshape(-1).nonzero().squeeze(1)  # NOTE: host sync (the kept count), dropping only
-        flat_index = flat_index[pair]
-    post = _count(flat_index, num_subs)
-    pair = pair[torch.argsort(flat_index, stable=True)]  # the kept pairs in send order: by sub-expert
-    # where each (token, slot) comes back: its row in the send order, -1 if dropped
-    row = torch.full((index.numel(),), -1, dtype=torch.int32, device=x.device)
-    row[pair] = torch.arange(pair.numel(), dtype=torch.int32, device=x.device)
+    # one row group per column: the sub-expert, or under ep.nested the unit's group (-1: not sent)
+    group_of = _units(experts, keep, ep, owner) if ep.nested else index
+    flat_group = group_of.reshape(-1)
+    column = torch.arange(flat_group.numel(), device=x.device)
+    if ep.nested or keep is not None:
+        live = flat_group >= 0 if ep.nested else keep.reshape(-1)
+        column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows), with dropping or nesting
+        flat_group = flat_group[column]
+    post = _count(flat_group, ep.groups)
+    column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
+    # where each (token, column) comes back: its row in the send order, -1 if nothing was sent
+    row = torch.full((group_of.numel(),), -1, dtype=torch.int32, device=x.device)
+    row[column] = torch.arange(column.numel(), dtype=torch.int32, device=x.device)
     clock.mark("gather2")
     if keep is None or gathered_pre is not None or not ep.stats:
         counts = ds_dist.all_gather_rows(post, group)
-        if gathered_pre is None:
+        if gathered_pre is None and not ep.nested:
             gathered_pre = counts
     else:  # stats without a policy: pre and post in one gather
-        both = ds_dist.all_gather_rows(torch.stack([pre, post]), group)
-        gathered_pre, counts = both[:, 0], both[:, 1].contiguous()
+        both = ds_dist.all_gather_rows(torch.cat([pre, post]), group)
+        gathered_pre, counts = both[:, :num_subs], both[:, num_subs:].contiguous()
     clock.mark("gather3")
     if ep.stats:
-        per_rank = lambda c: torch.zeros(ep.world, dtype=torch.float64, device=x.device).index_add_(  # noqa: E731
-            0, owner, c.sum(0).double())
-        _STATS[ep.key].add_loads(per_rank(gathered_pre), per_rank(counts))
-    send = x[pair // index.shape[1]]
+        if gathered_pre is None:  # nested, no dropping: the loads before are the loads after
+            gathered_pre = ds_dist.all_gather_rows(pre, group)
+        pre_loads = torch.zeros(ep.world, dtype=torch.float64, device=x.device).index_add_(
+            0, owner, gathered_pre.sum(0).double())
+        _STATS[ep.key].add_loads(pre_loads, _pair_loads(counts, ep, x.device))
+    send = x[column // group_of.shape[1]]
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
                        ("comm", "gather2", "gather3"), ("compute", "gather3", "route1")):
         clock.span(kind, a, b)
-    return send, row.view(index.shape), weights.contiguous(), counts
+    return send, row.view(group_of.shape), weights.contiguous(), counts
 
 
 def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
     """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange), the
-    block's only one when dropping is off."""
+    block's only one without dropping (and without nesting)."""
     ep = parse_ep(ep_json)
-    bounds = torch.tensor(ep.ranges, device=counts.device)
-    ends = counts[ep.rank].cumsum(0)[bounds[1:] - 1]  # rows sent to ranks 0..r: the sends by difference
-    send = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
-    recv = counts[:, ep.lo:ep.hi].sum(dim=1)
+    b, mine = ep.group_ranges, counts[ep.rank]  # (a graph node: traced with fake tensors, so no cached constants)
+    send = torch.stack([mine[b[r]:b[r + 1]].sum() for r in range(ep.world)])
+    recv = counts[:, b[ep.rank]:b[ep.rank + 1]].sum(dim=1)
     both = torch.cat([send, recv]).tolist()
     return both[:ep.world], both[ep.world:]
 
 
+@functools.lru_cache(maxsize=64)
+def _received_groups(ep_json: str, device) -> torch.Tensor:
+    """The groups this rank holds, once per source rank: received rows come by source, then by group."""
+    ep = parse_ep(ep_json)
+    lo, hi = ep.group_ranges[ep.rank], ep.group_ranges[ep.rank + 1]
+    return torch.arange(lo, hi, device=device).repeat(ep.world)
+
+
 @functools.lru_cache(maxsize=None)
-def _rows_spec(spec_json: str) -> tuple[MoESpec, int]:
-    """(spec of the held weights with one pair per row and no dropping, first held sub-expert); cached, so
-    the kernels' plan (keyed by the spec object) is reused from call to call."""
+def _rows_spec(spec_json: str, nested: bool) -> tuple[MoESpec, int]:
+    """(spec of the held weights for rows that name their expert, first held sub-expert): one sub-expert per
+    row (transform "complete", top-1), or under nesting one expert per row with its halves (P = 2 partial,
+    top-1); dropping off. Cached, so the kernels' plan (keyed by the spec object) is reused from call to call."""
     held, offset = local_spec(parse_spec(spec_json))
-    return held.replace(transform="complete", drop=DropSpec()), offset
+    return held.replace(transform="partial" if nested else "complete", top_k=1, drop=DropSpec()), offset
 
 
 def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: str, ep_json: str, impl: str):
-    """Unweighted outputs of the local sub-experts on the received rows (by source rank, then sub-expert)."""
+    """Unweighted outputs of the local sub-experts on the received rows (by source rank, then group). Under
+    ``ep.nested`` a row's output sums the neuron halves its group names."""
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, recv.device)
     clock.mark("experts0")
     clock.span("comm", "route1", "experts0")  # dispatch
-    local = counts[:, ep.lo:ep.hi].reshape(-1)
-    sub = torch.arange(ep.lo, ep.hi, device=recv.device).repeat(ep.world).repeat_interleave(
-        local, output_size=recv.shape[0])  # output_size: no host read of the total
+    lo, hi = ep.group_ranges[ep.rank], ep.group_ranges[ep.rank + 1]
+    group = _received_groups(ep_json, recv.device).repeat_interleave(
+        counts[:, lo:hi].reshape(-1), output_size=recv.shape[0])  # output_size: no host read of the total
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
+    halves = torch.stack([group % 3 != 2, group % 3 != 0], dim=1) if ep.nested else None  # Major, Minor kept
     if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import labelled_rows
 
-        rows_spec, offset = _rows_spec(spec_json)
-        y = labelled_rows(recv, sub - offset, params, rows_spec)
+        rows_spec, offset = _rows_spec(spec_json, ep.nested)
+        label = group // 3 - offset // 2 if ep.nested else group - offset  # local expert, or local sub-expert
+        y = labelled_rows(recv, label, params, rows_spec, halves)
     else:
-        y = torch.empty_like(recv)
-        ex = spec.experts
-        for s in range(ep.lo, ep.hi):
-            rows = (sub == s).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, s - offset)
-            xs = recv[rows]
-            h = reference.glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
-            y[rows] = F.linear(h, down, db).to(y.dtype)
+        y = _local_loop(recv, group, halves, params, spec, held, offset, ep)
     clock.mark("experts1")
     clock.span("compute", "experts0", "experts1")
     return y
+
+
+def _local_loop(recv, group, halves, params, spec, held, offset, ep):
+    """The local step in torch, sub-expert by sub-expert (rows summed over halves in fp32)."""
+    y = torch.zeros(recv.shape, dtype=torch.float32, device=recv.device)
+    ex = spec.experts
+    for s in range(ep.lo, ep.hi):
+        mine = (group // 3 == s // 2) & halves[:, s % 2] if halves is not None else group == s
+        rows = mine.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, s - offset)
+        xs = recv[rows]
+        h = reference.glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
+        y[rows] += F.linear(h, down, db).float()
+    return y.to(recv.dtype)
 
 
 def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, params,

@@ -86,11 +86,11 @@ def test_triton_drop_matches_reference_drop(mode):
     assert _rel(outs["triton"], outs["reference"]) < 1e-4
 
 
-@pytest.mark.parametrize("P", [1, 2])
-def test_expert_parallel_local_step_and_combine_in_bf16(P):
+@pytest.mark.parametrize("P, nested", [(1, False), (2, False), (2, True)])
+def test_expert_parallel_local_step_and_combine_in_bf16(P, nested):
     """EP's Triton pieces on one GPU (no process group needed): the local sub-experts of a sharded block on
-    received rows (int64 sub-expert ids, as the EP operator makes them) against its reference loop, and the
-    weighted gather-combine against torch, in bf16."""
+    received rows (int64 ids, as the EP operator makes them; nested: rows carrying both neuron halves) against
+    its reference loop, and the weighted gather-combine against torch, in bf16."""
     from dsmoe_compiler.codegen.gather_combine import gather_combine, gather_combine_reference
     from dsmoe_compiler.ir import ExpertsSpec, MoESpec
     from dsmoe_compiler.runtime import ep
@@ -102,9 +102,10 @@ def test_expert_parallel_local_step_and_combine_in_bf16(P):
     params = [bf16(torch.randn(8, 256, generator=g) * 0.1), bf16(torch.randn(4, 512, 256, generator=g) * 0.05),
               bf16(torch.randn(4, 256, 256, generator=g) * 0.05)]
     subs = 8 * P
-    e = ep.EPSpec(group="", rank=1, world=2, ranges=(0, subs // 2, subs), key="")
-    counts = torch.randint(0, 300, (2, subs), generator=g).cuda()
-    recv = bf16(torch.randn(int(counts[:, subs // 2:].sum()), 256, generator=g))
+    e = ep.EPSpec(group="", rank=1, world=2, ranges=(0, subs // 2, subs), key="", nested=nested)
+    lo, hi = e.group_ranges[1:]
+    counts = torch.randint(0, 300, (2, e.groups), generator=g).cuda()
+    recv = bf16(torch.randn(int(counts[:, lo:hi].sum()), 256, generator=g))
     for _ in range(2):  # the second call replays the plan's recorded launches
         got = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "triton")
         want = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "reference")

@@ -269,6 +269,33 @@ def test_labelled_rows_match_the_reference_per_row(dtype, P):
 
 @pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_labelled_rows_with_neuron_halves(dtype):
+    """EP's nested units (P = 2 partial): each row names an expert and the halves it keeps (Major only, both,
+    Minor only); its output sums those halves' sub-experts. Against fp64, two row counts under one capacity."""
+    x, params, spec = make_case(dtype, T=60, E=4, K=2, I=64, P=2, transform="partial", seed=41)
+    spec = dataclasses.replace(spec, top_k=1)
+    g = torch.Generator().manual_seed(5)
+    for n in (60, 33):
+        expert = torch.randint(0, 3, (n,), generator=g)  # expert 3 gets no row
+        cls = torch.randint(0, 3, (n,), generator=g)
+        halves = torch.stack([cls != 2, cls != 0], dim=1)
+        y = dispatch.labelled_rows(x[:n].clone(), expert, params, spec, halves)
+        assert y.shape == (n, spec.hidden) and torch.isfinite(y).all(), "unwritten (NaN) row"
+        xd, pd = x[:n].double(), [p.double() for p in params]
+        ref = torch.zeros_like(xd)
+        for i in range(n):
+            for half in (0, 1):
+                if halves[i, half]:
+                    gate, up, down, gb, ub, db = reference.sub_expert_weights(pd, spec, int(expert[i]) * 2 + half)
+                    h = reference.glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts.activation,
+                                      spec.experts.alpha, spec.experts.limit)
+                    ref[i] += (h @ down.t())[0]
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[dtype], f"n={n}: relative error {err:.2e}"
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_combine_weights_and_skips_dropped_rows(dtype):
     """EP combine: out[t] = sum_j w[t, j] * src[rows[t, j]], rows -1 dropped (a token with every pair dropped
     gets zeros); against fp64, into a NaN-poisoned buffer."""
