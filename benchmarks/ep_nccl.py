@@ -231,9 +231,15 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
     group = dist.group.WORLD
     rows = []
     params_cache = {}
-    variants = (("none", 1, "none", None), ("none P=2", 2, "none", None),
-                ("2T uniform", 2, "2t", "uniform"), (f"2T load-aware ({args.policy})", 2, "2t", args.policy))
-    for variant, P, mode, policy in variants:
+    variants = [("none", 1, "none", None, True), ("none P=2", 2, "none", None, True),
+                ("2T uniform", 2, "2t", "uniform", True), (f"2T load-aware ({args.policy})", 2, "2t", args.policy, True)]
+    if args.ab_nested:  # P = 2 with nested units (ep.NESTED_UNITS) on and off, alternating, in one process
+        variants = [row for _ in range(args.ab_nested) for row in [variants[0]] + [
+            (f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested)
+            for name, mode, policy in (("none P=2", "none", None), ("2T uniform", "2t", "uniform"))
+            for nested in (True, False)]]
+    for variant, P, mode, policy, nested in variants:
+        ep.NESTED_UNITS = nested
         first, last = ds_dist.local_expert_range(E, P, rank, world)
         if (first, last) not in params_cache:
             params_cache.clear()
@@ -265,7 +271,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                                                   device, args.warmup, args.reps)
                 results["combine_ms"] = timed_ms(lambda: ds_dist.all_to_all(recv, send_splits, recv_splits, name),
                                                  device, args.warmup, args.reps)
-                if args.profile and variant == "none":
+                if args.profile and variant == args.profile_variant:
                     profile_call(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
                 results["rows_sent"] = sum(send_splits)
                 results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
@@ -340,7 +346,11 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts: a CPU smoke run")
-    ap.add_argument("--profile", action="store_true", help="profile the no-drop variant: top kernels and CPU ops")
+    ap.add_argument("--profile", action="store_true", help="profile one variant: top kernels and CPU ops")
+    ap.add_argument("--profile-variant", default="none", help="the variant --profile profiles (default: none)")
+    ap.add_argument("--ab-nested", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
+                         "on and off (DSMOE_EP_NESTED), alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")
