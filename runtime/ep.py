@@ -98,6 +98,11 @@ class EPSpec:
     def groups(self) -> int:
         return self.group_ranges[-1]
 
+    @property
+    def splits_experts(self) -> bool:
+        """Some expert's two halves sit on two ranks (a rank boundary after a Major half)."""
+        return self.nested and any(b % 2 for b in self.ranges)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -330,13 +335,29 @@ def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec, owner: to
     expert index[:, j] to the owner of its Major half, with both halves (group 3 e + 1) when that rank holds
     both and both were kept, else the one kept half it holds (3 e, or 3 e + 2); column K + j carries the Minor
     half alone (3 e + 2) to its own rank when the halves sit on two ranks."""
-    kept = (torch.ones_like(index, dtype=torch.bool),) * 2 if keep is None else keep.chunk(2, dim=1)
-    major, minor = kept
-    split = owner[index * 2] != owner[index * 2 + 1]
-    together = torch.where(major & minor & ~split, 1, torch.where(major, 0, torch.where(minor & ~split, 2, -1)))
-    apart = torch.where(minor & split, 2, -1)
-    cls = torch.cat([together, apart], dim=1)
-    return torch.where(cls >= 0, index.repeat(1, 2) * 3 + cls, -1)
+    nothing = torch.full_like(index, -1)
+    if keep is None and not ep.splits_experts:  # every pair whole on one rank (the host needs no count)
+        return torch.cat([index * 3 + 1, nothing], dim=1)
+    major, minor = (torch.ones_like(index, dtype=torch.bool),) * 2 if keep is None else keep.chunk(2, dim=1)
+    if ep.splits_experts:
+        split = owner[index * 2] != owner[index * 2 + 1]
+        minor_here, minor_apart = minor & ~split, minor & split
+    else:
+        minor_here, minor_apart = minor, None
+    code = major.long() + 2 * minor_here.long()  # 0 nothing, 1 Major only, 2 Minor only, 3 both
+    together = torch.where(code > 0, index * 3 + _CLASS_OF_CODE(index.device)[code], -1)
+    apart = nothing if minor_apart is None else torch.where(minor_apart, index * 3 + 2, -1)
+    return torch.cat([together, apart], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _CLASS_OF_CODE(device) -> torch.Tensor:  # noqa: N802 - a constant table
+    return torch.tensor([-1, 0, 2, 1], device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _HALVES_OF_CLASS(device) -> torch.Tensor:  # noqa: N802 - a constant table (class c of group 3 e + c)
+    return torch.tensor([[True, False], [True, True], [False, True]], device=device)
 
 
 def _pair_loads(counts: torch.Tensor, ep: EPSpec, device) -> torch.Tensor:
@@ -389,10 +410,14 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     # one row group per column: the sub-expert, or under ep.nested the unit's group (-1: not sent)
     group_of = _units(experts, keep, ep, owner) if ep.nested else index
     flat_group = group_of.reshape(-1)
-    column = torch.arange(flat_group.numel(), device=x.device)
-    if ep.nested or keep is not None:
+    if keep is None and not (ep.nested and ep.splits_experts):  # every pair sent, or under nesting column j < K
+        width = group_of.shape[1]
+        sent = width // 2 if ep.nested else width
+        column = (torch.arange(T, device=x.device)[:, None] * width + torch.arange(sent, device=x.device)).reshape(-1)
+        flat_group = flat_group[column] if ep.nested else flat_group
+    else:
         live = flat_group >= 0 if ep.nested else keep.reshape(-1)
-        column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows), with dropping or nesting
+        column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows): dropping, or split experts
         flat_group = flat_group[column]
     post = _count(flat_group, ep.groups)
     column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
@@ -462,7 +487,7 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
         counts[:, lo:hi].reshape(-1), output_size=recv.shape[0])  # output_size: no host read of the total
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
-    halves = torch.stack([group % 3 != 2, group % 3 != 0], dim=1) if ep.nested else None  # Major, Minor kept
+    halves = _HALVES_OF_CLASS(recv.device)[group % 3] if ep.nested else None  # [n, 2]: Major, Minor kept
     if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import labelled_rows
 
