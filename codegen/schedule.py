@@ -157,7 +157,7 @@ def prune_by_rows(configs, named_args, **kwargs):
 def prune_launch_shape(configs, named_args, **kwargs):
     """``prune_by_rows``, then, of prefill tiles listed in both launch shapes, the persistent ones when the
     gate/up operand is stacked and the one-program-per-tile ones otherwise (two operands; GPT-OSS's paired
-    operand too, whose persistent launch has not been measured). Measured on the
+    operand too: persistent was not faster there, README "GPT-OSS's layout"). Measured on the
     H200 (benchmarks/shared_expert.py, results/h200/shared_expert_*.json, a one-expert group in the
     "separate" layout): two-operand gate/up per tile 0.161 against 0.191 ms persistent at 4096 x 2048 x 2816,
     0.300 / 0.356 at 4096 x 2048 x 5632, 0.327 / 0.422 at 4096 x 7168 x 2048."""

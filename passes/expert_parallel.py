@@ -26,7 +26,9 @@ x: dropping off, up to the summation order (each pair's expert output is compute
 owner, shipped back, and weighted and summed on the token's rank in fp32 like the reference);
 dropping on with uniform thresholds, the same pairs are kept (``keep_per_destination`` equals
 ``reference.keep_mask``). With a load-aware policy (``runtime/load_aware.py``) each pair is judged
-with its destination rank's thresholds. Dropped pairs are removed before the dispatch.
+with its destination rank's thresholds. Dropped pairs are removed before the dispatch. With P = 2 (partial)
+a (token, slot) is sent once per rank with the neuron halves it kept (``EPSpec.nested``), which sums the
+same sub-expert outputs.
 Tests: ``tests/test_expert_parallel.py`` (gloo, 2 and 4 processes).
 """
 
