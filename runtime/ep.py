@@ -370,6 +370,61 @@ def _pair_loads(counts: torch.Tensor, ep: EPSpec, device) -> torch.Tensor:
         0, _rank_of(ep.group_ranges, torch.device(device)), rows)
 
 
+def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
+    """(keep [T, K'] or None, every rank's pairs per sub-expert before dropping when a policy gathered them)."""
+    if spec.drop.mode == "none":
+        return None, None
+    block = state.lookup(spec.drop.key)
+    if block is None:
+        raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}")
+    policy = load_aware.get_policy(spec.name)
+    gathered_pre = None
+    if policy is None:
+        thresholds = block.thresholds.expand(ep.world, 2)
+    else:
+        clock.mark("gather0")
+        gathered_pre = ds_dist.all_gather_rows(pre, group)  # NOTE: one small blocking collective
+        clock.mark("gather1")
+        loads = torch.zeros(ep.world, dtype=torch.float32, device=pre.device).index_add_(
+            0, owner, gathered_pre.sum(0).float())
+        info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
+        thresholds = load_aware.thresholds_per_rank(policy, info)
+    keep = keep_per_destination(raw, index, spec, thresholds, owner)
+    if block.stats is not None:
+        reference.record_drops(block.stats, keep, spec)
+    return keep, gathered_pre
+
+
+def _sent(group_of: torch.Tensor, keep, ep: EPSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat (token, column) ids of the rows sent, their groups). Known without the host when every pair is
+    sent (under nesting: column j < K of every token); otherwise read from the device (one host sync)."""
+    T, width = group_of.shape
+    flat_group = group_of.reshape(-1)
+    if keep is None and not ep.splits_experts:
+        sent = width // 2 if ep.nested else width
+        column = (torch.arange(T, device=group_of.device)[:, None] * width
+                  + torch.arange(sent, device=group_of.device)).reshape(-1)
+        return column, (flat_group[column] if ep.nested else flat_group)
+    live = flat_group >= 0 if ep.nested else keep.reshape(-1)
+    column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows): dropping, or split experts
+    return column, flat_group[column]
+
+
+def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) -> torch.Tensor:
+    """Every rank's rows per group [W, groups] (one all-gather), and with statistics the loads per rank."""
+    if ep.stats and keep is not None and gathered_pre is None:  # loads before dropping: in the same gather
+        both = ds_dist.all_gather_rows(torch.cat([pre, post]), group)
+        gathered_pre, counts = both[:, :pre.numel()], both[:, pre.numel():].contiguous()
+    else:
+        counts = ds_dist.all_gather_rows(post, group)
+    if ep.stats:
+        after = _pair_loads(counts, ep, post.device)
+        before = after if keep is None else torch.zeros(ep.world, dtype=torch.float64, device=post.device).index_add_(
+            0, owner, gathered_pre.sum(0).double())
+        _STATS[ep.key].add_loads(before, after)
+    return counts
+
+
 def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
@@ -377,68 +432,26 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     _check_once(spec_json, ep)
     group = ds_dist.group_by_name(ep.group)
     x = _flat(x)
-    T = x.shape[0]
-    num_subs = spec.num_experts * spec.partition
-    _, weights, index = reference.route(x, params, spec)
-    raw, experts = weights, index
+    _, raw, experts = reference.route(x, params, spec)
+    index, weights = experts, raw
     if spec.transform == "partial":
-        index, weights = reference.partial_transform(index, weights, spec.partition)
+        index, weights = reference.partial_transform(experts, raw, spec.partition)
     owner = owners(ep, x.device)
-    pre = _count(index.reshape(-1), num_subs)
-    keep = None
-    gathered_pre = None
+    pre = _count(index.reshape(-1), spec.num_experts * spec.partition)
     clock.mark("gather0")
     clock.mark("gather1")
-    if spec.drop.mode != "none":
-        block = state.lookup(spec.drop.key)
-        if block is None:
-            raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}")
-        policy = load_aware.get_policy(spec.name)
-        if policy is None:
-            thresholds = block.thresholds.expand(ep.world, 2)
-        else:
-            clock.mark("gather0")
-            gathered_pre = ds_dist.all_gather_rows(pre, group)  # NOTE: one small blocking collective
-            clock.mark("gather1")
-            loads = torch.zeros(ep.world, dtype=torch.float32, device=x.device).index_add_(
-                0, owner, gathered_pre.sum(0).float())
-            info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
-            thresholds = load_aware.thresholds_per_rank(policy, info)
-        keep = keep_per_destination(raw, index, spec, thresholds, owner)
-        if block.stats is not None:
-            reference.record_drops(block.stats, keep, spec)
+    keep, gathered_pre = _drop(spec, ep, raw, index, pre, owner, group, clock)
     # one row group per column: the sub-expert, or under ep.nested the unit's group (-1: not sent)
     group_of = _units(experts, keep, ep, owner) if ep.nested else index
-    flat_group = group_of.reshape(-1)
-    if keep is None and not (ep.nested and ep.splits_experts):  # every pair sent, or under nesting column j < K
-        width = group_of.shape[1]
-        sent = width // 2 if ep.nested else width
-        column = (torch.arange(T, device=x.device)[:, None] * width + torch.arange(sent, device=x.device)).reshape(-1)
-        flat_group = flat_group[column] if ep.nested else flat_group
-    else:
-        live = flat_group >= 0 if ep.nested else keep.reshape(-1)
-        column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows): dropping, or split experts
-        flat_group = flat_group[column]
+    column, flat_group = _sent(group_of, keep, ep)
     post = _count(flat_group, ep.groups)
     column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
     # where each (token, column) comes back: its row in the send order, -1 if nothing was sent
     row = torch.full((group_of.numel(),), -1, dtype=torch.int32, device=x.device)
     row[column] = torch.arange(column.numel(), dtype=torch.int32, device=x.device)
     clock.mark("gather2")
-    if keep is None or gathered_pre is not None or not ep.stats:
-        counts = ds_dist.all_gather_rows(post, group)
-        if gathered_pre is None and not ep.nested:
-            gathered_pre = counts
-    else:  # stats without a policy: pre and post in one gather
-        both = ds_dist.all_gather_rows(torch.cat([pre, post]), group)
-        gathered_pre, counts = both[:, :num_subs], both[:, num_subs:].contiguous()
+    counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)
     clock.mark("gather3")
-    if ep.stats:
-        if gathered_pre is None:  # nested, no dropping: the loads before are the loads after
-            gathered_pre = ds_dist.all_gather_rows(pre, group)
-        pre_loads = torch.zeros(ep.world, dtype=torch.float64, device=x.device).index_add_(
-            0, owner, gathered_pre.sum(0).double())
-        _STATS[ep.key].add_loads(pre_loads, _pair_loads(counts, ep, x.device))
     send = x[column // group_of.shape[1]]
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
