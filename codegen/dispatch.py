@@ -403,6 +403,8 @@ class _Plan:
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):
         spec = self.spec
+        if index is not None and index.dtype != torch.int32:  # int64 ids broke the count kernel's compile on
+            raise TypeError(f"dualsparse: expert ids must be int32, got {index.dtype}")  # Triton 3.6 (README, EP)
         wts = _Weights(spec, params, self.tables, list_key)
         self.tables = wts.key
         w, u, dn = wts.w, wts.u, wts.dn

@@ -371,7 +371,8 @@ def _pair_loads(counts: torch.Tensor, ep: EPSpec, device) -> torch.Tensor:
 
 
 def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
-    """(keep [T, K'] or None, every rank's pairs per sub-expert before dropping when a policy gathered them)."""
+    """(keep [T, K'] or None, every rank's pairs per sub-expert before dropping when a policy gathered them).
+    ``pre()``: this rank's pairs per sub-expert before dropping."""
     if spec.drop.mode == "none":
         return None, None
     block = state.lookup(spec.drop.key)
@@ -383,9 +384,9 @@ def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
         thresholds = block.thresholds.expand(ep.world, 2)
     else:
         clock.mark("gather0")
-        gathered_pre = ds_dist.all_gather_rows(pre, group)  # NOTE: one small blocking collective
+        gathered_pre = ds_dist.all_gather_rows(pre(), group)  # NOTE: one small blocking collective
         clock.mark("gather1")
-        loads = torch.zeros(ep.world, dtype=torch.float32, device=pre.device).index_add_(
+        loads = torch.zeros(ep.world, dtype=torch.float32, device=index.device).index_add_(
             0, owner, gathered_pre.sum(0).float())
         info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
         thresholds = load_aware.thresholds_per_rank(policy, info)
@@ -413,8 +414,9 @@ def _sent(group_of: torch.Tensor, keep, ep: EPSpec) -> tuple[torch.Tensor, torch
 def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) -> torch.Tensor:
     """Every rank's rows per group [W, groups] (one all-gather), and with statistics the loads per rank."""
     if ep.stats and keep is not None and gathered_pre is None:  # loads before dropping: in the same gather
-        both = ds_dist.all_gather_rows(torch.cat([pre, post]), group)
-        gathered_pre, counts = both[:, :pre.numel()], both[:, pre.numel():].contiguous()
+        before = pre()
+        both = ds_dist.all_gather_rows(torch.cat([before, post]), group)
+        gathered_pre, counts = both[:, :before.numel()], both[:, before.numel():].contiguous()
     else:
         counts = ds_dist.all_gather_rows(post, group)
     if ep.stats:
@@ -434,10 +436,12 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     x = _flat(x)
     _, raw, experts = reference.route(x, params, spec)
     index, weights = experts, raw
-    if spec.transform == "partial":
+    if spec.transform == "partial" and (spec.drop.mode != "none" or not ep.nested):  # sub-expert ids needed
         index, weights = reference.partial_transform(experts, raw, spec.partition)
+    elif ep.nested:  # the rows' groups come from the experts; the weights still cover both column blocks
+        weights = raw.repeat(1, 2)
     owner = owners(ep, x.device)
-    pre = _count(index.reshape(-1), spec.num_experts * spec.partition)
+    pre = functools.partial(_count, index.reshape(-1), spec.num_experts * spec.partition)  # only for the loads
     clock.mark("gather0")
     clock.mark("gather1")
     keep, gathered_pre = _drop(spec, ep, raw, index, pre, owner, group, clock)

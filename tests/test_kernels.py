@@ -295,6 +295,18 @@ def test_labelled_rows_with_neuron_halves(dtype):
 
 
 @pytestmark_case
+def test_plan_refuses_int64_expert_ids():
+    """int64 ids through the count kernel failed to compile on Triton 3.6: a clear error instead."""
+    x, params, spec = make_case(torch.float32, T=8, E=4, K=2, seed=43)
+    plan = dispatch._Plan(spec, 8, x.dtype, x.device, 2, fused_route=False, keep_given=False, drop_on=False,
+                          stats_on=False)
+    _, w, idx = reference.route(x, params, spec)
+    with pytest.raises(TypeError, match="int32"):
+        plan(x, params, weights=w.contiguous(), index=idx.contiguous())
+    assert torch.isfinite(plan(x, params, weights=w.contiguous(), index=idx.to(torch.int32))).all()
+
+
+@pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_combine_weights_and_skips_dropped_rows(dtype):
     """EP combine: out[t] = sum_j w[t, j] * src[rows[t, j]], rows -1 dropped (a token with every pair dropped
