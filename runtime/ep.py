@@ -508,7 +508,7 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import labelled_rows
 
-        rows_spec, offset = _rows_spec(spec_json, ep.nested)
+        rows_spec, _ = _rows_spec(spec_json, ep.nested)
         label = group // 3 - offset // 2 if ep.nested else group - offset  # local expert, or local sub-expert
         y = labelled_rows(recv, label, params, rows_spec, halves)
     else:
