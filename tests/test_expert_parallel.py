@@ -117,6 +117,12 @@ def _main_worker(rank, world, port, seed, out_dir):
             ep.clear()
         load_aware.set_policy(None)
     res["load_aware"] = la
+    # statistics without dropping, P = 2 over ranks that split an expert's halves: every pair counted once
+    spec, params = _block(3, 2, 2.5, seed=seed)
+    ep.moe(torch.randn(256, H, generator=x_seed), params, spec.to_json(), _ep_json(spec, stats=True))
+    s = ep.ep_stats()["blk"]
+    res["loads no drop P=2"] = (s["last_load_before"], s["last_load_after"])
+    ep.clear()
 
     # 4) through torch.compile: the pass inserts the all_to_all nodes; output equals the uncompiled model
     from models import ThreeDMoE, UserBlockModel
@@ -222,6 +228,15 @@ def test_load_aware_lowers_drops_without_raising_the_straggler(group_results, mo
     assert max(ours["last_load_after"]) <= max(uni["last_load_after"]), (seed, uni, ours)
     assert sum(ours["last_load_after"]) > sum(uni["last_load_after"]), "load-aware should drop fewer pairs in total"
     assert ours["comm_s"] > 0 and ours["compute_s"] > 0
+
+
+def test_loads_without_dropping_count_every_pair_once(group_results):
+    """P = 2 rows carry one or both neuron halves; the statistics still count (token, sub-expert) pairs."""
+    world, seed, results, _ = group_results
+    for rank, res in enumerate(results):
+        before, after = res["loads no drop P=2"]
+        assert before == after, (world, rank, seed, before, after)
+        assert sum(after) == world * 256 * K * 2, (world, rank, seed, after)
 
 
 def test_mismatched_rank_raises(group_results):
