@@ -360,14 +360,18 @@ def _HALVES_OF_CLASS(device) -> torch.Tensor:  # noqa: N802 - a constant table (
     return torch.tensor([[True, False], [True, True], [False, True]], device=device)
 
 
-def _pair_loads(counts: torch.Tensor, ep: EPSpec, device) -> torch.Tensor:
-    """[W] (token, sub-expert) pairs each rank computes, from row counts per group summed over sources
-    (a nested unit of both halves is two pairs)."""
-    rows = counts.sum(0).double()
+def _per_rank(per_id: torch.Tensor, rank_of: torch.Tensor, world: int, dtype) -> torch.Tensor:
+    """[W]: amounts per id ([sources, ids], summed over the sources) summed by the rank that holds each id."""
+    return torch.zeros(world, dtype=dtype, device=per_id.device).index_add_(0, rank_of, per_id.sum(0).to(dtype))
+
+
+def _pair_loads(counts: torch.Tensor, ep: EPSpec) -> torch.Tensor:
+    """[W] (token, sub-expert) pairs each rank computes, from every source's rows per group (a nested unit
+    carries as many pairs as neuron halves)."""
     if ep.nested:
-        rows = rows * torch.where(torch.arange(rows.numel(), device=device) % 3 == 1, 2.0, 1.0).double()
-    return torch.zeros(ep.world, dtype=torch.float64, device=device).index_add_(
-        0, _rank_of(ep.group_ranges, torch.device(device)), rows)
+        halves = _HALVES_OF_CLASS(counts.device).sum(1)
+        counts = counts * halves[torch.arange(counts.shape[1], device=counts.device) % 3]
+    return _per_rank(counts, _rank_of(ep.group_ranges, counts.device), ep.world, torch.float64)
 
 
 def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
@@ -386,8 +390,7 @@ def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
         clock.mark("gather0")
         gathered_pre = ds_dist.all_gather_rows(pre(), group)  # NOTE: one small blocking collective
         clock.mark("gather1")
-        loads = torch.zeros(ep.world, dtype=torch.float32, device=index.device).index_add_(
-            0, owner, gathered_pre.sum(0).float())
+        loads = _per_rank(gathered_pre, owner, ep.world, torch.float32)
         info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
         thresholds = load_aware.thresholds_per_rank(policy, info)
     keep = keep_per_destination(raw, index, spec, thresholds, owner)
@@ -420,9 +423,8 @@ def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) ->
     else:
         counts = ds_dist.all_gather_rows(post, group)
     if ep.stats:
-        after = _pair_loads(counts, ep, post.device)
-        before = after if keep is None else torch.zeros(ep.world, dtype=torch.float64, device=post.device).index_add_(
-            0, owner, gathered_pre.sum(0).double())
+        after = _pair_loads(counts, ep)
+        before = after if keep is None else _per_rank(gathered_pre, owner, ep.world, torch.float64)
         _STATS[ep.key].add_loads(before, after)
     return counts
 
