@@ -231,15 +231,20 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
     group = dist.group.WORLD
     rows = []
     params_cache = {}
-    variants = [("none", 1, "none", None, True), ("none P=2", 2, "none", None, True),
-                ("2T uniform", 2, "2t", "uniform", True), (f"2T load-aware ({args.policy})", 2, "2t", args.policy, True)]
+    variants = [("none", 1, "none", None, True, True), ("none P=2", 2, "none", None, True, True),
+                ("2T uniform", 2, "2t", "uniform", True, True),
+                (f"2T load-aware ({args.policy})", 2, "2t", args.policy, True, True)]
     if args.ab_nested:  # P = 2 with nested units (ep.NESTED_UNITS) on and off, alternating, in one process
         variants = [row for _ in range(args.ab_nested) for row in [variants[0]] + [
-            (f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested)
+            (f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested, True)
             for name, mode, policy in (("none P=2", "none", None), ("2T uniform", "2t", "uniform"))
             for nested in (True, False)]]
-    for variant, P, mode, policy, nested in variants:
-        ep.NESTED_UNITS = nested
+    if args.ab_fused:  # the route and the local labels by kernels (ep.FUSED) or by torch ops, alternating
+        variants = [(f"{name}{'' if fused else ' torch-ops'}", P, mode, policy, True, fused)
+                    for _ in range(args.ab_fused) for name, P, mode, policy, _, _ in variants[:3]
+                    for fused in (True, False)]
+    for variant, P, mode, policy, nested, fused in variants:
+        ep.NESTED_UNITS, ep.FUSED = nested, fused
         first, last = ds_dist.local_expert_range(E, P, rank, world)
         if (first, last) not in params_cache:
             params_cache.clear()
@@ -263,7 +268,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                 results["drop_rate"] = 1 - sum(results["load_after"]) / max(sum(results["load_before"]), 1)
             else:
                 results["moe_ms"] = timed_ms(call, device, args.warmup, args.reps)
-                send, _, _, counts = ep.ep_route(x, params, spec_json, ep_json)
+                send, _, _, counts = ep.ep_route(x, params, spec_json, ep_json, impl)
                 send_splits, recv_splits = ep.splits(counts, ep_json)
                 name = ds_dist.group_name(group)
                 recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
@@ -351,6 +356,9 @@ def main():
     ap.add_argument("--ab-nested", type=int, default=0, metavar="ROUNDS",
                     help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
                          "on and off (DSMOE_EP_NESTED), alternating, ROUNDS times")
+    ap.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the four variants: none, none P=2 and 2T uniform, each with the EP route and "
+                         "local labels by kernels and by torch ops (DSMOE_EP_FUSED), alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")

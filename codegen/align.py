@@ -136,3 +136,33 @@ def scatter_nested_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, sorted_ptr,
     start += tl.where(cls == 0, 0, tl.where(cls == 1, a, a + tl.gather(both, e, 0)))
     rank = tl.load(rank_ptr + offs, mask=live, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=live)
+
+
+# ---- entries that already name their group: expert parallelism's send order -------------------------------
+# ``runtime/ep.py`` gives every (token, column) entry of a [T, width] table the row group it travels in (a
+# sub-expert, or a nested unit 3 e + c), -1 when nothing is sent; the send buffer holds the rows by group.
+
+@triton.jit
+def count_groups_kernel(group_ptr, counts_ptr, rank_ptr, n, num_groups,
+                        BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+    """As count_kernel, on int32 group ids read from group_ptr (-1: not sent)."""
+    offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+    group = tl.load(group_ptr + offs, mask=offs < n, other=-1)
+    _count_and_rank(counts_ptr, rank_ptr, group, num_groups, BLOCK_PAIRS, BLOCK_SUBS)
+
+
+@triton.jit
+def place_groups_kernel(group_ptr, counts_ptr, rank_ptr, token_ptr, row_ptr, n, width, num_groups,
+                        BLOCK_PAIRS: tl.constexpr, BLOCK_SUBS: tl.constexpr):
+    """Entry j's row = start of its group + its rank: token[row] = j // width (the row's source token) and
+    row_ptr[j] = row, or -1 for an entry not sent."""
+    offs = tl.program_id(0) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+    valid = offs < n
+    group = tl.load(group_ptr + offs, mask=valid, other=-1)
+    live = group >= 0
+    groups = tl.arange(0, BLOCK_SUBS)
+    counts = tl.load(counts_ptr + groups, mask=groups < num_groups, other=0)
+    start = tl.gather(tl.cumsum(counts, 0) - counts, tl.where(live, group, 0), 0)
+    row = start + tl.load(rank_ptr + offs, mask=live, other=0)
+    tl.store(token_ptr + row, offs // width, mask=live)
+    tl.store(row_ptr + offs, tl.where(live, row, -1), mask=valid)

@@ -32,10 +32,12 @@ import triton
 from triton import knobs as _knobs
 
 from dsmoe_compiler.codegen import reference
-from dsmoe_compiler.codegen.align import count_kernel, count_nested_kernel, scatter_kernel, scatter_nested_kernel
+from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, count_nested_kernel, place_groups_kernel,
+                                          scatter_kernel, scatter_nested_kernel)
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
+from dsmoe_compiler.codegen.received_rows import MAX_SEGMENTS, received_rows_kernel, received_rows_reference
 from dsmoe_compiler.codegen.schedule import launch_grid, rows_bucket
 from dsmoe_compiler.codegen.topk_route import topk_route_kernel
 from dsmoe_compiler.ir import MoESpec
@@ -106,6 +108,24 @@ def align(index: torch.Tensor, keep: torch.Tensor | None, num_subs: int, expand:
         scatter_kernel[grid](index, keep_arg, counts, rank, sorted_ids, pairs, topk, pairs_per_token, expand,
                              num_subs, **meta)
     return sorted_ids, counts
+
+
+def group_rows(group: torch.Tensor, num_groups: int):
+    """Entries [T, width] that name their row group (-1: not sent) put in group order, as expert parallelism's
+    send buffer holds them (``align.py``, end): (token [T * width] int32, the source token of each row in group
+    order, valid for the first sum(counts) rows; counts [num_groups] int32; row [T, width] int32, each entry's
+    row, -1 where not sent). Rows of one group come in no fixed order. No host synchronisation."""
+    T, width = group.shape
+    n = group.numel()
+    flat = group.reshape(-1).to(torch.int32).contiguous()
+    counts = torch.zeros(num_groups, dtype=torch.int32, device=group.device)
+    rank, token, row = (_empty((max(n, 1),), torch.int32, group.device) for _ in range(3))
+    if n:
+        grid, meta = (triton.cdiv(n, BLOCK_PAIRS),), dict(BLOCK_PAIRS=BLOCK_PAIRS,
+                                                          BLOCK_SUBS=triton.next_power_of_2(num_groups))
+        count_groups_kernel[grid](flat, counts, rank, n, num_groups, **meta)
+        place_groups_kernel[grid](flat, counts, rank, token, row, n, width, num_groups, **meta)
+    return token, counts, row[:n].view(T, width)
 
 
 class _Weights:
@@ -501,15 +521,43 @@ def labelled_rows(x: torch.Tensor, label: torch.Tensor, params, spec: MoESpec, h
     n = x.shape[0]
     if n == 0:
         return x.new_empty(0, spec.hidden)
-    cap = max(256, triton.next_power_of_2(n))
     slots = 1 if halves is None else 2
-    key = ("rows", id(spec), cap, slots, x.dtype, x.device)
-    plan = _plan(key, spec, lambda: _labelled_rows_plan(spec, cap, x.dtype, x.device))
+    plan, cap = _rows_plan(spec, n, slots, x)
     index = torch.empty(cap, 1, dtype=torch.int32, device=x.device)
     index[:n, 0] = label
     keep = torch.zeros(cap, slots, dtype=torch.bool, device=x.device)
     keep[:n] = True if halves is None else halves
     return plan(x.contiguous(), params, weights=plan.ones, index=index, keep=keep)[:n]
+
+
+def received_rows(x: torch.Tensor, counts: torch.Tensor, lo: int, hi: int, params, spec: MoESpec, *,
+                  nested: bool, label_offset: int) -> torch.Tensor:
+    """``labelled_rows`` on the rows one EP rank receives, labelled on the device from every source's rows per
+    group counts[:, lo:hi] (``received_rows.py``): one launch instead of torch's expand, divisions and fills."""
+    n, world = x.shape[0], counts.shape[0]
+    if n == 0:
+        return x.new_empty(0, spec.hidden)
+    slots = 2 if nested else 1
+    segments = world * (hi - lo)
+    if segments > MAX_SEGMENTS:
+        label, halves = received_rows_reference(counts, lo, hi, n, nested, label_offset)
+        return labelled_rows(x, label, params, spec, halves if nested else None)
+    plan, cap = _rows_plan(spec, n, slots, x)
+    index = _empty((cap, 1), torch.int32, x.device)
+    keep = _empty((cap, slots), torch.uint8, x.device)
+    block_l = triton.next_power_of_2(segments)
+    block_rows = max(16, min(256, 16384 // block_l))
+    received_rows_kernel[(triton.cdiv(cap, block_rows),)](
+        counts, index, keep, n, cap, counts.stride(0), lo, hi - lo, segments, label_offset,
+        NESTED=nested, BLOCK_ROWS=block_rows, BLOCK_L=block_l)
+    return plan(x.contiguous(), params, weights=plan.ones, index=index, keep=keep)[:n]
+
+
+def _rows_plan(spec: MoESpec, n: int, slots: int, x: torch.Tensor):
+    """(the labelled-rows plan for n rows, its capacity): one plan per power-of-two capacity, reused."""
+    cap = max(256, triton.next_power_of_2(n))
+    key = ("rows", id(spec), cap, slots, x.dtype, x.device)
+    return _plan(key, spec, lambda: _labelled_rows_plan(spec, cap, x.dtype, x.device)), cap
 
 
 def _labelled_rows_plan(spec: MoESpec, cap: int, dtype, device) -> _Plan:

@@ -6,7 +6,7 @@ Pattern (a block after partition and drop)::
 
 Replacement (``runtime/ep.py`` documents each step)::
 
-    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep)
+    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)
     send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
     recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(send, recv_splits, send_splits, group))
     y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
@@ -84,7 +84,7 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
         ep_json = ep_spec.to_json()
         impl = _impl(options, node)
         with graph.inserting_before(node):
-            routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json))
+            routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json, impl))
             send, row, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
             sizes = graph.call_function(ep.splits, (counts, ep_json))
             send_splits, recv_splits = (graph.call_function(operator.getitem, (sizes, i)) for i in range(2))

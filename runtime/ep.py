@@ -8,7 +8,7 @@ output; the experts still run once per (token, pair, rank)).
 
 The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualsparse.moe`` node::
 
-    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep)     # route, drop, sort by sub-expert
+    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)  # route, drop, sort by sub-expert
     send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
     recv = all_to_all_single(send, recv_splits, send_splits, group)          # dispatch (functional collective)
     y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.gather_combine import gather_combine, gather_combine_reference
+from dsmoe_compiler.codegen.received_rows import halves_of_class, received_rows_reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import DropSpec, MoESpec
 from dsmoe_compiler.runtime import dist as ds_dist
@@ -118,6 +119,10 @@ def ep_spec_for(spec: MoESpec, group=None, stats: bool = False) -> EPSpec:
                   key=register(spec.name, rank), stats=stats,
                   nested=NESTED_UNITS and spec.partition == 2 and spec.transform == "partial")
 
+
+FUSED = os.environ.get("DSMOE_EP_FUSED", "on") != "off"
+"""With impl "triton": route by the route kernel and put the rows in send order by ``dispatch.group_rows`` (two
+launches) instead of torch's sort and scatters; "off" keeps the torch ops (for comparisons)."""
 
 NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
 """P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
@@ -355,11 +360,6 @@ def _CLASS_OF_CODE(device) -> torch.Tensor:  # noqa: N802 - a constant table
     return torch.tensor([-1, 0, 2, 1], device=device)
 
 
-@functools.lru_cache(maxsize=8)
-def _HALVES_OF_CLASS(device) -> torch.Tensor:  # noqa: N802 - a constant table (class c of group 3 e + c)
-    return torch.tensor([[True, False], [True, True], [False, True]], device=device)
-
-
 def _per_rank(per_id: torch.Tensor, rank_of: torch.Tensor, world: int, dtype) -> torch.Tensor:
     """[W]: amounts per id ([sources, ids], summed over the sources) summed by the rank that holds each id."""
     return torch.zeros(world, dtype=dtype, device=per_id.device).index_add_(0, rank_of, per_id.sum(0).to(dtype))
@@ -369,8 +369,8 @@ def _pair_loads(counts: torch.Tensor, ep: EPSpec) -> torch.Tensor:
     """[W] (token, sub-expert) pairs each rank computes, from every source's rows per group (a nested unit
     carries as many pairs as neuron halves)."""
     if ep.nested:
-        halves = _HALVES_OF_CLASS(counts.device).sum(1)
-        counts = counts * halves[torch.arange(counts.shape[1], device=counts.device) % 3]
+        halves = halves_of_class(torch.arange(counts.shape[1], device=counts.device) % 3).sum(-1)
+        counts = counts * halves
     return _per_rank(counts, _rank_of(ep.group_ranges, counts.device), ep.world, torch.float64)
 
 
@@ -399,19 +399,59 @@ def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
     return keep, gathered_pre
 
 
+def _groups(experts, index, keep, ep: EPSpec, owner) -> torch.Tensor:
+    """The row group of every (token, column) [T, width]: its sub-expert (index), or under ``ep.nested`` its
+    unit's group (``_units``); -1 where nothing is sent."""
+    if ep.nested:
+        return _units(experts, keep, ep, owner)
+    return index if keep is None else torch.where(keep, index, -1)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"  # the kernels on CPU tensors (tests)
+
+
+def _fused(impl: str, x: torch.Tensor) -> bool:
+    return FUSED and impl == "triton" and (x.is_cuda or _interpreted())
+
+
+def _all_sent(keep, ep: EPSpec) -> bool:
+    """Every pair is sent, whole: the number of rows is known on the host (under nesting: column j < K of every
+    token; the Minor-alone columns K.. are empty)."""
+    return keep is None and not ep.splits_experts
+
+
 def _sent(group_of: torch.Tensor, keep, ep: EPSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat (token, column) ids of the rows sent, their groups). Known without the host when every pair is
-    sent (under nesting: column j < K of every token); otherwise read from the device (one host sync)."""
+    sent; otherwise read from the device (one host sync)."""
     T, width = group_of.shape
     flat_group = group_of.reshape(-1)
-    if keep is None and not ep.splits_experts:
+    if _all_sent(keep, ep):
         sent = width // 2 if ep.nested else width
         column = (torch.arange(T, device=group_of.device)[:, None] * width
                   + torch.arange(sent, device=group_of.device)).reshape(-1)
         return column, (flat_group[column] if ep.nested else flat_group)
-    live = flat_group >= 0 if ep.nested else keep.reshape(-1)
-    column = live.nonzero().squeeze(1)  # NOTE: host sync (the number of rows): dropping, or split experts
+    column = (flat_group >= 0).nonzero().squeeze(1)  # NOTE: host sync (the row count): dropping, or split experts
     return column, flat_group[column]
+
+
+def _send_order(x, group_of: torch.Tensor, keep, ep: EPSpec, fused: bool):
+    """(send [rows, H]: the rows in send order, by group; row [T, width] int32: each (token, column)'s row of
+    send, -1 if nothing was sent; rows per group [groups] (long))."""
+    if fused:
+        from dsmoe_compiler.codegen.dispatch import group_rows
+
+        token, post, row = group_rows(group_of, ep.groups)
+        width = group_of.shape[1]
+        n = group_of.shape[0] * (width // 2 if ep.nested else width) if _all_sent(keep, ep) else \
+            int(post.sum())  # NOTE: host sync (the number of rows): dropping, or split experts
+        return x.index_select(0, token[:n]), row, post.long()
+    column, flat_group = _sent(group_of, keep, ep)
+    post = _count(flat_group, ep.groups)
+    column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
+    row = torch.full((group_of.numel(),), -1, dtype=torch.int32, device=x.device)
+    row[column] = torch.arange(column.numel(), dtype=torch.int32, device=x.device)
+    return x[column // group_of.shape[1]], row.view(group_of.shape), post
 
 
 def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) -> torch.Tensor:
@@ -429,14 +469,20 @@ def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) ->
     return counts
 
 
-def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
+def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference"):
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
     clock.mark("route0")
     _check_once(spec_json, ep)
     group = ds_dist.group_by_name(ep.group)
     x = _flat(x)
-    _, raw, experts = reference.route(x, params, spec)
+    fused = _fused(impl, x)
+    if fused:
+        from dsmoe_compiler.codegen.dispatch import route as route_kernel
+
+        raw, experts = route_kernel(x, params, spec)  # int32 ids; the route kernel where it covers the routing
+    else:
+        _, raw, experts = reference.route(x, params, spec)
     index, weights = experts, raw
     if spec.transform == "partial" and (spec.drop.mode != "none" or not ep.nested):  # sub-expert ids needed
         index, weights = reference.partial_transform(experts, raw, spec.partition)
@@ -447,23 +493,16 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str):
     clock.mark("gather0")
     clock.mark("gather1")
     keep, gathered_pre = _drop(spec, ep, raw, index, pre, owner, group, clock)
-    # one row group per column: the sub-expert, or under ep.nested the unit's group (-1: not sent)
-    group_of = _units(experts, keep, ep, owner) if ep.nested else index
-    column, flat_group = _sent(group_of, keep, ep)
-    post = _count(flat_group, ep.groups)
-    column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
-    # where each (token, column) comes back: its row in the send order, -1 if nothing was sent
-    row = torch.full((group_of.numel(),), -1, dtype=torch.int32, device=x.device)
-    row[column] = torch.arange(column.numel(), dtype=torch.int32, device=x.device)
+    group_of = _groups(experts, index, keep, ep, owner)
+    send, row, post = _send_order(x, group_of, keep, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)
     clock.mark("gather3")
-    send = x[column // group_of.shape[1]]
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
                        ("comm", "gather2", "gather3"), ("compute", "gather3", "route1")):
         clock.span(kind, a, b)
-    return send, row.view(group_of.shape), weights.contiguous(), counts
+    return send, row, weights.contiguous(), counts
 
 
 def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
@@ -475,14 +514,6 @@ def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
     recv = counts[:, b[ep.rank]:b[ep.rank + 1]].sum(dim=1)
     both = torch.cat([send, recv]).tolist()
     return both[:ep.world], both[ep.world:]
-
-
-@functools.lru_cache(maxsize=64)
-def _received_groups(ep_json: str, device) -> torch.Tensor:
-    """The groups this rank holds, once per source rank: received rows come by source, then by group."""
-    ep = parse_ep(ep_json)
-    lo, hi = ep.group_ranges[ep.rank], ep.group_ranges[ep.rank + 1]
-    return torch.arange(lo, hi, device=device).repeat(ep.world)
 
 
 @functools.lru_cache(maxsize=None)
@@ -502,34 +533,39 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     clock.mark("experts0")
     clock.span("comm", "route1", "experts0")  # dispatch
     lo, hi = ep.group_ranges[ep.rank], ep.group_ranges[ep.rank + 1]
-    group = _received_groups(ep_json, recv.device).repeat_interleave(
-        counts[:, lo:hi].reshape(-1), output_size=recv.shape[0])  # output_size: no host read of the total
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
-    halves = _HALVES_OF_CLASS(recv.device)[group % 3] if ep.nested else None  # [n, 2]: Major, Minor kept
-    if impl == "triton" and recv.is_cuda and spec.experts.layout == "fused":
-        from dsmoe_compiler.codegen.dispatch import labelled_rows
+    label_offset = offset // 2 if ep.nested else offset  # labels: local experts, or local sub-experts
+    if impl == "triton" and (recv.is_cuda or _interpreted()) and spec.experts.layout == "fused":
+        from dsmoe_compiler.codegen.dispatch import labelled_rows, received_rows
 
         rows_spec, _ = _rows_spec(spec_json, ep.nested)
-        label = group // 3 - offset // 2 if ep.nested else group - offset  # local expert, or local sub-expert
-        y = labelled_rows(recv, label, params, rows_spec, halves)
+        if FUSED:
+            y = received_rows(recv, counts, lo, hi, params, rows_spec, nested=ep.nested, label_offset=label_offset)
+        else:
+            label, halves = received_rows_reference(counts, lo, hi, recv.shape[0], ep.nested, label_offset)
+            y = labelled_rows(recv, label, params, rows_spec, halves if ep.nested else None)
     else:
-        y = _local_loop(recv, group, halves, params, spec, held, offset, ep)
+        label, halves = received_rows_reference(counts, lo, hi, recv.shape[0], ep.nested, label_offset)
+        y = _local_loop(recv, label, halves, params, spec, held, label_offset, ep)
     clock.mark("experts1")
     clock.span("compute", "experts0", "experts1")
     return y
 
 
-def _local_loop(recv, group, halves, params, spec, held, offset, ep):
-    """The local step in torch, sub-expert by sub-expert (rows summed over halves in fp32)."""
+def _local_loop(recv, label, halves, params, spec, held, label_offset, ep):
+    """The local step in torch, sub-expert by sub-expert (rows summed over halves in fp32). label: each row's
+    local sub-expert, or under nesting its local expert with its halves [n, 2]."""
     y = torch.zeros(recv.shape, dtype=torch.float32, device=recv.device)
     ex = spec.experts
+    offset = label_offset * 2 if ep.nested else label_offset  # first held sub-expert
     for s in range(ep.lo, ep.hi):
-        mine = (group // 3 == s // 2) & halves[:, s % 2] if halves is not None else group == s
+        local = s - offset
+        mine = (label == local // 2) & halves[:, local % 2] if ep.nested else label == local
         rows = mine.nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, s - offset)
+        gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, local)
         xs = recv[rows]
         h = reference.glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
         y[rows] += F.linear(h, down, db).float()
@@ -557,9 +593,9 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
 
 # ---- as custom ops (opaque to dynamo / AOT / inductor; data-dependent sizes are unbacked) ---------------
 @torch.library.custom_op("dualsparse::ep_route", mutates_args=())
-def ep_route(x: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str
+def ep_route(x: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    send, row, weight, counts = route(x, params, spec, ep)
+    send, row, weight, counts = route(x, params, spec, ep, impl)
     return send, row, weight, counts
 
 
@@ -570,7 +606,7 @@ def pairs_per_token(spec: MoESpec) -> int:
 
 
 @ep_route.register_fake
-def _(x, params, spec, ep):
+def _(x, params, spec, ep, impl="reference"):
     s, e = parse_spec(spec), parse_ep(ep)
     n = torch.library.get_ctx().new_dynamic_size()
     wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
@@ -603,7 +639,7 @@ def _(x, back, row, weight, params, spec, ep, impl="reference"):
 
 def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:
     """The whole EP block eagerly, in the order the pass puts into the graph (for tests and benchmarks)."""
-    send, row, weight, counts = ep_route(x, params, spec_json, ep_json)
+    send, row, weight, counts = ep_route(x, params, spec_json, ep_json, impl)
     send_splits, recv_splits = splits(counts, ep_json)
     name = parse_ep(ep_json).group
     recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)

@@ -87,7 +87,7 @@ def test_triton_drop_matches_reference_drop(mode):
 
 
 @pytest.mark.parametrize("P, nested", [(1, False), (2, False), (2, True)])
-def test_expert_parallel_local_step_and_combine_in_bf16(P, nested):
+def test_expert_parallel_local_step_and_combine_in_bf16(P, nested, monkeypatch):
     """EP's Triton pieces on one GPU (no process group needed): the local sub-experts of a sharded block on
     received rows (int64 ids, as the EP operator makes them; nested: rows carrying both neuron halves) against
     its reference loop, and the weighted gather-combine against torch, in bf16."""
@@ -106,9 +106,10 @@ def test_expert_parallel_local_step_and_combine_in_bf16(P, nested):
     lo, hi = e.group_ranges[1:]
     counts = torch.randint(0, 300, (2, e.groups), generator=g).cuda()
     recv = bf16(torch.randn(int(counts[:, lo:hi].sum()), 256, generator=g))
-    for _ in range(2):  # the second call replays the plan's recorded launches
+    want = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "reference")
+    for fused in (True, False, True):  # labels by the kernel or torch; the third call replays recorded launches
+        monkeypatch.setattr(ep, "FUSED", fused)
         got = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "triton")
-        want = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "reference")
         assert torch.isfinite(got).all() and _rel(got, want) < 1e-2
     rows = torch.randint(-1, recv.shape[0], (333, 2 * P), generator=g, dtype=torch.int32).cuda()
     weights = torch.rand(333, 2 * P, generator=g).cuda()
@@ -116,3 +117,14 @@ def test_expert_parallel_local_step_and_combine_in_bf16(P, nested):
     combined = gather_combine(got, rows, weights, out=out)
     assert torch.isfinite(combined).all()
     assert _rel(combined, gather_combine_reference(got.float(), rows, weights)) < 1e-2
+
+
+@pytest.mark.parametrize("nested,split,drop", [(False, False, False), (False, False, True), (True, False, False),
+                                               (True, True, True)])
+def test_expert_parallel_send_order_in_bf16(nested, split, drop):
+    """EP's send order by the kernels (route rows grouped on the device) against torch's sort, at OLMoE's routing
+    size (4096 tokens, top-8 of 64), bf16 rows."""
+    from ep_checks import check_send_order, send_order_case
+
+    check_send_order(*send_order_case(T=4096, K=8, E=64, H=256, nested=nested, split=split, drop=drop,
+                                      device="cuda", dtype=torch.bfloat16))

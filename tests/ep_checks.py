@@ -1,0 +1,35 @@
+"""Checks shared by the interpreter tests (test_kernels.py) and the GPU tests (test_gpu.py) of EP's send order."""
+
+import torch
+
+from dsmoe_compiler.runtime import ep
+
+
+def send_order_case(*, T, K, E, H, nested, split, drop, device, dtype=torch.float32):
+    """(x, group_of, keep, spec) of one rank of two: P = 2 partial with nested units, or P = 1; ``split`` puts the
+    rank boundary inside an expert (nested only), ``drop`` drops ~30 % of the (token, sub-expert) pairs."""
+    g = torch.Generator().manual_seed(3 + 2 * nested + split)
+    x = torch.randn(T, H, generator=g).to(device, dtype)
+    index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device, torch.int32)
+    P = 2 if nested else 1
+    ranges = (0, E - 1 if split else E // 2 * P, E * P)
+    spec = ep.EPSpec(group="", rank=0, world=2, ranges=ranges, key="", nested=nested)
+    keep = (torch.rand(T, K * P, generator=g) > 0.3).to(device) if drop else None
+    group_of = ep._groups(index, index.long(), keep, spec, ep._rank_of(spec.ranges, x.device))
+    return x, group_of, keep, spec
+
+
+def check_send_order(x, group_of, keep, spec):
+    """The kernels' send order against torch's: the same rows per group and entries unsent; every (token, column)
+    comes back from a row that holds its token, inside its group's rows."""
+    send_f, row_f, post_f = ep._send_order(x, group_of, keep, spec, fused=True)
+    send_t, row_t, post_t = ep._send_order(x, group_of, keep, spec, fused=False)
+    assert post_f.tolist() == post_t.tolist() and post_f.dtype == post_t.dtype
+    assert send_f.shape == send_t.shape and row_f.shape == row_t.shape
+    assert ((row_f < 0) == (row_t < 0)).all()
+    live = row_f >= 0
+    tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(row_f)
+    assert torch.equal(send_f[row_f[live].long()], x[tokens[live]]), "a row does not hold its entry's token"
+    first = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), post_f.cumsum(0)])
+    rows_group = torch.bucketize(row_f[live].long(), first[1:], right=True)
+    assert torch.equal(rows_group, group_of[live].long()), "an entry's row lies outside its group's rows"
