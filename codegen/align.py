@@ -166,3 +166,31 @@ def place_groups_kernel(group_ptr, counts_ptr, rank_ptr, token_ptr, row_ptr, n, 
     row = start + tl.load(rank_ptr + offs, mask=live, other=0)
     tl.store(token_ptr + row, offs // width, mask=live)
     tl.store(row_ptr + offs, tl.where(live, row, -1), mask=valid)
+
+
+@triton.jit
+def nested_units_kernel(experts_ptr, keep_ptr, split_ptr, group_ptr, n, TOPK,
+                        HAS_KEEP: tl.constexpr, HAS_SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row groups of EP's nested units (P = 2 partial) for the n = T * TOPK (token, slot) pairs, into
+    group [T, 2 TOPK]: column j carries expert e = experts[t, j] to the owner of its Major half, group 3 e + c
+    (c: 0 Major only, 1 both, 2 Minor only; -1 nothing kept there); column TOPK + j carries the Minor half alone
+    (3 e + 2) when split[e] puts it on another rank, else -1. keep [T, 2 TOPK]: Major halves, then Minor."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    token = offs // TOPK
+    slot = offs % TOPK
+    expert = tl.load(experts_ptr + offs, mask=valid, other=0)
+    major = valid
+    minor = valid
+    if HAS_KEEP:
+        major = valid & (tl.load(keep_ptr + token * 2 * TOPK + slot, mask=valid, other=0) != 0)
+        minor = valid & (tl.load(keep_ptr + token * 2 * TOPK + TOPK + slot, mask=valid, other=0) != 0)
+    minor_apart = valid & (expert < 0)  # all false
+    if HAS_SPLIT:
+        split = tl.load(split_ptr + expert, mask=valid, other=0) != 0
+        minor_apart = minor & split
+        minor = minor & (split == 0)  # the Minor half travels with the Major one
+    cls = tl.where(major & minor, 1, tl.where(major, 0, 2))
+    out = token * 2 * TOPK + slot
+    tl.store(group_ptr + out, tl.where(major | minor, 3 * expert + cls, -1), mask=valid)
+    tl.store(group_ptr + out + TOPK, tl.where(minor_apart, 3 * expert + 2, -1), mask=valid)

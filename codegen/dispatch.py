@@ -32,8 +32,8 @@ import triton
 from triton import knobs as _knobs
 
 from dsmoe_compiler.codegen import reference
-from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, count_nested_kernel, place_groups_kernel,
-                                          scatter_kernel, scatter_nested_kernel)
+from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, count_nested_kernel, nested_units_kernel,
+                                          place_groups_kernel, scatter_kernel, scatter_nested_kernel)
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
@@ -79,6 +79,24 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     if not _fused_routing_ok(spec):
         _, weights, index = reference.route(x, params, spec)
         return weights, index.to(torch.int32)
+    weights, index, _ = _route_kernel(x, params, spec)
+    return weights, index
+
+
+def drop_in_route_ok(spec: MoESpec) -> bool:
+    """The route kernel writes the keep mask of spec.drop (2t needs exactly the two halves of P = 2 partial)."""
+    expand = spec.partition if spec.transform == "partial" else 1
+    return _fused_routing_ok(spec) and spec.drop.mode != "none" and (spec.drop.mode != "2t" or expand == 2)
+
+
+def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor, stats: torch.Tensor | None):
+    """``route`` plus ``reference.keep_mask``'s pairs [T, K * copies] (uint8; copies = P under a partial
+    transformation) from the device-side thresholds, and ``reference.record_drops`` into stats, in the same
+    launch. Only where ``drop_in_route_ok(spec)``."""
+    return _route_kernel(x, params, spec, thresholds, stats)
+
+
+def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
     r = spec.routing
     logits = reference.router_logits(x, params, spec)
     T, E, K = x.shape[0], spec.num_experts, spec.top_k
@@ -86,10 +104,18 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     index = _empty((T, K), torch.int32, x.device)
     score_bias = reference._param(spec, params, "score_bias")
     meta = _route_constexprs(spec, logits.dtype)
+    keep, per_slot, units = None, 0.0, 0.0
+    if thresholds is not None:
+        copies = spec.partition if spec.transform == "partial" else 1
+        keep = _empty((T, K * copies), torch.uint8, x.device)
+        meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=copies, HAS_STATS=stats is not None)
+        shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+        per_slot, units = spec.intermediate / copies, float(reference.routed_units(spec) + shared)
     topk_route_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        logits, score_bias if score_bias is not None else logits, weights, index, index, logits, index, logits,
-        T, E, 0, logits.stride(0), r.renorm_eps, r.scale, 0.0, 0.0, **meta)
-    return weights, index
+        logits, score_bias if score_bias is not None else logits, weights, index, index,
+        logits if thresholds is None else thresholds, index if keep is None else keep,
+        logits if stats is None else stats, T, E, 0, logits.stride(0), r.renorm_eps, r.scale, per_slot, units, **meta)
+    return weights, index, keep
 
 
 def align(index: torch.Tensor, keep: torch.Tensor | None, num_subs: int, expand: int):
@@ -126,6 +152,22 @@ def group_rows(group: torch.Tensor, num_groups: int):
         count_groups_kernel[grid](flat, counts, rank, n, num_groups, **meta)
         place_groups_kernel[grid](flat, counts, rank, token, row, n, width, num_groups, **meta)
     return token, counts, row[:n].view(T, width)
+
+
+def nested_units(experts: torch.Tensor, keep: torch.Tensor | None, split: torch.Tensor | None) -> torch.Tensor:
+    """EP's nested units on the device (``align.nested_units_kernel``): group [T, 2 K] int32 of each (token,
+    column) from the expert ids [T, K] (int32), the kept halves [T, 2 K] (None: all) and split [E] (int32, 1
+    where an expert's halves sit on two ranks; None: none do)."""
+    T, K = experts.shape
+    group = _empty((T, 2 * K), torch.int32, experts.device)
+    n = T * K
+    if n:
+        block = 1024
+        keep_arg = experts if keep is None else keep.view(torch.uint8)
+        nested_units_kernel[(triton.cdiv(n, block),)](
+            experts.contiguous(), keep_arg, experts if split is None else split, group, n, K,
+            HAS_KEEP=keep is not None, HAS_SPLIT=split is not None, BLOCK=block)
+    return group
 
 
 class _Weights:

@@ -374,15 +374,19 @@ def _pair_loads(counts: torch.Tensor, ep: EPSpec) -> torch.Tensor:
     return _per_rank(counts, _rank_of(ep.group_ranges, counts.device), ep.world, torch.float64)
 
 
-def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
-    """(keep [T, K'] or None, every rank's pairs per sub-expert before dropping when a policy gathered them).
-    ``pre()``: this rank's pairs per sub-expert before dropping."""
+def _block(spec: MoESpec):
+    """The block's run-time drop state (thresholds, statistics), or None when dropping is off."""
     if spec.drop.mode == "none":
-        return None, None
+        return None
     block = state.lookup(spec.drop.key)
     if block is None:
         raise RuntimeError(f"dualsparse: no run-time state for block {spec.name!r}")
-    policy = load_aware.get_policy(spec.name)
+    return block
+
+
+def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, index, pre, owner, group, clock):
+    """(keep [T, K'], every rank's pairs per sub-expert before dropping when a policy gathered them).
+    ``pre()``: this rank's pairs per sub-expert before dropping."""
     gathered_pre = None
     if policy is None:
         thresholds = block.thresholds.expand(ep.world, 2)
@@ -399,12 +403,38 @@ def _drop(spec: MoESpec, ep: EPSpec, raw, index, pre, owner, group, clock):
     return keep, gathered_pre
 
 
-def _groups(experts, index, keep, ep: EPSpec, owner) -> torch.Tensor:
-    """The row group of every (token, column) [T, width]: its sub-expert (index), or under ``ep.nested`` its
-    unit's group (``_units``); -1 where nothing is sent."""
+def _route(x, params, spec: MoESpec, block, policy, fused: bool):
+    """(routing weights [T, K], expert ids [T, K], keep [T, K'] when the route kernel dropped, else None).
+    Uniform thresholds (no policy) are applied in the route kernel where it covers the rule."""
+    if not fused:
+        _, raw, experts = reference.route(x, params, spec)
+        return raw, experts, None
+    from dsmoe_compiler.codegen import dispatch
+
+    if block is not None and policy is None and dispatch.drop_in_route_ok(spec):
+        raw, experts, keep = dispatch.route_and_drop(x, params, spec, block.thresholds, block.stats)
+        return raw, experts, keep.view(torch.bool)
+    raw, experts = dispatch.route(x, params, spec)  # int32 ids
+    return raw, experts, None
+
+
+def _groups(experts, sub_experts, keep, ep: EPSpec, owner, fused: bool = False) -> torch.Tensor:
+    """The row group of every (token, column) [T, width]: its sub-expert (``sub_experts()``), or under
+    ``ep.nested`` its unit's group (``_units``, or its kernel when ``fused``); -1 where nothing is sent."""
+    if ep.nested and fused:
+        from dsmoe_compiler.codegen.dispatch import nested_units
+
+        return nested_units(experts, keep, _split_experts(ep.ranges, experts.device) if ep.splits_experts else None)
     if ep.nested:
         return _units(experts, keep, ep, owner)
-    return index if keep is None else torch.where(keep, index, -1)
+    return sub_experts() if keep is None else torch.where(keep, sub_experts(), -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_experts(ranges: tuple[int, ...], device) -> torch.Tensor:
+    """[E] int32: 1 where expert e's two halves (sub-experts 2 e, 2 e + 1) sit on two ranks (P = 2)."""
+    owner = _rank_of(ranges, device)
+    return (owner[0::2] != owner[1::2]).to(torch.int32)
 
 
 def _interpreted() -> bool:
@@ -477,23 +507,21 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     group = ds_dist.group_by_name(ep.group)
     x = _flat(x)
     fused = _fused(impl, x)
-    if fused:
-        from dsmoe_compiler.codegen.dispatch import route as route_kernel
-
-        raw, experts = route_kernel(x, params, spec)  # int32 ids; the route kernel where it covers the routing
-    else:
-        _, raw, experts = reference.route(x, params, spec)
-    index, weights = experts, raw
-    if spec.transform == "partial" and (spec.drop.mode != "none" or not ep.nested):  # sub-expert ids needed
-        index, weights = reference.partial_transform(experts, raw, spec.partition)
-    elif ep.nested:  # the rows' groups come from the experts; the weights still cover both column blocks
-        weights = raw.repeat(1, 2)
+    block = _block(spec)
+    policy = load_aware.get_policy(spec.name) if block is not None else None
+    raw, experts, keep = _route(x, params, spec, block, policy, fused)
+    partial = spec.transform == "partial" and spec.partition > 1
+    weights = raw.repeat(1, spec.partition) if partial else raw  # one weight per column (slot, half)
+    sub_experts = functools.cache(  # [T, K'] sub-expert ids, only where read
+        lambda: reference.partial_transform(experts, raw, spec.partition)[0] if partial else experts)
     owner = owners(ep, x.device)
-    pre = functools.partial(_count, index.reshape(-1), spec.num_experts * spec.partition)  # only for the loads
+    pre = lambda: _count(sub_experts().reshape(-1), spec.num_experts * spec.partition)  # noqa: E731 - loads
     clock.mark("gather0")
     clock.mark("gather1")
-    keep, gathered_pre = _drop(spec, ep, raw, index, pre, owner, group, clock)
-    group_of = _groups(experts, index, keep, ep, owner)
+    gathered_pre = None
+    if block is not None and keep is None:
+        keep, gathered_pre = _drop(spec, ep, block, policy, raw, sub_experts(), pre, owner, group, clock)
+    group_of = _groups(experts, sub_experts, keep, ep, owner, fused)
     send, row, post = _send_order(x, group_of, keep, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)

@@ -6,23 +6,28 @@ from dsmoe_compiler.runtime import ep
 
 
 def send_order_case(*, T, K, E, H, nested, split, drop, device, dtype=torch.float32):
-    """(x, group_of, keep, spec) of one rank of two: P = 2 partial with nested units, or P = 1; ``split`` puts the
-    rank boundary inside an expert (nested only), ``drop`` drops ~30 % of the (token, sub-expert) pairs."""
+    """(x, expert ids [T, K] int32, keep [T, K * P] or None, EPSpec) of one rank of two: P = 2 partial with nested
+    units, or P = 1; ``split`` puts the rank boundary inside an expert (nested only), ``drop`` drops ~30 % of the
+    (token, sub-expert) pairs."""
     g = torch.Generator().manual_seed(3 + 2 * nested + split)
     x = torch.randn(T, H, generator=g).to(device, dtype)
-    index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device, torch.int32)
+    experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device, torch.int32)
     P = 2 if nested else 1
     ranges = (0, E - 1 if split else E // 2 * P, E * P)
     spec = ep.EPSpec(group="", rank=0, world=2, ranges=ranges, key="", nested=nested)
     keep = (torch.rand(T, K * P, generator=g) > 0.3).to(device) if drop else None
-    group_of = ep._groups(index, index.long(), keep, spec, ep._rank_of(spec.ranges, x.device))
-    return x, group_of, keep, spec
+    return x, experts, keep, spec
 
 
-def check_send_order(x, group_of, keep, spec):
-    """The kernels' send order against torch's: the same rows per group and entries unsent; every (token, column)
-    comes back from a row that holds its token, inside its group's rows."""
-    send_f, row_f, post_f = ep._send_order(x, group_of, keep, spec, fused=True)
+def check_send_order(x, experts, keep, spec):
+    """The kernels' groups and send order against torch's: the same group per (token, column), the same rows per
+    group and entries unsent; every (token, column) comes back from a row that holds its token, inside its
+    group's rows."""
+    owner = ep._rank_of(spec.ranges, x.device)
+    group_of = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=False)
+    group_f = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=True)
+    assert torch.equal(group_f.long(), group_of.long()), "the kernel's unit groups differ from torch's"
+    send_f, row_f, post_f = ep._send_order(x, group_f, keep, spec, fused=True)
     send_t, row_t, post_t = ep._send_order(x, group_of, keep, spec, fused=False)
     assert post_f.tolist() == post_t.tolist() and post_f.dtype == post_t.dtype
     assert send_f.shape == send_t.shape and row_f.shape == row_t.shape
