@@ -29,7 +29,6 @@ import os
 
 import torch
 import triton
-from triton import knobs as _knobs
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, count_nested_kernel, nested_units_kernel,
@@ -37,6 +36,10 @@ from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, cou
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
+from dsmoe_compiler.codegen.launch import Kernel as _Kernel
+from dsmoe_compiler.codegen.launch import hooks_on as _hooks_on
+from dsmoe_compiler.codegen.launch import launch
+from dsmoe_compiler.codegen.launch import signature as _signature
 from dsmoe_compiler.codegen.received_rows import MAX_SEGMENTS, received_rows_kernel, received_rows_reference
 from dsmoe_compiler.codegen.schedule import launch_grid, rows_bucket
 from dsmoe_compiler.codegen.topk_route import topk_route_kernel
@@ -104,6 +107,7 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
     index = _empty((T, K), torch.int32, x.device)
     score_bias = reference._param(spec, params, "score_bias")
     meta = _route_constexprs(spec, logits.dtype)
+    meta.update(ZERO_COUNTS=False, BLOCK_SUBS=1, DROP=0, COPIES=1, HAS_STATS=False)
     keep, per_slot, units = None, 0.0, 0.0
     if thresholds is not None:
         copies = spec.partition if spec.transform == "partial" else 1
@@ -111,10 +115,11 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
         meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=copies, HAS_STATS=stats is not None)
         shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
         per_slot, units = spec.intermediate / copies, float(reference.routed_units(spec) + shared)
-    topk_route_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        logits, score_bias if score_bias is not None else logits, weights, index, index,
-        logits if thresholds is None else thresholds, index if keep is None else keep,
-        logits if stats is None else stats, T, E, 0, logits.stride(0), r.renorm_eps, r.scale, per_slot, units, **meta)
+    launch(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
+           (logits, score_bias if score_bias is not None else logits, weights, index, index,
+            logits if thresholds is None else thresholds, index if keep is None else keep,
+            logits if stats is None else stats),
+           (T, E, 0, logits.stride(0), r.renorm_eps, r.scale, per_slot, units), meta)
     return weights, index, keep
 
 
@@ -149,8 +154,8 @@ def group_rows(group: torch.Tensor, num_groups: int):
     if n:
         grid, meta = (triton.cdiv(n, BLOCK_PAIRS),), dict(BLOCK_PAIRS=BLOCK_PAIRS,
                                                           BLOCK_SUBS=triton.next_power_of_2(num_groups))
-        count_groups_kernel[grid](flat, counts, rank, n, num_groups, **meta)
-        place_groups_kernel[grid](flat, counts, rank, token, row, n, width, num_groups, **meta)
+        launch(count_groups_kernel, grid, (flat, counts, rank), (n, num_groups), meta)
+        launch(place_groups_kernel, grid, (flat, counts, rank, token, row), (n, width, num_groups), meta)
     return token, counts, row[:n].view(T, width)
 
 
@@ -164,9 +169,9 @@ def nested_units(experts: torch.Tensor, keep: torch.Tensor | None, split: torch.
     if n:
         block = 1024
         keep_arg = experts if keep is None else keep.view(torch.uint8)
-        nested_units_kernel[(triton.cdiv(n, block),)](
-            experts.contiguous(), keep_arg, experts if split is None else split, group, n, K,
-            HAS_KEEP=keep is not None, HAS_SPLIT=split is not None, BLOCK=block)
+        launch(nested_units_kernel, (triton.cdiv(n, block),),
+               (experts.contiguous(), keep_arg, experts if split is None else split, group), (n, K),
+               dict(HAS_KEEP=keep is not None, HAS_SPLIT=split is not None, BLOCK=block))
     return group
 
 
@@ -293,57 +298,6 @@ def _ensure_allocator():
     from triton.runtime import _allocation
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
-
-
-# ---- launching --------------------------------------------------------------------------------------
-def _hooks_on() -> bool:
-    """A Triton launch hook (e.g. the proton profiler) wants every launch to go through Triton."""
-    hook = _knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-class _Kernel:
-    """One launch of a plan: pointers first, then fixed scalars, then constexprs (all our kernels' order).
-
-    ``launch`` goes through Triton (and records the compiled kernel); ``replay`` calls the compiled
-    binary's launcher directly with raw pointers, as ``JITFunction.run`` itself does after binding.
-    """
-
-    __slots__ = ("kernel", "grid_fn", "scalars", "constexprs", "grid", "args_tail", "run", "function", "metadata")
-
-    def __init__(self, kernel, grid_fn, scalars, constexprs):
-        self.kernel, self.grid_fn, self.scalars, self.constexprs = kernel, grid_fn, tuple(scalars), constexprs
-        self.run = None
-
-    def launch(self, ptrs, record: bool):
-        compiled = self.kernel[self.grid_fn](*ptrs, *self.scalars, **self.constexprs)
-        self.run = None
-        if not record or compiled is None or not hasattr(compiled, "packed_metadata"):
-            return
-        jit = self.kernel
-        while not hasattr(jit, "params"):  # Autotuner (and Heuristics) wrap the JITFunction in .fn
-            jit = jit.fn
-        meta = dict(self.constexprs)
-        best = getattr(self.kernel, "best_config", None)
-        if best is not None:
-            meta.update(best.kwargs)
-        names = [p.name for p in jit.params]
-        fixed = len(ptrs) + len(self.scalars)
-        if any(n not in meta for n in names[fixed:]):
-            return
-        grid = self.grid_fn(meta) if callable(self.grid_fn) else self.grid_fn
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.args_tail = self.scalars + tuple(meta[n] for n in names[fixed:])
-        self.function, self.metadata, self.run = compiled.function, compiled.packed_metadata, compiled.run
-
-    def replay(self, stream: int, ptrs):
-        g = self.grid
-        self.run(g[0], g[1], g[2], stream, self.function, self.metadata, None, None, None, *ptrs, *self.args_tail)
-
-
-def _signature(tensors) -> tuple:
-    """What a compiled kernel was specialised on, per tensor argument: dtype, strides, 16-byte alignment."""
-    return tuple(None if t is None else (t.dtype, t.stride(), t.data_ptr() & 15 == 0) for t in tensors)
 
 
 class _Plan:
@@ -589,9 +543,9 @@ def received_rows(x: torch.Tensor, counts: torch.Tensor, lo: int, hi: int, param
     keep = _empty((cap, slots), torch.uint8, x.device)
     block_l = triton.next_power_of_2(segments)
     block_rows = max(16, min(256, 16384 // block_l))
-    received_rows_kernel[(triton.cdiv(cap, block_rows),)](
-        counts, index, keep, n, cap, counts.stride(0), lo, hi - lo, segments, label_offset,
-        NESTED=nested, BLOCK_ROWS=block_rows, BLOCK_L=block_l)
+    launch(received_rows_kernel, (triton.cdiv(cap, block_rows),), (counts, index, keep),
+           (cap, counts.stride(0), lo, hi - lo, segments, label_offset),
+           dict(NESTED=nested, BLOCK_ROWS=block_rows, BLOCK_L=block_l))
     return plan(x.contiguous(), params, weights=plan.ones, index=index, keep=keep)[:n]
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsmoe_compiler.codegen.launch import launch
+
 
 @triton.jit
 def gather_combine_kernel(src_ptr, rows_ptr, weights_ptr, out_ptr, H, PAIRS, stride_src, stride_out,
@@ -42,8 +44,8 @@ def gather_combine(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
         return out
     src = src if src.shape[0] else src.new_zeros(1, H)  # every row dropped: nothing is read, any pointer does
     block_h = min(1024, triton.next_power_of_2(H))
-    gather_combine_kernel[(T, triton.cdiv(H, block_h))](
-        src, rows.contiguous(), weights.contiguous(), out, H, K, src.stride(0), out.stride(0), BLOCK_SIZE_H=block_h)
+    launch(gather_combine_kernel, (T, triton.cdiv(H, block_h)), (src, rows.contiguous(), weights.contiguous(), out),
+           (H, K, src.stride(0), out.stride(0)), dict(BLOCK_SIZE_H=block_h))
     return out
 
 

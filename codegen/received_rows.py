@@ -5,7 +5,7 @@ source w's rows of group lo + g are the counts[w, lo + g] rows after everything 
 (``dispatch.received_rows``) needs, per row, the label its kernels group by (a local sub-expert, or under
 nesting a local expert) and its keep flags ([Major, Minor] halves under nesting: group 3 e + c has the Major
 half for c = 0, 1 and the Minor half for c = 1, 2). Rows n .. cap - 1 of the plan's capacity are marked
-kept by nothing.
+kept by nothing. n is summed from the counts in the kernel, so one recorded launch serves every call.
 
 One program labels BLOCK_ROWS rows: the inclusive cumsum of the W * G counts (G = groups of this rank) is
 computed in registers, and row i lies in the first segment whose end exceeds i, i.e. it follows as many
@@ -20,7 +20,7 @@ import triton.language as tl
 
 
 @triton.jit
-def received_rows_kernel(counts_ptr, index_ptr, keep_ptr, n, cap, stride_source, lo, G, L, label_offset,
+def received_rows_kernel(counts_ptr, index_ptr, keep_ptr, cap, stride_source, lo, G, L, label_offset,
                          NESTED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     j = tl.arange(0, BLOCK_L)  # (source, group) segments, source-major
@@ -28,7 +28,7 @@ def received_rows_kernel(counts_ptr, index_ptr, keep_ptr, n, cap, stride_source,
     ends = tl.cumsum(counts, 0)
     segment = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
     group = lo + segment % G
-    live = rows < n
+    live = rows < tl.sum(counts, 0)  # n, the rows received (not a scalar argument: the launch replays)
     in_cap = rows < cap
     if NESTED:
         cls = group % 3

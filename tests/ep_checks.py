@@ -2,7 +2,9 @@
 
 import torch
 
-from dsmoe_compiler.runtime import ep
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.ir import DropSpec
+from dsmoe_compiler.runtime import ep, state
 
 
 def send_order_case(*, T, K, E, H, nested, split, drop, device, dtype=torch.float32):
@@ -27,7 +29,9 @@ def check_send_order(x, experts, keep, spec):
     group_of = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=False)
     group_f = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=True)
     assert torch.equal(group_f.long(), group_of.long()), "the kernel's unit groups differ from torch's"
-    send_f, row_f, post_f = ep._send_order(x, group_f, keep, spec, fused=True)
+    for _ in range(2):  # on the GPU the second call replays the recorded launches (launch.py) on new buffers
+        x = x.flip(0)
+        send_f, row_f, post_f = ep._send_order(x, group_f, keep, spec, fused=True)
     send_t, row_t, post_t = ep._send_order(x, group_of, keep, spec, fused=False)
     assert post_f.tolist() == post_t.tolist() and post_f.dtype == post_t.dtype
     assert send_f.shape == send_t.shape and row_f.shape == row_t.shape
@@ -38,3 +42,32 @@ def check_send_order(x, experts, keep, spec):
     first = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), post_f.cumsum(0)])
     rows_group = torch.bucketize(row_f[live].long(), first[1:], right=True)
     assert torch.equal(rows_group, group_of[live].long()), "an entry's row lies outside its group's rows"
+
+
+def check_route_and_drop(x, params, spec, mode):
+    """EP's routing with uniform thresholds through the route kernel (``ep._route``, fused) against the torch route:
+    the same ids, the same weights (to rounding), and on them ``keep_per_destination``'s pairs (P = 2 partial: Major
+    and Minor column blocks) and ``record_drops``' statistics. Twice: on the GPU the second call replays the
+    recorded launch."""
+    P = spec.partition
+    key = state.register("moe", 0.2, 0.4, x.device, True)
+    try:
+        spec = spec.replace(drop=DropSpec(mode=mode, key=key))
+        block = state.lookup(key)
+        raw_t, experts_t, keep_t = ep._route(x, params, spec, block, None, fused=False)
+        assert keep_t is None
+        spec_ep = ep.EPSpec(group="", rank=0, world=2, ranges=(0, spec.num_experts // 2 * P, spec.num_experts * P),
+                            key="")
+        for _ in range(2):
+            block.stats.zero_()
+            raw_f, experts_f, keep_f = ep._route(x, params, spec, block, None, fused=True)
+            assert torch.equal(experts_f.long(), experts_t.long()) and torch.allclose(raw_f, raw_t, rtol=1e-5, atol=0)
+            sub = reference.partial_transform(experts_f.long(), raw_f, P)[0] if P > 1 else experts_f.long()
+            want = ep.keep_per_destination(raw_f, sub, spec, block.thresholds.expand(2, 2), ep.owners(spec_ep, x.device))
+            assert 0 < (~want).sum() < want.numel()
+            assert torch.equal(keep_f, want), "the route kernel kept other pairs"
+            want_stats = torch.zeros_like(block.stats)
+            reference.record_drops(want_stats, want, spec)
+            torch.testing.assert_close(block.stats, want_stats, rtol=0, atol=0)
+    finally:
+        state.clear()

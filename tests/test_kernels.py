@@ -507,7 +507,7 @@ def test_received_rows_kernel_labels_like_torch(nested):
     slots = 2 if nested else 1
     index = torch.full((cap, 1), -1, dtype=torch.int32)
     keep = torch.full((cap, slots), 7, dtype=torch.uint8)
-    received_rows_kernel[(triton.cdiv(cap, 32),)](counts, index, keep, n, cap, counts.stride(0), lo, hi - lo,
+    received_rows_kernel[(triton.cdiv(cap, 32),)](counts, index, keep, cap, counts.stride(0), lo, hi - lo,
                                                   world * (hi - lo), offset, NESTED=nested, BLOCK_ROWS=32,
                                                   BLOCK_L=triton.next_power_of_2(world * (hi - lo)))
     label, halves = received_rows_reference(counts, lo, hi, n, nested, offset)
@@ -542,29 +542,9 @@ def test_ep_local_step_through_the_kernels_matches_the_loop(nested):
 @pytestmark_case
 @pytest.mark.parametrize("mode,P", [("2t", 2), ("1t", 1), ("1t", 2)])
 def test_ep_route_drops_in_the_route_kernel_like_torch(mode, P):
-    """EP's routing with uniform thresholds and impl "triton": the route kernel's keep mask and drop statistics
-    equal ``keep_per_destination`` and ``record_drops`` on the torch route (P = 2 partial: Major and Minor
-    column blocks), and its ids and weights equal torch's."""
-    from dsmoe_compiler.ir import DropSpec
-    from dsmoe_compiler.runtime import ep, state
+    """EP's routing with uniform thresholds and impl "triton": keep mask, statistics, ids and weights as the torch
+    route with ``keep_per_destination`` and ``record_drops`` (``ep_checks.check_route_and_drop``)."""
+    from ep_checks import check_route_and_drop
 
     x, params, spec = make_case(torch.float32, T=50, E=8, K=3, I=64, P=P, seed=17)
-    key = state.register("moe", 0.2, 0.4, x.device, True)
-    try:
-        spec = spec.replace(drop=DropSpec(mode=mode, key=key))
-        block = state.lookup(key)
-        raw_f, experts_f, keep_f = ep._route(x, params, spec, block, None, fused=True)
-        stats_f = block.stats.clone()
-        block.stats.zero_()
-        raw_t, experts_t, keep_t = ep._route(x, params, spec, block, None, fused=False)
-        assert keep_t is None and keep_f is not None
-        assert torch.equal(experts_f.long(), experts_t.long()) and torch.allclose(raw_f, raw_t, rtol=1e-6, atol=0)
-        sub = reference.partial_transform(experts_t, raw_t, P)[0] if P > 1 else experts_t
-        spec_ep = ep.EPSpec(group="", rank=0, world=2, ranges=(0, 4 * P, 8 * P), key="")
-        want = ep.keep_per_destination(raw_t, sub, spec, block.thresholds.expand(2, 2), ep.owners(spec_ep, x.device))
-        reference.record_drops(block.stats, want, spec)
-        assert 0 < (~want).sum() < want.numel()
-        assert torch.equal(keep_f, want), "the route kernel kept other pairs"
-        torch.testing.assert_close(stats_f, block.stats, rtol=0, atol=0)
-    finally:
-        state.clear()
+    check_route_and_drop(x, params, spec, mode)
