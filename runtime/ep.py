@@ -640,7 +640,7 @@ def _(x, params, spec, ep, impl="reference"):
     wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
     T, K = _flat(x).shape[0], pairs_per_token(s)
     return (x.new_empty(n, x.shape[-1]), x.new_empty(T, K, dtype=torch.int32), x.new_empty(T, K, dtype=wdtype),
-            x.new_empty(e.world, s.num_experts * s.partition, dtype=torch.long))
+            x.new_empty(e.world, e.groups, dtype=torch.long))  # counts per row group (nested units: 3 E of them)
 
 
 @torch.library.custom_op("dualsparse::ep_experts", mutates_args=())

@@ -70,6 +70,41 @@ def _max_err(a, b):
     return max(err), torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _fake_mismatches(x, params, spec) -> list[str]:
+    """Where the EP operators' fake implementations disagree with their real outputs in dtype, static sizes or
+    static strides (a data-dependent size is symbolic in the fake and not compared)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from dsmoe_compiler.runtime import ep
+
+    ops = torch.ops.dualsparse
+    spec_json, ep_json = spec.to_json(), _ep_json(spec)
+    send, row, weight, counts = real_route = ops.ep_route(x, params, spec_json, ep_json)
+    send_splits, recv_splits = ep.splits(counts, ep_json)
+    recv = ep.ds_dist.all_to_all(send, recv_splits, send_splits, ep.parse_ep(ep_json).group)
+    real_local = ops.ep_experts(recv, counts, params, spec_json, ep_json)
+    real_out = ops.ep_combine(x, torch.zeros_like(send), row, weight, params, spec_json, ep_json)
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with mode:
+        fake = lambda t: mode.from_tensor(t)  # noqa: E731
+        fparams = [fake(p) for p in params]
+        fake_route = ops.ep_route(fake(x), fparams, spec_json, ep_json)
+        fake_local = ops.ep_experts(fake(recv), fake(counts), fparams, spec_json, ep_json)
+        fake_out = ops.ep_combine(fake(x), fake(send), fake(row), fake(weight), fparams, spec_json, ep_json)
+    bad = []
+    for name, reals, fakes in (("ep_route", real_route, fake_route), ("ep_experts", [real_local], [fake_local]),
+                               ("ep_combine", [real_out], [fake_out])):
+        for i, (r, f) in enumerate(zip(reals, fakes)):
+            static = lambda v: isinstance(v, int)  # noqa: E731
+            if r.dtype != f.dtype or r.dim() != f.dim() or any(
+                    static(a) and a != b for a, b in zip(f.shape, r.shape)) or (r.numel() > 1 and any(
+                    static(a) and a != b for a, b, n in zip(f.stride(), r.stride(), r.shape) if n > 1)):
+                bad.append(f"{name} output {i}: fake {f.dtype} {tuple(f.shape)} {f.stride()}, "
+                           f"real {r.dtype} {tuple(r.shape)} {r.stride()}")
+    return bad
+
+
 def _main_worker(rank, world, port, seed, out_dir):
     _init(rank, world, port)
     from dsmoe_compiler.runtime import ep, load_aware
@@ -88,6 +123,10 @@ def _main_worker(rank, world, port, seed, out_dir):
         got = ep.moe(x, params, spec.to_json(), _ep_json(spec))
         want = reference.moe(x, params, spec)
         res[f"exact E={E} P={P} skew={skew}"] = _max_err(got, want)
+    # the operators' fake (meta) outputs against the real ones, as inductor's assert_size_stride checks them
+    for E, P in ((6, 1), (3, 2)):
+        spec, params = _block(E, P, 2.0, seed=seed)
+        res[f"fake E={E} P={P}"] = _fake_mismatches(torch.randn(tokens, H, generator=x_seed), params, spec)
     # token count 0 on one rank (a rank with nothing to send still takes part)
     spec, params = _block(6, 2, 8.0, seed=seed)
     x = torch.randn(0 if rank == 0 else 5, H, generator=x_seed)
@@ -203,6 +242,15 @@ def test_outputs_equal_single_process(group_results):
         for name, value in res.items():
             if name.startswith(("exact", "drop uniform")):
                 assert value[1], f"world={world} rank={rank} seed={seed} {name}: max abs err {value[0]:.3g}"
+
+
+def test_fake_outputs_match_the_real_ones(group_results):
+    """A compiled graph under inductor asserts every custom op's output sizes and strides against its fake
+    implementation: P = 1, and P = 2 partial whose nested units change the counts' and rows' widths."""
+    world, seed, results, _ = group_results
+    for rank, res in enumerate(results):
+        for name in ("fake E=6 P=1", "fake E=3 P=2"):
+            assert res[name] == [], f"world={world} rank={rank} {name}: {res[name]}"
 
 
 def test_compiled_graph_has_expert_parallel_and_matches(group_results):
