@@ -241,7 +241,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
             for nested in (True, False)]]
     if args.ab_fused:  # the route and the local labels by kernels (ep.FUSED) or by torch ops, alternating
         variants = [(f"{name}{'' if fused else ' torch-ops'}", P, mode, policy, True, fused)
-                    for _ in range(args.ab_fused) for name, P, mode, policy, _, _ in variants[:3]
+                    for _ in range(args.ab_fused) for name, P, mode, policy, _, _ in variants
                     for fused in (True, False)]
     for variant, P, mode, policy, nested, fused in variants:
         ep.NESTED_UNITS, ep.FUSED = nested, fused
@@ -357,7 +357,7 @@ def main():
                     help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
                          "on and off (DSMOE_EP_NESTED), alternating, ROUNDS times")
     ap.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
-                    help="instead of the four variants: none, none P=2 and 2T uniform, each with the EP route and "
+                    help="the four variants, each with the EP route, drop and "
                          "local labels by kernels and by torch ops (DSMOE_EP_FUSED), alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -42,7 +42,7 @@ from dsmoe_compiler.codegen.launch import launch
 from dsmoe_compiler.codegen.launch import signature as _signature
 from dsmoe_compiler.codegen.received_rows import MAX_SEGMENTS, received_rows_kernel, received_rows_reference
 from dsmoe_compiler.codegen.schedule import launch_grid, rows_bucket
-from dsmoe_compiler.codegen.topk_route import topk_route_kernel
+from dsmoe_compiler.codegen.topk_route import keep_per_destination_kernel, topk_route_kernel
 from dsmoe_compiler.ir import MoESpec
 
 BLOCK_PAIRS = 256  # pairs per program of the alignment kernels (1024 left 32 programs for 4096 tokens x 8)
@@ -97,6 +97,33 @@ def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Ten
     transformation) from the device-side thresholds, and ``reference.record_drops`` into stats, in the same
     launch. Only where ``drop_in_route_ok(spec)``."""
     return _route_kernel(x, params, spec, thresholds, stats)
+
+
+def drop_per_destination_ok(spec: MoESpec) -> bool:
+    """``keep_per_destination`` covers spec.drop (2t needs exactly the two halves of P = 2 partial)."""
+    copies = spec.partition if spec.transform == "partial" else 1
+    return spec.drop.mode != "none" and (spec.drop.mode != "2t" or copies == 2)
+
+
+def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor,
+                         owner: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """``ep.keep_per_destination`` in one launch: keep [T, K * copies] (uint8) of the routed weights [T, K] and
+    expert ids [T, K] (int32), each pair judged with thresholds[owner[its sub-expert]] ([W, 2] fp32); with
+    stats, ``reference.record_drops`` too. Only where ``drop_per_destination_ok(spec)``."""
+    T, K = weights.shape
+    copies = spec.partition if spec.transform == "partial" else 1
+    keep = _empty((T, K * copies), torch.uint8, weights.device)
+    if T == 0:
+        return keep
+    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+    block_t = 64
+    thresholds = thresholds.float().contiguous()
+    launch(keep_per_destination_kernel, (triton.cdiv(T, block_t),),
+           (weights.contiguous(), index.contiguous(), thresholds, owner, keep, weights if stats is None else stats),
+           (T, copies, thresholds.stride(0), spec.intermediate / copies, float(reference.routed_units(spec) + shared)),
+           dict(TOPK=K, COPIES=copies, DROP=DROP_CODES[spec.drop.mode], HAS_STATS=stats is not None, BLOCK_T=block_t,
+                BLOCK_K=triton.next_power_of_2(K)))
+    return keep
 
 
 def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):

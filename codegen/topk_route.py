@@ -12,6 +12,9 @@ Fused into the same launch (each optional, so one forward needs fewer launches a
   (rounded) weights and the device-side thresholds, written [T, TOPK * COPIES] in the slot order the
   experts see (partial transformation: COPIES = P column blocks; 2t: block 0 Major, block 1 Minor);
 - HAS_STATS: ``reference.record_drops`` as two fp64 atomics per program (integer counts: exact).
+
+``keep_per_destination_kernel`` (end of file) applies the same rules after routing, each pair judged with the
+thresholds of the rank that computes it (expert parallelism with a load-aware policy, ``runtime/ep.py``).
 """
 
 import triton
@@ -80,30 +83,73 @@ def topk_route_kernel(
 
     if DROP != 0:  # reference.normalized_scores on the weights as stored, then reference.keep_mask's rule
         w = picked.to(weights_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.where(store_mask, w, 0.0)
-        total = tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38)
-        score = tl.math.div_rn(w, total[:, None] + tl.zeros_like(w))
-        t_major = tl.load(thresholds_ptr)
-        dropped = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-        for copy in tl.static_range(COPIES):
-            if DROP == 1:
-                keep = score > t_major
-            elif DROP == 2:
-                if copy == 0:
-                    keep = score >= t_major
-                else:
-                    keep = score >= tl.load(thresholds_ptr + 1)
-            elif DROP == 3:
-                top = tl.max(tl.where(store_mask, score, float("-inf")), axis=1)
-                keep = score >= t_major * top[:, None]
-            else:  # static top-(k-1): the first lowest-score slot of each token goes
-                low = tl.argmin(tl.where(store_mask, score, float("inf")), axis=1, tie_break_left=True)
-                keep = ks[None, :] != low[:, None]
-            dropped += tl.where(store_mask & (keep == 0), 1, 0)
-            keep_out = rows[:, None] * (TOPK * COPIES) + copy * TOPK + ks[None, :]
-            tl.store(keep_ptr + keep_out, keep.to(tl.uint8), mask=store_mask)
+        dropped = _drop_slots(w, store_mask, ks, rows, keep_ptr, thresholds_ptr, thresholds_ptr, 0, 0, 1,
+                              TOPK, COPIES, DROP, False, BLOCK_T, BLOCK_K)
         if HAS_STATS:
-            n_dropped = tl.sum(tl.sum(dropped, axis=1), axis=0)
-            n_rows = tl.sum(mask_t.to(tl.int32), axis=0)
-            tl.atomic_add(stats_ptr, n_dropped.to(tl.float64) * per_slot)
-            tl.atomic_add(stats_ptr + 1, n_rows.to(tl.float64) * units_per_token)
+            _add_drop_stats(stats_ptr, dropped, mask_t, per_slot, units_per_token)
+
+
+@triton.jit
+def _drop_slots(w, live, ks, rows, keep_ptr, thresholds_ptr, owner_ptr, index, stride_dest, P,
+                TOPK: tl.constexpr, COPIES: tl.constexpr, DROP: tl.constexpr, PER_DEST: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """reference.keep_mask's rule DROP on the stored weights w [BLOCK_T, BLOCK_K] (fp32; live: real slots), keep
+    written [T, TOPK * COPIES] (copy c: neuron group c of a partial transformation; 2t: 0 Major, 1 Minor);
+    returns the dropped slots per element. Thresholds: (T_major, T_minor) at thresholds_ptr, or with PER_DEST
+    the row of the rank that owns each slot's sub-expert (index * P + c through owner_ptr; stride_dest floats
+    per rank), as ``ep.keep_per_destination``."""
+    w = tl.where(live, w, 0.0)
+    total = tl.maximum(tl.sum(w, axis=1), 1.1754943508222875e-38)
+    score = tl.math.div_rn(w, total[:, None] + tl.zeros_like(w))
+    dropped = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+    for copy in tl.static_range(COPIES):
+        column = copy if DROP == 2 else 0  # 2t: the Minor threshold for the Minor half
+        if PER_DEST:
+            dest = tl.load(owner_ptr + index * P + copy, mask=live, other=0)
+            t = tl.load(thresholds_ptr + dest * stride_dest + column, mask=live, other=0.0)
+        else:
+            t = tl.load(thresholds_ptr + column)
+        if DROP == 1:
+            keep = score > t
+        elif DROP == 2:
+            keep = score >= t
+        elif DROP == 3:
+            top = tl.max(tl.where(live, score, float("-inf")), axis=1)
+            keep = score >= t * top[:, None]
+        else:  # static top-(k-1): the first lowest-score slot of each token goes
+            low = tl.argmin(tl.where(live, score, float("inf")), axis=1, tie_break_left=True)
+            keep = ks[None, :] != low[:, None]
+        dropped += tl.where(live & (keep == 0), 1, 0)
+        keep_out = rows[:, None] * (TOPK * COPIES) + copy * TOPK + ks[None, :]
+        tl.store(keep_ptr + keep_out, keep.to(tl.uint8), mask=live)
+    return dropped
+
+
+@triton.jit
+def _add_drop_stats(stats_ptr, dropped, mask_t, per_slot, units_per_token):
+    """reference.record_drops as two fp64 atomics per program (integer counts: exact)."""
+    n_dropped = tl.sum(tl.sum(dropped, axis=1), axis=0)
+    n_rows = tl.sum(mask_t.to(tl.int32), axis=0)
+    tl.atomic_add(stats_ptr, n_dropped.to(tl.float64) * per_slot)
+    tl.atomic_add(stats_ptr + 1, n_rows.to(tl.float64) * units_per_token)
+
+
+@triton.jit
+def keep_per_destination_kernel(weights_ptr, index_ptr, thresholds_ptr, owner_ptr, keep_ptr, stats_ptr,
+                                T, P, stride_dest, per_slot, units_per_token,
+                                TOPK: tl.constexpr, COPIES: tl.constexpr, DROP: tl.constexpr,
+                                HAS_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Expert parallelism's keep mask when each pair is judged with its destination rank's thresholds
+    (``ep.keep_per_destination``, a load-aware policy's [W, 2]): weights [T, TOPK] as stored, expert ids
+    [T, TOPK] (int32), owner [E * P] rank of each sub-expert; keep [T, TOPK * COPIES]."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, BLOCK_K)
+    mask_t = rows < T
+    live = mask_t[:, None] & (ks[None, :] < TOPK)
+    at = rows[:, None] * TOPK + ks[None, :]
+    w = tl.load(weights_ptr + at, mask=live, other=0.0).to(tl.float32)
+    index = tl.load(index_ptr + at, mask=live, other=0)
+    dropped = _drop_slots(w, live, ks, rows, keep_ptr, thresholds_ptr, owner_ptr, index, stride_dest, P,
+                          TOPK, COPIES, DROP, True, BLOCK_T, BLOCK_K)
+    if HAS_STATS:
+        _add_drop_stats(stats_ptr, dropped, mask_t, per_slot, units_per_token)

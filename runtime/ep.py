@@ -384,9 +384,10 @@ def _block(spec: MoESpec):
     return block
 
 
-def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, index, pre, owner, group, clock):
+def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused):
     """(keep [T, K'], every rank's pairs per sub-expert before dropping when a policy gathered them).
-    ``pre()``: this rank's pairs per sub-expert before dropping."""
+    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per sub-expert before dropping. ``fused``: the keep mask (and statistics) by
+    one kernel (``dispatch.keep_per_destination``) where it covers the rule."""
     gathered_pre = None
     if policy is None:
         thresholds = block.thresholds.expand(ep.world, 2)
@@ -397,7 +398,13 @@ def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, index, pre, owner, grou
         loads = _per_rank(gathered_pre, owner, ep.world, torch.float32)
         info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
         thresholds = load_aware.thresholds_per_rank(policy, info)
-    keep = keep_per_destination(raw, index, spec, thresholds, owner)
+    if fused:
+        from dsmoe_compiler.codegen import dispatch
+
+        if dispatch.drop_per_destination_ok(spec):
+            keep = dispatch.keep_per_destination(raw, experts, spec, thresholds, owner, block.stats)
+            return keep.view(torch.bool), gathered_pre
+    keep = keep_per_destination(raw, sub_experts(), spec, thresholds, owner)
     if block.stats is not None:
         reference.record_drops(block.stats, keep, spec)
     return keep, gathered_pre
@@ -520,7 +527,8 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     clock.mark("gather1")
     gathered_pre = None
     if block is not None and keep is None:
-        keep, gathered_pre = _drop(spec, ep, block, policy, raw, sub_experts(), pre, owner, group, clock)
+        keep, gathered_pre = _drop(spec, ep, block, policy, raw, experts, sub_experts, pre, owner, group, clock,
+                                   fused)
     group_of = _groups(experts, sub_experts, keep, ep, owner, fused)
     send, row, post = _send_order(x, group_of, keep, ep, fused)
     clock.mark("gather2")

@@ -1,10 +1,10 @@
 """Checks shared by the interpreter tests (test_kernels.py) and the GPU tests (test_gpu.py) of EP's send order."""
 
 import torch
-
 from dsmoe_compiler.codegen import reference
-from dsmoe_compiler.ir import DropSpec
 from dsmoe_compiler.runtime import ep, state
+
+from dsmoe_compiler.ir import DropSpec
 
 
 def send_order_case(*, T, K, E, H, nested, split, drop, device, dtype=torch.float32):
@@ -71,3 +71,33 @@ def check_route_and_drop(x, params, spec, mode):
             torch.testing.assert_close(block.stats, want_stats, rtol=0, atol=0)
     finally:
         state.clear()
+
+
+def check_keep_per_destination(mode, P, device, T=300, E=6, K=3, world=3):
+    """``dispatch.keep_per_destination`` (one kernel) against ``ep.keep_per_destination`` and ``record_drops``:
+    each rank's own thresholds (a load-aware policy's [W, 2]), P = 2 partial (Major and Minor blocks) or P = 1."""
+    from dsmoe_compiler.codegen import dispatch
+
+    from dsmoe_compiler.ir import MoESpec
+
+    g = torch.Generator().manual_seed(P * 10 + len(mode))
+    spec = MoESpec(name="b", num_experts=E, top_k=K, hidden=8, intermediate=8 * P, partition=P,
+                   drop=DropSpec(mode=mode), slots=("router_weight", "gate_up", "down"))
+    weights = (torch.rand(T, K, generator=g) + 0.01).to(device)
+    experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device, torch.int32)
+    spec_ep = ep.EPSpec(group="", rank=0, world=world, ranges=tuple((r * E * P) // world for r in range(world + 1)),
+                        key="")
+    owner = ep.owners(spec_ep, device)
+    thresholds = torch.tensor([[0.2, 0.35], [0.3, 0.5], [0.1, 0.25]], device=device)[:world]
+    if mode == "skip":
+        thresholds = thresholds * 2
+    sub = reference.partial_transform(experts.long(), weights, P)[0] if P > 1 else experts.long()
+    want = ep.keep_per_destination(weights, sub, spec, thresholds, owner)
+    assert 0 < (~want).sum() < want.numel()
+    want_stats = torch.zeros(2, dtype=torch.float64, device=device)
+    reference.record_drops(want_stats, want, spec)
+    for _ in range(2):  # on the GPU the second call replays the recorded launch
+        stats = torch.zeros(2, dtype=torch.float64, device=device)
+        got = dispatch.keep_per_destination(weights, experts, spec, thresholds, owner, stats)
+        assert torch.equal(got.bool(), want), f"{mode} P={P}: other pairs kept"
+        torch.testing.assert_close(stats, want_stats, rtol=0, atol=0)

@@ -146,3 +146,11 @@ def test_expert_parallel_route_drops_in_the_route_kernel(mode, P):
     params = [(torch.randn(64, 256, generator=g) * 0.1).cuda(), torch.randn(64, 256, 256, generator=g).cuda(),
               torch.randn(64, 256, 128, generator=g).cuda()]
     check_route_and_drop(torch.randn(4096, 256, generator=g).cuda(), params, spec, mode)
+
+
+@pytest.mark.parametrize("mode,P", [("2t", 2), ("1t", 1), ("skip", 2)])
+def test_expert_parallel_keep_per_destination_kernel(mode, P):
+    """EP with a load-aware policy: the keep-per-destination kernel against the torch rule, on the GPU."""
+    from ep_checks import check_keep_per_destination
+
+    check_keep_per_destination(mode, P, "cuda", T=4096, E=64, K=8, world=3)

@@ -548,3 +548,12 @@ def test_ep_route_drops_in_the_route_kernel_like_torch(mode, P):
 
     x, params, spec = make_case(torch.float32, T=50, E=8, K=3, I=64, P=P, seed=17)
     check_route_and_drop(x, params, spec, mode)
+
+
+@pytestmark_case
+@pytest.mark.parametrize("mode,P", [("2t", 2), ("1t", 1), ("1t", 2), ("skip", 2), ("topk", 1)])
+def test_keep_per_destination_kernel_matches_torch(mode, P):
+    """EP with a load-aware policy: the keep-per-destination kernel against the torch rule (``ep_checks``)."""
+    from ep_checks import check_keep_per_destination
+
+    check_keep_per_destination(mode, P, "cpu")
