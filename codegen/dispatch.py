@@ -86,10 +86,20 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     return weights, index
 
 
+def _copies(spec: MoESpec) -> int:
+    """Column blocks of the keep mask: P under a partial transformation (2t: Major, Minor), else 1."""
+    return spec.partition if spec.transform == "partial" else 1
+
+
+def _drop_units(spec: MoESpec) -> tuple[float, int]:
+    """``reference.record_drops``' units: (neurons of one (token, column) slot, routed + shared neurons a token)."""
+    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+    return spec.intermediate / _copies(spec), reference.routed_units(spec) + shared
+
+
 def drop_in_route_ok(spec: MoESpec) -> bool:
     """The route kernel writes the keep mask of spec.drop (2t needs exactly the two halves of P = 2 partial)."""
-    expand = spec.partition if spec.transform == "partial" else 1
-    return _fused_routing_ok(spec) and spec.drop.mode != "none" and (spec.drop.mode != "2t" or expand == 2)
+    return _fused_routing_ok(spec) and drop_per_destination_ok(spec)
 
 
 def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor, stats: torch.Tensor | None):
@@ -101,8 +111,7 @@ def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Ten
 
 def drop_per_destination_ok(spec: MoESpec) -> bool:
     """``keep_per_destination`` covers spec.drop (2t needs exactly the two halves of P = 2 partial)."""
-    copies = spec.partition if spec.transform == "partial" else 1
-    return spec.drop.mode != "none" and (spec.drop.mode != "2t" or copies == 2)
+    return spec.drop.mode != "none" and (spec.drop.mode != "2t" or _copies(spec) == 2)
 
 
 def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor,
@@ -111,16 +120,15 @@ def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESp
     expert ids [T, K] (int32), each pair judged with thresholds[owner[its sub-expert]] ([W, 2] fp32); with
     stats, ``reference.record_drops`` too. Only where ``drop_per_destination_ok(spec)``."""
     T, K = weights.shape
-    copies = spec.partition if spec.transform == "partial" else 1
+    copies = _copies(spec)
     keep = _empty((T, K * copies), torch.uint8, weights.device)
     if T == 0:
         return keep
-    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
     block_t = 64
     thresholds = thresholds.float().contiguous()
     launch(keep_per_destination_kernel, (triton.cdiv(T, block_t),),
            (weights.contiguous(), index.contiguous(), thresholds, owner, keep, weights if stats is None else stats),
-           (T, copies, thresholds.stride(0), spec.intermediate / copies, float(reference.routed_units(spec) + shared)),
+           (T, copies, thresholds.stride(0), *_drop_units(spec)),
            dict(TOPK=K, COPIES=copies, DROP=DROP_CODES[spec.drop.mode], HAS_STATS=stats is not None, BLOCK_T=block_t,
                 BLOCK_K=triton.next_power_of_2(K)))
     return keep
@@ -135,13 +143,10 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
     score_bias = reference._param(spec, params, "score_bias")
     meta = _route_constexprs(spec, logits.dtype)
     meta.update(ZERO_COUNTS=False, BLOCK_SUBS=1, DROP=0, COPIES=1, HAS_STATS=False)
-    keep, per_slot, units = None, 0.0, 0.0
+    keep, (per_slot, units) = None, _drop_units(spec)
     if thresholds is not None:
-        copies = spec.partition if spec.transform == "partial" else 1
-        keep = _empty((T, K * copies), torch.uint8, x.device)
-        meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=copies, HAS_STATS=stats is not None)
-        shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
-        per_slot, units = spec.intermediate / copies, float(reference.routed_units(spec) + shared)
+        keep = _empty((T, K * _copies(spec)), torch.uint8, x.device)
+        meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=_copies(spec), HAS_STATS=stats is not None)
     launch(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
            (logits, score_bias if score_bias is not None else logits, weights, index, index,
             logits if thresholds is None else thresholds, index if keep is None else keep,
@@ -376,14 +381,11 @@ class _Plan:
         self.route = None
         if fused_route:
             meta = _route_constexprs(spec, torch.float32 if r.logits_fp32 else dtype)
-            shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
             meta.update(ZERO_COUNTS=True, BLOCK_SUBS=triton.next_power_of_2(counts_len),
                         DROP=DROP_CODES[spec.drop.mode] if self.fused_drop else 0, COPIES=expand,
                         HAS_STATS=self.fused_drop and stats_on)
-            per_slot = spec.intermediate * spec.top_k / self.pairs_per_token
             self.route = _Kernel(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
-                                 (T, E, counts_len, E, r.renorm_eps, r.scale, per_slot,
-                                  reference.routed_units(spec) + shared), meta)
+                                 (T, E, counts_len, E, r.renorm_eps, r.scale, *_drop_units(spec)), meta)
         align_grid = (triton.cdiv(rows, BLOCK_PAIRS),)
         has_keep = self.has_keep
         block_subs = triton.next_power_of_2(self.groups)

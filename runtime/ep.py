@@ -121,8 +121,10 @@ def ep_spec_for(spec: MoESpec, group=None, stats: bool = False) -> EPSpec:
 
 
 FUSED = os.environ.get("DSMOE_EP_FUSED", "on") != "off"
-"""With impl "triton": route by the route kernel and put the rows in send order by ``dispatch.group_rows`` (two
-launches) instead of torch's sort and scatters; "off" keeps the torch ops (for comparisons)."""
+"""With impl "triton": the routing and dropping by the route kernel (a policy's per-destination thresholds by
+``dispatch.keep_per_destination``), nested units by ``dispatch.nested_units``, the send order by
+``dispatch.group_rows`` and the received rows' labels by ``dispatch.received_rows``, instead of torch ops;
+"off" keeps the torch ops (for comparisons)."""
 
 NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
 """P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
@@ -386,8 +388,8 @@ def _block(spec: MoESpec):
 
 def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused):
     """(keep [T, K'], every rank's pairs per sub-expert before dropping when a policy gathered them).
-    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per sub-expert before dropping. ``fused``: the keep mask (and statistics) by
-    one kernel (``dispatch.keep_per_destination``) where it covers the rule."""
+    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per sub-expert before dropping. ``fused``: the
+    keep mask (and statistics) by one kernel (``dispatch.keep_per_destination``) where it covers the rule."""
     gathered_pre = None
     if policy is None:
         thresholds = block.thresholds.expand(ep.world, 2)
@@ -583,18 +585,17 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
             y = labelled_rows(recv, label, params, rows_spec, halves if ep.nested else None)
     else:
         label, halves = received_rows_reference(counts, lo, hi, recv.shape[0], ep.nested, label_offset)
-        y = _local_loop(recv, label, halves, params, spec, held, label_offset, ep)
+        y = _local_loop(recv, label, halves, params, spec, held, offset, ep)
     clock.mark("experts1")
     clock.span("compute", "experts0", "experts1")
     return y
 
 
-def _local_loop(recv, label, halves, params, spec, held, label_offset, ep):
+def _local_loop(recv, label, halves, params, spec, held, offset, ep):
     """The local step in torch, sub-expert by sub-expert (rows summed over halves in fp32). label: each row's
-    local sub-expert, or under nesting its local expert with its halves [n, 2]."""
+    local sub-expert, or under nesting its local expert with its halves [n, 2]; offset: the first held sub-expert."""
     y = torch.zeros(recv.shape, dtype=torch.float32, device=recv.device)
     ex = spec.experts
-    offset = label_offset * 2 if ep.nested else label_offset  # first held sub-expert
     for s in range(ep.lo, ep.hi):
         local = s - offset
         mine = (label == local // 2) & halves[:, local % 2] if ep.nested else label == local
