@@ -226,6 +226,64 @@ def _dead_worker(rank, world, port, how, out_dir):
     os._exit(0)
 
 
+def _kernel_path_worker(rank, world, port, seed, out_dir):
+    """The EP operators with impl "triton" (the kernels, run by the interpreter) against impl "reference" on the
+    same tokens: outputs, EP loads and drop statistics, for P = 1, P = 2 with an expert split over the two ranks,
+    and dropping with uniform and load-aware thresholds."""
+    _init(rank, world, port)
+    from dsmoe_compiler.runtime import ep, load_aware, state
+
+    res = {}
+    x_seed = torch.Generator().manual_seed(seed * 100 + rank)
+    cases = (("none P=1", 6, 1, "none", None), ("none P=2 split", 3, 2, "none", None), ("1t", 6, 1, "1t", None),
+             ("2t", 4, 2, "2t", None), ("2t literal", 4, 2, "2t", "literal"), ("skip", 4, 2, "skip", None))
+    for name, E, P, mode, policy in cases:
+        spec, params = _block(E, P, 3.0, drop=mode, seed=seed)
+        if mode != "none":
+            spec = _with_state(spec, *{"1t": (0.35, 0.35), "2t": (0.3, 0.4), "skip": (0.7, 0.7)}[mode], stats=True)
+        load_aware.set_policy(policy)
+        x = torch.randn(24, H, generator=x_seed)
+        got = {}
+        for impl in ("reference", "triton"):
+            state.reset_drop_stats()
+            out = ep.moe(x, params, spec.to_json(), _ep_json(spec, stats=True), impl)
+            loads = ep.ep_stats()["blk"]
+            ep.clear()
+            got[impl] = (out, loads["last_load_before"], loads["last_load_after"],
+                         state.drop_stats().get("blk", {}).get("drop_rate"))
+        load_aware.set_policy(None)
+        state.clear()
+        (a, *rest_a), (b, *rest_b) = got["triton"], got["reference"]
+        res[name] = _max_err(a, b) + (rest_a == rest_b, rest_a, rest_b)
+    torch.save(res, os.path.join(out_dir, f"kernels_{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def kernel_path_results(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("ep_kernels")
+    seed = int(torch.randint(0, 2**20, ()).item())
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the spawned ranks import Triton with the interpreter on
+    try:
+        mp.spawn(_kernel_path_worker, args=(2, _port(), seed, str(out)), nprocs=2, join=True)
+    finally:
+        os.environ.pop("TRITON_INTERPRET") if before is None else os.environ.update(TRITON_INTERPRET=before)
+    return seed, [torch.load(out / f"kernels_{r}.pt") for r in range(2)]
+
+
+def test_kernel_path_equals_the_torch_path_across_ranks(kernel_path_results):
+    """impl "triton" (route and drop kernels, grouping, nested units, received labels, grouped GEMMs) against the
+    torch ops over two gloo ranks: the same outputs (fp32), loads per rank and drop statistics."""
+    seed, results = kernel_path_results
+    for rank, res in enumerate(results):
+        for name, (err, close, same_stats, stats_k, stats_t) in res.items():
+            assert close, f"rank={rank} seed={seed} {name}: max abs err {err:.3g}"
+            assert same_stats, f"rank={rank} seed={seed} {name}: loads / drop rate {stats_k} against {stats_t}"
+            if not name.startswith("none"):
+                assert 0 < stats_k[2] < 1, f"{name}: drop rate {stats_k[2]} (nothing or everything dropped)"
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def group_results(request, tmp_path_factory):
     world = request.param
