@@ -10,8 +10,10 @@ Replacement (``runtime/ep.py`` documents each step)::
     send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
     recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(send, recv_splits, send_splits, group))
     y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
-    back = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(y_local, send_splits, recv_splits, group))
-    y = dualsparse.ep_combine(x, back, row, weight, params, spec, ep, impl)
+    pending = _c10d_functional.all_to_all_single(y_local, send_splits, recv_splits, group)
+    shared = dualsparse.ep_shared(x, params, spec)          # with shared experts: overlaps the combine exchange
+    back = _c10d_functional.wait_tensor(pending)
+    y = dualsparse.ep_combine(x, back, row, weight, params, spec, ep, impl, shared)
 
 Setting: per-rank tokens (each rank runs the compiled model on its own share of the batch, the
 usual EP); rank r computes the contiguous sub-experts ``dist.expert_ranges(E*P, W)[r:r+2]``, so
@@ -91,9 +93,13 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
             recv = graph.call_function(WAIT, (graph.call_function(A2A, (send, recv_splits, send_splits, name)),))
             local = graph.call_function(torch.ops.dualsparse.ep_experts.default,
                                         (recv, counts, params, spec_json, ep_json, impl))
-            back = graph.call_function(WAIT, (graph.call_function(A2A, (local, send_splits, recv_splits, name)),))
+            pending = graph.call_function(A2A, (local, send_splits, recv_splits, name))
+            shared = None  # the shared experts need no exchange: they run while the combine exchange is in flight
+            if spec.shared is not None:
+                shared = graph.call_function(torch.ops.dualsparse.ep_shared.default, (x, params, spec_json))
+            back = graph.call_function(WAIT, (pending,))
             out = graph.call_function(torch.ops.dualsparse.ep_combine.default,
-                                      (x, back, row, weight, params, spec_json, ep_json, impl))
+                                      (x, back, row, weight, params, spec_json, ep_json, impl, shared))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         graph.erase_node(node)

@@ -12,8 +12,9 @@ The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualspar
     send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
     recv = all_to_all_single(send, recv_splits, send_splits, group)          # dispatch (functional collective)
     y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
-    back = all_to_all_single(y, send_splits, recv_splits, group)             # combine
-    out = dualsparse.ep_combine(x, back, row, weight, params, spec, ep, impl)  # weighted sum + shared experts
+    pending = all_to_all_single(y, send_splits, recv_splits, group)          # combine, in flight while
+    shared = dualsparse.ep_shared(x, params, spec)                           # the shared experts run (if any)
+    out = dualsparse.ep_combine(x, wait(pending), row, weight, params, spec, ep, impl, shared)  # weighted sum
 
 ``row`` [T, K'] says where each (token, slot) comes back: its row of ``back`` (the send order), or -1 when
 it was dropped; ``weight`` [T, K'] is its routing weight. The combine gathers, weights and sums those rows
@@ -610,8 +611,9 @@ def _local_loop(recv, label, halves, params, spec, held, offset, ep):
 
 
 def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, params,
-            spec_json: str, ep_json: str, impl: str = "reference"):
-    """out[t] = sum over slots j of weight[t, j] * back[row[t, j]] (row -1: dropped), in fp32, + shared experts."""
+            spec_json: str, ep_json: str, impl: str = "reference", shared: torch.Tensor | None = None):
+    """out[t] = sum over slots j of weight[t, j] * back[row[t, j]] (row -1: dropped), in fp32, + shared experts
+    (``shared``: their output, computed by ``ep_shared`` while the combine exchange was in flight)."""
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)
     clock = _Clock(ep, x.device)
     clock.mark("combine0")
@@ -621,7 +623,9 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
         out = gather_combine(back, row, weight, flat.dtype)
     else:
         out = gather_combine_reference(back, row, weight, flat.dtype)
-    if spec.shared is not None:
+    if shared is not None:
+        out = out + shared.view(out.shape)
+    elif spec.shared is not None:
         out = out + reference.shared_experts(flat, params, spec)
     clock.mark("combine1")
     clock.span("compute", "combine0", "combine1")
@@ -665,13 +669,26 @@ def _(recv, counts, params, spec, ep, impl="reference"):
 
 @torch.library.custom_op("dualsparse::ep_combine", mutates_args=())
 def ep_combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor,
-               params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference") -> torch.Tensor:
-    return combine(x, back, row, weight, params, spec, ep, impl)
+               params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference",
+               shared: torch.Tensor | None = None) -> torch.Tensor:
+    return combine(x, back, row, weight, params, spec, ep, impl, shared)
 
 
 @ep_combine.register_fake
-def _(x, back, row, weight, params, spec, ep, impl="reference"):
+def _(x, back, row, weight, params, spec, ep, impl="reference", shared=None):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("dualsparse::ep_shared", mutates_args=())
+def ep_shared(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """The shared experts on this rank's tokens [T, H] (they need no exchange: the graph runs them while the
+    combine all_to_all is in flight, and ``ep_combine`` adds them)."""
+    return reference.shared_experts(_flat(x), params, parse_spec(spec)).contiguous()
+
+
+@ep_shared.register_fake
+def _(x, params, spec):
+    return x.new_empty(_flat(x).shape)
 
 
 def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:
@@ -681,5 +698,7 @@ def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "refe
     name = parse_ep(ep_json).group
     recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
     y = ep_experts(recv, counts, params, spec_json, ep_json, impl)
-    back = ds_dist.all_to_all(y, send_splits, recv_splits, name)
-    return ep_combine(x, back, row, weight, params, spec_json, ep_json, impl)
+    pending = torch.ops._c10d_functional.all_to_all_single(y, send_splits, recv_splits, name)
+    shared = ep_shared(x, params, spec_json) if parse_spec(spec_json).shared is not None else None  # overlaps it
+    back = torch.ops._c10d_functional.wait_tensor(pending)
+    return ep_combine(x, back, row, weight, params, spec_json, ep_json, impl, shared)

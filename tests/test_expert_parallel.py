@@ -85,6 +85,7 @@ def _fake_mismatches(x, params, spec) -> list[str]:
     recv = ep.ds_dist.all_to_all(send, recv_splits, send_splits, ep.parse_ep(ep_json).group)
     real_local = ops.ep_experts(recv, counts, params, spec_json, ep_json)
     real_out = ops.ep_combine(x, torch.zeros_like(send), row, weight, params, spec_json, ep_json)
+    real_shared = [ops.ep_shared(x, params, spec_json)] if spec.shared is not None else []
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with mode:
         fake = lambda t: mode.from_tensor(t)  # noqa: E731
@@ -92,9 +93,10 @@ def _fake_mismatches(x, params, spec) -> list[str]:
         fake_route = ops.ep_route(fake(x), fparams, spec_json, ep_json)
         fake_local = ops.ep_experts(fake(recv), fake(counts), fparams, spec_json, ep_json)
         fake_out = ops.ep_combine(fake(x), fake(send), fake(row), fake(weight), fparams, spec_json, ep_json)
+        fake_shared = [ops.ep_shared(fake(x), fparams, spec_json)] if spec.shared is not None else []
     bad = []
     for name, reals, fakes in (("ep_route", real_route, fake_route), ("ep_experts", [real_local], [fake_local]),
-                               ("ep_combine", [real_out], [fake_out])):
+                               ("ep_combine", [real_out], [fake_out]), ("ep_shared", real_shared, fake_shared)):
         for i, (r, f) in enumerate(zip(reals, fakes)):
             static = lambda v: isinstance(v, int)  # noqa: E731
             if r.dtype != f.dtype or r.dim() != f.dim() or any(
@@ -124,8 +126,8 @@ def _main_worker(rank, world, port, seed, out_dir):
         want = reference.moe(x, params, spec)
         res[f"exact E={E} P={P} skew={skew}"] = _max_err(got, want)
     # the operators' fake (meta) outputs against the real ones, as inductor's assert_size_stride checks them
-    for E, P in ((6, 1), (3, 2)):
-        spec, params = _block(E, P, 2.0, seed=seed)
+    for E, P, shared in ((6, 1, True), (3, 2, False)):
+        spec, params = _block(E, P, 2.0, shared=shared, seed=seed)
         res[f"fake E={E} P={P}"] = _fake_mismatches(torch.randn(tokens, H, generator=x_seed), params, spec)
     # token count 0 on one rank (a rank with nothing to send still takes part)
     spec, params = _block(6, 2, 8.0, seed=seed)
@@ -190,6 +192,20 @@ def _main_worker(rank, world, port, seed, out_dir):
             got = torch.compile(model, backend="dualsparse",
                                 options={"inner": "eager", "expert_parallel": True, "partition": 2})(ids).logits
         res["compiled olmoe"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
+        torch._dynamo.reset()  # shared experts (Qwen2-MoE's, gated): computed while the combine exchange is in flight
+        model = hf_model("qwen2_moe", seed=seed)
+        with torch.no_grad():
+            want = model(ids).logits
+            compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager", "expert_parallel": True})
+            got = compiled(ids).logits
+        res["compiled qwen2_moe"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
+        torch._dynamo.reset()  # inductor as the inner compiler (on CPU it does not check the fake outputs: the fake test does)
+        model = hf_model("olmoe", seed=seed)
+        with torch.no_grad():
+            want = model(ids).logits
+            got = torch.compile(model, backend="dualsparse", options={"expert_parallel": True, "partition": 2})(ids).logits
+        res["compiled inductor olmoe P=2"] = _max_err(got, want) + (
+            dsmoe_compiler.last_report().counters["expert_parallel"],)
     torch.save(res, os.path.join(out_dir, f"main_{rank}.pt"))
 
     # 5) mismatched rank: the last rank compiled a different partition -> every rank raises
@@ -314,7 +330,8 @@ def test_fake_outputs_match_the_real_ones(group_results):
 def test_compiled_graph_has_expert_parallel_and_matches(group_results):
     world, seed, results, _ = group_results
     for rank, res in enumerate(results):
-        for name in ("compiled eager P=2", "compiled aot_eager P=1") + (("compiled olmoe",) if world == 2 else ()):
+        for name in ("compiled eager P=2", "compiled aot_eager P=1") + (
+                ("compiled olmoe", "compiled qwen2_moe", "compiled inductor olmoe P=2") if world == 2 else ()):
             err, ok, fired = res[name]
             assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
             assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
