@@ -80,11 +80,12 @@ def launch(kernel, grid: tuple, tensors: tuple, scalars: tuple, constexprs: dict
     if not (FAST_LAUNCH and tensors[0].is_cuda):
         kernel[grid](*tensors, *scalars, **constexprs)
         return
-    key = (kernel, grid, scalars, tuple(constexprs.items()))
+    device = tensors[0].device.index  # a compiled binary is loaded per device
+    key = (kernel, grid, scalars, tuple(constexprs.items()), device)
     sig = signature(tensors)
     recorded = _RECORDED.get(key)
     if recorded is not None and recorded[1] == sig and not hooks_on():
-        stream = torch._C._cuda_getCurrentRawStream(tensors[0].device.index)
+        stream = torch._C._cuda_getCurrentRawStream(device)
         recorded[0].replay(stream, [t.data_ptr() for t in tensors])
         return
     k = Kernel(kernel, grid, scalars, constexprs)
