@@ -36,6 +36,7 @@ from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, cou
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
+from dsmoe_compiler.codegen.launch import INTERPRETED
 from dsmoe_compiler.codegen.launch import Kernel as _Kernel
 from dsmoe_compiler.codegen.launch import hooks_on as _hooks_on
 from dsmoe_compiler.codegen.launch import launch
@@ -46,7 +47,6 @@ from dsmoe_compiler.codegen.topk_route import keep_per_destination_kernel, topk_
 from dsmoe_compiler.ir import MoESpec
 
 BLOCK_PAIRS = 256  # pairs per program of the alignment kernels (1024 left 32 programs for 4096 tokens x 8)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FAST_LAUNCH = not INTERPRETED
 """Replay recorded kernels with raw pointers; off under the interpreter (benchmarks turn it off to compare)."""
 DROP_CODES = {"none": 0, "1t": 1, "2t": 2, "skip": 3, "topk": 4}

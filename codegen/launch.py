@@ -14,7 +14,9 @@ import os
 import torch
 from triton import knobs as _knobs
 
-FAST_LAUNCH = os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's interpreter runs the kernels, on CPU tensors (the tests)."""
+FAST_LAUNCH = not INTERPRETED
 """Replay recorded kernels (``dispatch.FAST_LAUNCH`` for the plans; off under the interpreter)."""
 
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.gather_combine import gather_combine, gather_combine_reference
+from dsmoe_compiler.codegen.launch import INTERPRETED
 from dsmoe_compiler.codegen.received_rows import halves_of_class, received_rows_reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import DropSpec, MoESpec
@@ -447,12 +448,8 @@ def _split_experts(ranges: tuple[int, ...], device) -> torch.Tensor:
     return (owner[0::2] != owner[1::2]).to(torch.int32)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # the kernels on CPU tensors (tests)
-
-
 def _fused(impl: str, x: torch.Tensor) -> bool:
-    return FUSED and impl == "triton" and (x.is_cuda or _interpreted())
+    return FUSED and impl == "triton" and (x.is_cuda or INTERPRETED)
 
 
 def _all_sent(keep, ep: EPSpec) -> bool:
@@ -575,7 +572,7 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
     label_offset = offset // 2 if ep.nested else offset  # labels: local experts, or local sub-experts
-    if impl == "triton" and (recv.is_cuda or _interpreted()) and spec.experts.layout == "fused":
+    if impl == "triton" and (recv.is_cuda or INTERPRETED) and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import labelled_rows, received_rows
 
         rows_spec, _ = _rows_spec(spec_json, ep.nested)
