@@ -98,8 +98,8 @@ def _drop_units(spec: MoESpec) -> tuple[float, int]:
 
 
 def drop_in_route_ok(spec: MoESpec) -> bool:
-    """The route kernel writes the keep mask of spec.drop (2t needs exactly the two halves of P = 2 partial)."""
-    return _fused_routing_ok(spec) and drop_per_destination_ok(spec)
+    """The route kernel writes the keep mask of spec.drop."""
+    return _fused_routing_ok(spec) and drop_rules_ok(spec)
 
 
 def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor, stats: torch.Tensor | None):
@@ -109,8 +109,9 @@ def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Ten
     return _route_kernel(x, params, spec, thresholds, stats)
 
 
-def drop_per_destination_ok(spec: MoESpec) -> bool:
-    """``keep_per_destination`` covers spec.drop (2t needs exactly the two halves of P = 2 partial)."""
+def drop_rules_ok(spec: MoESpec) -> bool:
+    """The kernels' drop rules (``topk_route._drop_slots``) cover spec.drop: 2t needs exactly the two halves of
+    P = 2 partial."""
     return spec.drop.mode != "none" and (spec.drop.mode != "2t" or _copies(spec) == 2)
 
 
@@ -118,7 +119,7 @@ def keep_per_destination(weights: torch.Tensor, index: torch.Tensor, spec: MoESp
                          owner: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
     """``ep.keep_per_destination`` in one launch: keep [T, K * copies] (uint8) of the routed weights [T, K] and
     expert ids [T, K] (int32), each pair judged with thresholds[owner[its sub-expert]] ([W, 2] fp32); with
-    stats, ``reference.record_drops`` too. Only where ``drop_per_destination_ok(spec)``."""
+    stats, ``reference.record_drops`` too. Only where ``drop_rules_ok(spec)``."""
     T, K = weights.shape
     copies = _copies(spec)
     keep = _empty((T, K * copies), torch.uint8, weights.device)
@@ -353,7 +354,7 @@ class _Plan:
         counts_len = 3 * E if self.nested else self.num_subs
         self.fused_route = fused_route
         # keep mask written by the route kernel (2t needs exactly the Major and Minor column blocks)
-        self.fused_drop = fused_route and drop_on and not keep_given and (spec.drop.mode != "2t" or expand == 2)
+        self.fused_drop = fused_route and drop_on and not keep_given and drop_rules_ok(spec)
         self.torch_drop = drop_on and not keep_given and not self.fused_drop
         self.has_keep = keep_given or drop_on
         self.stats_on = stats_on

@@ -405,7 +405,7 @@ def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, p
     if fused:
         from dsmoe_compiler.codegen import dispatch
 
-        if dispatch.drop_per_destination_ok(spec):
+        if dispatch.drop_rules_ok(spec):
             keep = dispatch.keep_per_destination(raw, experts, spec, thresholds, owner, block.stats)
             return keep.view(torch.bool), gathered_pre
     keep = keep_per_destination(raw, sub_experts(), spec, thresholds, owner)
