@@ -97,17 +97,31 @@ def scatter_kernel(index_ptr, keep_ptr, counts_ptr, rank_ptr, sorted_ptr, pairs,
 # [A, A + B + C). counts holds [A of every expert | B of every expert | C of every expert].
 
 @triton.jit
+def _kept_halves(keep_ptr, offs, valid, TOPK, HAS_KEEP: tl.constexpr):
+    """(Major kept, Minor kept) of the (token, slot) pairs offs = t * TOPK + j; keep columns: Major halves
+    0..TOPK-1, Minor halves TOPK..2 TOPK-1 of each token (all kept without HAS_KEEP)."""
+    major = valid
+    minor = valid
+    if HAS_KEEP:
+        column = (offs // TOPK) * (2 * TOPK) + offs % TOPK
+        major = valid & (tl.load(keep_ptr + column, mask=valid, other=0) != 0)
+        minor = valid & (tl.load(keep_ptr + column + TOPK, mask=valid, other=0) != 0)
+    return major, minor
+
+
+@triton.jit
+def _unit_class(major, minor):
+    """Class of a pair by the halves it keeps: 0 Major only, 1 both, 2 Minor only (meaningless when neither)."""
+    return tl.where(major & minor, 1, tl.where(major, 0, 2))
+
+
+@triton.jit
 def _nested_class(index_ptr, keep_ptr, rows, offs, E, TOPK, HAS_KEEP: tl.constexpr):
     """(counter = class * E + expert or -1 when nothing of the pair is kept, expert, class) of rows offs."""
     valid = offs < rows
     expert = tl.load(index_ptr + offs, mask=valid, other=0)
-    major = valid
-    minor = valid
-    if HAS_KEEP:  # keep columns: Major halves 0..TOPK-1, Minor halves TOPK..2 TOPK-1 of each token
-        column = (offs // TOPK) * (2 * TOPK) + offs % TOPK
-        major = valid & (tl.load(keep_ptr + column, mask=valid, other=0) != 0)
-        minor = valid & (tl.load(keep_ptr + column + TOPK, mask=valid, other=0) != 0)
-    cls = tl.where(major & minor, 1, tl.where(major, 0, 2))
+    major, minor = _kept_halves(keep_ptr, offs, valid, TOPK, HAS_KEEP)
+    cls = _unit_class(major, minor)
     return tl.where(major | minor, cls * E + expert, -1), expert, cls
 
 
@@ -177,20 +191,14 @@ def nested_units_kernel(experts_ptr, keep_ptr, split_ptr, group_ptr, n, TOPK,
     (3 e + 2) when split[e] puts it on another rank, else -1. keep [T, 2 TOPK]: Major halves, then Minor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    token = offs // TOPK
-    slot = offs % TOPK
     expert = tl.load(experts_ptr + offs, mask=valid, other=0)
-    major = valid
-    minor = valid
-    if HAS_KEEP:
-        major = valid & (tl.load(keep_ptr + token * 2 * TOPK + slot, mask=valid, other=0) != 0)
-        minor = valid & (tl.load(keep_ptr + token * 2 * TOPK + TOPK + slot, mask=valid, other=0) != 0)
+    major, minor = _kept_halves(keep_ptr, offs, valid, TOPK, HAS_KEEP)
     minor_apart = valid & (expert < 0)  # all false
     if HAS_SPLIT:
         split = tl.load(split_ptr + expert, mask=valid, other=0) != 0
         minor_apart = minor & split
         minor = minor & (split == 0)  # the Minor half travels with the Major one
-    cls = tl.where(major & minor, 1, tl.where(major, 0, 2))
-    out = token * 2 * TOPK + slot
+    cls = _unit_class(major, minor)
+    out = (offs // TOPK) * 2 * TOPK + offs % TOPK
     tl.store(group_ptr + out, tl.where(major | minor, 3 * expert + cls, -1), mask=valid)
     tl.store(group_ptr + out + TOPK, tl.where(minor_apart, 3 * expert + 2, -1), mask=valid)
