@@ -339,7 +339,7 @@ def _count(index: torch.Tensor, num_subs: int) -> torch.Tensor:
         0, index, torch.ones_like(index, dtype=torch.long))
 
 
-def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec, owner: torch.Tensor) -> torch.Tensor:
+def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec) -> torch.Tensor:
     """Row group of each (token, column) [T, 2K] under ``ep.nested`` (-1: nothing sent). Column j < K carries
     expert index[:, j] to the owner of its Major half, with both halves (group 3 e + 1) when that rank holds
     both and both were kept, else the one kept half it holds (3 e, or 3 e + 2); column K + j carries the Minor
@@ -349,7 +349,7 @@ def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec, owner: to
         return torch.cat([index * 3 + 1, nothing], dim=1)
     major, minor = (torch.ones_like(index, dtype=torch.bool),) * 2 if keep is None else keep.chunk(2, dim=1)
     if ep.splits_experts:
-        split = owner[index * 2] != owner[index * 2 + 1]
+        split = _split_experts(ep.ranges, index.device)[index] != 0
         minor_here, minor_apart = minor & ~split, minor & split
     else:
         minor_here, minor_apart = minor, None
@@ -429,7 +429,7 @@ def _route(x, params, spec: MoESpec, block, policy, fused: bool):
     return raw, experts, None
 
 
-def _groups(experts, sub_experts, keep, ep: EPSpec, owner, fused: bool = False) -> torch.Tensor:
+def _groups(experts, sub_experts, keep, ep: EPSpec, fused: bool = False) -> torch.Tensor:
     """The row group of every (token, column) [T, width]: its sub-expert (``sub_experts()``), or under
     ``ep.nested`` its unit's group (``_units``, or its kernel when ``fused``); -1 where nothing is sent."""
     if ep.nested and fused:
@@ -437,7 +437,7 @@ def _groups(experts, sub_experts, keep, ep: EPSpec, owner, fused: bool = False) 
 
         return nested_units(experts, keep, _split_experts(ep.ranges, experts.device) if ep.splits_experts else None)
     if ep.nested:
-        return _units(experts, keep, ep, owner)
+        return _units(experts, keep, ep)
     return sub_experts() if keep is None else torch.where(keep, sub_experts(), -1)
 
 
@@ -529,7 +529,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     if block is not None and keep is None:
         keep, gathered_pre = _drop(spec, ep, block, policy, raw, experts, sub_experts, pre, owner, group, clock,
                                    fused)
-    group_of = _groups(experts, sub_experts, keep, ep, owner, fused)
+    group_of = _groups(experts, sub_experts, keep, ep, fused)
     send, row, post = _send_order(x, group_of, keep, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)

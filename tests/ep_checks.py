@@ -25,9 +25,8 @@ def check_send_order(x, experts, keep, spec):
     """The kernels' groups and send order against torch's: the same group per (token, column), the same rows per
     group and entries unsent; every (token, column) comes back from a row that holds its token, inside its
     group's rows."""
-    owner = ep._rank_of(spec.ranges, x.device)
-    group_of = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=False)
-    group_f = ep._groups(experts, lambda: experts.long(), keep, spec, owner, fused=True)
+    group_of = ep._groups(experts, lambda: experts.long(), keep, spec, fused=False)
+    group_f = ep._groups(experts, lambda: experts.long(), keep, spec, fused=True)
     assert torch.equal(group_f.long(), group_of.long()), "the kernel's unit groups differ from torch's"
     for _ in range(2):  # on the GPU the second call replays the recorded launches (launch.py) on new buffers
         x = x.flip(0)
