@@ -339,9 +339,9 @@ class _Plan:
     def __init__(self, spec: MoESpec, T: int, dtype, device, topk: int, *, fused_route: bool, keep_given: bool,
                  drop_on: bool, stats_on: bool, weights_dtype=None):
         self.spec, self.device = spec, device
-        P, ex, r = spec.partition, spec.experts, spec.routing
+        P, r = spec.partition, spec.routing
         H, E = spec.hidden, spec.num_experts
-        expand = P if spec.transform == "partial" else 1
+        expand = _copies(spec)  # columns per routed slot: P under a partial transformation
         self.T, self.H, self.dtype = T, H, dtype
         self.num_subs, c = E * P, spec.intermediate // P
         self.pairs_per_token = topk * expand
