@@ -49,6 +49,7 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast (device README, g
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -119,6 +120,17 @@ def fit_bias(router: torch.Tensor, spec: MoESpec, target: torch.Tensor, tokens: 
 
 
 # ---- the layer ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    partition: int
+    mode: str
+    policy: str | None = None
+    nested: bool = True  # ep.NESTED_UNITS
+    fused: bool = True  # ep.FUSED
+    overlap: bool = True  # ep.SHARED_OVERLAP
+
+
 def make_spec(shape: dict, partition: int, mode: str, first: int, last: int, key: str = "") -> MoESpec:
     slots = ("router_weight", "router_bias", "gate_up", "down")
     if shape["shared"]:
@@ -231,20 +243,22 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
     group = dist.group.WORLD
     rows = []
     params_cache = {}
-    variants = [("none", 1, "none", None, True, True), ("none P=2", 2, "none", None, True, True),
-                ("2T uniform", 2, "2t", "uniform", True, True),
-                (f"2T load-aware ({args.policy})", 2, "2t", args.policy, True, True)]
+    variants = [Variant("none", 1, "none"), Variant("none P=2", 2, "none"), Variant("2T uniform", 2, "2t", "uniform"),
+                Variant(f"2T load-aware ({args.policy})", 2, "2t", args.policy)]
     if args.ab_nested:  # P = 2 with nested units (ep.NESTED_UNITS) on and off, alternating, in one process
-        variants = [row for _ in range(args.ab_nested) for row in [variants[0]] + [
-            (f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested, True)
+        variants = [v for _ in range(args.ab_nested) for v in [variants[0]] + [
+            Variant(f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested=nested)
             for name, mode, policy in (("none P=2", "none", None), ("2T uniform", "2t", "uniform"))
             for nested in (True, False)]]
     if args.ab_fused:  # the route and the local labels by kernels (ep.FUSED) or by torch ops, alternating
-        variants = [(f"{name}{'' if fused else ' torch-ops'}", P, mode, policy, True, fused)
-                    for _ in range(args.ab_fused) for name, P, mode, policy, _, _ in variants
-                    for fused in (True, False)]
-    for variant, P, mode, policy, nested, fused in variants:
-        ep.NESTED_UNITS, ep.FUSED = nested, fused
+        variants = [dataclasses.replace(v, name=f"{v.name}{'' if fused else ' torch-ops'}", fused=fused)
+                    for _ in range(args.ab_fused) for v in variants for fused in (True, False)]
+    if args.ab_shared:  # shared experts during the combine exchange (ep.SHARED_OVERLAP) or after it, alternating
+        variants = [dataclasses.replace(v, name=f"{v.name}{'' if overlap else ' shared-after'}", overlap=overlap)
+                    for _ in range(args.ab_shared) for v in variants[:3] for overlap in (True, False)]
+    for v in variants:
+        variant, P, mode, policy = v.name, v.partition, v.mode, v.policy
+        ep.NESTED_UNITS, ep.FUSED, ep.SHARED_OVERLAP = v.nested, v.fused, v.overlap
         first, last = ds_dist.local_expert_range(E, P, rank, world)
         if (first, last) not in params_cache:
             params_cache.clear()
@@ -359,6 +373,9 @@ def main():
     ap.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
                     help="the four variants, each with the EP route, drop and "
                          "local labels by kernels and by torch ops (DSMOE_EP_FUSED), alternating, ROUNDS times")
+    ap.add_argument("--ab-shared", type=int, default=0, metavar="ROUNDS",
+                    help="the first three variants, each with the shared experts run during the combine all_to_all "
+                         "and after its wait (DSMOE_EP_SHARED_OVERLAP), alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")

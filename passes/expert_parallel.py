@@ -94,10 +94,13 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
             local = graph.call_function(torch.ops.dualsparse.ep_experts.default,
                                         (recv, counts, params, spec_json, ep_json, impl))
             pending = graph.call_function(A2A, (local, send_splits, recv_splits, name))
+            shared_op = (torch.ops.dualsparse.ep_shared.default, (x, params, spec_json))
             shared = None  # the shared experts need no exchange: they run while the combine exchange is in flight
-            if spec.shared is not None:
-                shared = graph.call_function(torch.ops.dualsparse.ep_shared.default, (x, params, spec_json))
+            if spec.shared is not None and ep.SHARED_OVERLAP:
+                shared = graph.call_function(*shared_op)
             back = graph.call_function(WAIT, (pending,))
+            if spec.shared is not None and not ep.SHARED_OVERLAP:
+                shared = graph.call_function(*shared_op)
             out = graph.call_function(torch.ops.dualsparse.ep_combine.default,
                                       (x, back, row, weight, params, spec_json, ep_json, impl, shared))
         out.meta.update(node.meta)

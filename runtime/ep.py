@@ -128,6 +128,10 @@ FUSED = os.environ.get("DSMOE_EP_FUSED", "on") != "off"
 ``dispatch.group_rows`` and the received rows' labels by ``dispatch.received_rows``, instead of torch ops;
 "off" keeps the torch ops (for comparisons)."""
 
+SHARED_OVERLAP = os.environ.get("DSMOE_EP_SHARED_OVERLAP", "on") != "off"
+"""The shared experts run between the combine all_to_all and its wait, overlapping the exchange; "off" runs
+them after the wait (for comparisons: ``benchmarks/ep_nccl.py --ab-shared``)."""
+
 NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
 """P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
 once per sub-expert (for comparisons)."""
@@ -696,6 +700,9 @@ def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "refe
     recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
     y = ep_experts(recv, counts, params, spec_json, ep_json, impl)
     pending = torch.ops._c10d_functional.all_to_all_single(y, send_splits, recv_splits, name)
-    shared = ep_shared(x, params, spec_json) if parse_spec(spec_json).shared is not None else None  # overlaps it
+    has_shared = parse_spec(spec_json).shared is not None
+    shared = ep_shared(x, params, spec_json) if has_shared and SHARED_OVERLAP else None  # overlaps the exchange
     back = torch.ops._c10d_functional.wait_tensor(pending)
+    if has_shared and not SHARED_OVERLAP:
+        shared = ep_shared(x, params, spec_json)
     return ep_combine(x, back, row, weight, params, spec_json, ep_json, impl, shared)
