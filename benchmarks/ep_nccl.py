@@ -290,7 +290,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                                                   device, args.warmup, args.reps)
                 results["combine_ms"] = timed_ms(lambda: ds_dist.all_to_all(recv, send_splits, recv_splits, name),
                                                  device, args.warmup, args.reps)
-                if args.profile and variant == args.profile_variant:
+                if args.profile and variant in args.profile_variant:
                     profile_call(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
                 results["rows_sent"] = sum(send_splits)
                 results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
@@ -322,14 +322,19 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
 def profile_call(call, title, device, rank, calls=3, top=14):
     """Every rank profiles the same calls (collectives); rank 0 prints the top GPU kernels and CPU ops."""
     barrier(device)
+    start = time.perf_counter()
     with torch.profiler.profile() as prof:
         for _ in range(calls):
             call()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
     if rank != 0:
         return
     events = prof.key_averages()
+    gpu_ms = sum(getattr(ev, "self_device_time_total", 0) for ev in events) / 1e3 / calls
+    print(f"profile {title}: wall {wall_ms:.3f} ms per call (profiled), GPU busy {gpu_ms:.3f} ms per call "
+          "(kernel time summed; collectives included)")
     for label, key in (("GPU", "self_device_time_total"), ("CPU", "self_cpu_time_total")):
         rows = sorted(((getattr(ev, key, 0) / 1e3 / calls, ev.count // calls, ev.key[:70]) for ev in events), reverse=True)
         print(f"profile {title}: {label} ms per call (self), top {top}")
@@ -366,7 +371,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts: a CPU smoke run")
     ap.add_argument("--profile", action="store_true", help="profile one variant: top kernels and CPU ops")
-    ap.add_argument("--profile-variant", default="none", help="the variant --profile profiles (default: none)")
+    ap.add_argument("--profile-variant", nargs="+", default=["none"], help="the variants --profile profiles (default: none)")
     ap.add_argument("--ab-nested", type=int, default=0, metavar="ROUNDS",
                     help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
                          "on and off (DSMOE_EP_NESTED), alternating, ROUNDS times")
