@@ -285,6 +285,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                 send, _, _, counts = ep.ep_route(x, params, spec_json, ep_json, impl)
                 send_splits, recv_splits = ep.splits(counts, ep_json)
                 name = ds_dist.group_name(group)
+                send = ep.sent_rows(send, send_splits)
                 recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
                 results["dispatch_ms"] = timed_ms(lambda: ds_dist.all_to_all(send, recv_splits, send_splits, name),
                                                   device, args.warmup, args.reps)

@@ -8,7 +8,8 @@ Replacement (``runtime/ep.py`` documents each step)::
 
     send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)
     send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
-    recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(send, recv_splits, send_splits, group))
+    sent = ep.sent_rows(send, send_splits)                 # the first sum(send_splits) rows (a view)
+    recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(sent, recv_splits, send_splits, group))
     y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
     pending = _c10d_functional.all_to_all_single(y_local, send_splits, recv_splits, group)
     shared = dualsparse.ep_shared(x, params, spec)          # with shared experts: overlaps the combine exchange
@@ -90,7 +91,8 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
             send, row, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
             sizes = graph.call_function(ep.splits, (counts, ep_json))
             send_splits, recv_splits = (graph.call_function(operator.getitem, (sizes, i)) for i in range(2))
-            recv = graph.call_function(WAIT, (graph.call_function(A2A, (send, recv_splits, send_splits, name)),))
+            sent = graph.call_function(ep.sent_rows, (send, send_splits))
+            recv = graph.call_function(WAIT, (graph.call_function(A2A, (sent, recv_splits, send_splits, name)),))
             local = graph.call_function(torch.ops.dualsparse.ep_experts.default,
                                         (recv, counts, params, spec_json, ep_json, impl))
             pending = graph.call_function(A2A, (local, send_splits, recv_splits, name))

@@ -10,7 +10,7 @@ The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualspar
 
     send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)  # route, drop, sort by sub-expert
     send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
-    recv = all_to_all_single(send, recv_splits, send_splits, group)          # dispatch (functional collective)
+    recv = all_to_all_single(send[:sum(send_splits)], recv_splits, send_splits, group)  # dispatch (functional)
     y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
     pending = all_to_all_single(y, send_splits, recv_splits, group)          # combine, in flight while
     shared = dualsparse.ep_shared(x, params, spec)                           # the shared experts run (if any)
@@ -19,7 +19,8 @@ The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualspar
 ``row`` [T, K'] says where each (token, slot) comes back: its row of ``back`` (the send order), or -1 when
 it was dropped; ``weight`` [T, K'] is its routing weight. The combine gathers, weights and sums those rows
 in fp32 (``codegen/gather_combine.py`` on the GPU). Host synchronisations per block: the split sizes (one
-``.tolist()``) and, with dropping, the kept count.
+``.tolist()``), dropping or not: ``send`` has room for every pair, and the exchange sends its first
+sum(send_splits) rows (``sent_rows``).
 
 Semantics: equal to ``reference.moe`` on each rank's x (dropping off: up to the summation order;
 dropping on: with uniform thresholds, the same kept pairs as ``reference.keep_mask``). A dropped
@@ -456,43 +457,40 @@ def _fused(impl: str, x: torch.Tensor) -> bool:
     return FUSED and impl == "triton" and (x.is_cuda or INTERPRETED)
 
 
-def _all_sent(keep, ep: EPSpec) -> bool:
-    """Every pair is sent, whole: the number of rows is known on the host (under nesting: column j < K of every
-    token; the Minor-alone columns K.. are empty)."""
-    return keep is None and not ep.splits_experts
+def rows_bound(tokens: int, width: int, ep: EPSpec) -> int:
+    """The most rows a rank can send: one per (token, column), or under nesting with no expert split across
+    ranks one per (token, slot) (the Minor-alone columns K.. stay empty). The send buffer has this many rows;
+    the exchange sends the first sum(send splits) of them (``sent_rows``)."""
+    return tokens * (width // 2 if ep.nested and not ep.splits_experts else width)
 
 
-def _sent(group_of: torch.Tensor, keep, ep: EPSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat (token, column) ids of the rows sent, their groups). Known without the host when every pair is
-    sent; otherwise read from the device (one host sync)."""
+def _send_order(x, group_of: torch.Tensor, ep: EPSpec, fused: bool):
+    """(send [rows_bound, H]: the rows in send order, by group, valid for the first sum(rows per group); row
+    [T, width] int32: each (token, column)'s row of send, -1 if nothing was sent; rows per group [groups]
+    (long)). No host synchronisation: how many rows are sent stays on the device."""
     T, width = group_of.shape
-    flat_group = group_of.reshape(-1)
-    if _all_sent(keep, ep):
-        sent = width // 2 if ep.nested else width
-        column = (torch.arange(T, device=group_of.device)[:, None] * width
-                  + torch.arange(sent, device=group_of.device)).reshape(-1)
-        return column, (flat_group[column] if ep.nested else flat_group)
-    column = (flat_group >= 0).nonzero().squeeze(1)  # NOTE: host sync (the row count): dropping, or split experts
-    return column, flat_group[column]
-
-
-def _send_order(x, group_of: torch.Tensor, keep, ep: EPSpec, fused: bool):
-    """(send [rows, H]: the rows in send order, by group; row [T, width] int32: each (token, column)'s row of
-    send, -1 if nothing was sent; rows per group [groups] (long))."""
+    bound = rows_bound(T, width, ep)
     if fused:
         from dsmoe_compiler.codegen.dispatch import group_rows
+        from dsmoe_compiler.codegen.gather_rows import gather_rows
 
         token, post, row = group_rows(group_of, ep.groups)
-        width = group_of.shape[1]
-        n = group_of.shape[0] * (width // 2 if ep.nested else width) if _all_sent(keep, ep) else \
-            int(post.sum())  # NOTE: host sync (the number of rows): dropping, or split experts
-        return x.index_select(0, token[:n]), row, post.long()
-    column, flat_group = _sent(group_of, keep, ep)
-    post = _count(flat_group, ep.groups)
-    column = column[torch.argsort(flat_group, stable=True)]  # the rows in send order: by group
-    row = torch.full((group_of.numel(),), -1, dtype=torch.int32, device=x.device)
-    row[column] = torch.arange(column.numel(), dtype=torch.int32, device=x.device)
-    return x[column // group_of.shape[1]], row.view(group_of.shape), post
+        return gather_rows(x, token, post, bound), row, post.long()
+    flat = group_of.reshape(-1)
+    sent = flat >= 0
+    order = torch.argsort(torch.where(sent, flat, ep.groups), stable=True)[:bound]  # sent first, by group
+    row = torch.full_like(flat, -1, dtype=torch.int32)
+    row[order] = torch.where(sent[order], torch.arange(bound, dtype=torch.int32, device=x.device), -1)
+    post = torch.zeros(ep.groups, dtype=torch.long, device=x.device).index_add_(0, flat.clamp(min=0), sent.long())
+    return x[order // width], row.view(T, width), post  # rows past the sent ones: copies of unsent entries' tokens
+
+
+def sent_rows(send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
+    """The rows of the send buffer that the exchange sends: the first sum(send_splits) (a view)."""
+    n = sum(send_splits)
+    torch._check(n >= 0)
+    torch._check(n <= send.shape[0])
+    return send.narrow(0, 0, n)
 
 
 def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) -> torch.Tensor:
@@ -534,7 +532,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
         keep, gathered_pre = _drop(spec, ep, block, policy, raw, experts, sub_experts, pre, owner, group, clock,
                                    fused)
     group_of = _groups(experts, sub_experts, keep, ep, fused)
-    send, row, post = _send_order(x, group_of, keep, ep, fused)
+    send, row, post = _send_order(x, group_of, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)
     clock.mark("gather3")
@@ -547,7 +545,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
 
 def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
     """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange), the
-    block's only one without dropping (and without nesting)."""
+    block's only one."""
     ep = parse_ep(ep_json)
     b, mine = ep.group_ranges, counts[ep.rank]  # (a graph node: traced with fake tensors, so no cached constants)
     send = torch.stack([mine[b[r]:b[r + 1]].sum() for r in range(ep.world)])
@@ -650,10 +648,9 @@ def pairs_per_token(spec: MoESpec) -> int:
 @ep_route.register_fake
 def _(x, params, spec, ep, impl="reference"):
     s, e = parse_spec(spec), parse_ep(ep)
-    n = torch.library.get_ctx().new_dynamic_size()
     wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
     T, K = _flat(x).shape[0], pairs_per_token(s)
-    return (x.new_empty(n, x.shape[-1]), x.new_empty(T, K, dtype=torch.int32), x.new_empty(T, K, dtype=wdtype),
+    return (x.new_empty(rows_bound(T, K, e), x.shape[-1]), x.new_empty(T, K, dtype=torch.int32), x.new_empty(T, K, dtype=wdtype),
             x.new_empty(e.world, e.groups, dtype=torch.long))  # counts per row group (nested units: 3 E of them)
 
 
@@ -697,7 +694,7 @@ def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "refe
     send, row, weight, counts = ep_route(x, params, spec_json, ep_json, impl)
     send_splits, recv_splits = splits(counts, ep_json)
     name = parse_ep(ep_json).group
-    recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
+    recv = ds_dist.all_to_all(sent_rows(send, send_splits), recv_splits, send_splits, name)
     y = ep_experts(recv, counts, params, spec_json, ep_json, impl)
     pending = torch.ops._c10d_functional.all_to_all_single(y, send_splits, recv_splits, name)
     has_shared = parse_spec(spec_json).shared is not None

@@ -30,10 +30,11 @@ def check_send_order(x, experts, keep, spec):
     assert torch.equal(group_f.long(), group_of.long()), "the kernel's unit groups differ from torch's"
     for _ in range(2):  # on the GPU the second call replays the recorded launches (launch.py) on new buffers
         x = x.flip(0)
-        send_f, row_f, post_f = ep._send_order(x, group_f, keep, spec, fused=True)
-    send_t, row_t, post_t = ep._send_order(x, group_of, keep, spec, fused=False)
+        send_f, row_f, post_f = ep._send_order(x, group_f, spec, fused=True)
+    send_t, row_t, post_t = ep._send_order(x, group_of, spec, fused=False)
     assert post_f.tolist() == post_t.tolist() and post_f.dtype == post_t.dtype
-    assert send_f.shape == send_t.shape and row_f.shape == row_t.shape
+    assert send_f.shape == send_t.shape == (ep.rows_bound(*row_f.shape, spec), x.shape[1])
+    assert row_f.shape == row_t.shape
     assert ((row_f < 0) == (row_t < 0)).all()
     live = row_f >= 0
     tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(row_f)

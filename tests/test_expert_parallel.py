@@ -82,7 +82,7 @@ def _fake_mismatches(x, params, spec) -> list[str]:
     spec_json, ep_json = spec.to_json(), _ep_json(spec)
     send, row, weight, counts = real_route = ops.ep_route(x, params, spec_json, ep_json)
     send_splits, recv_splits = ep.splits(counts, ep_json)
-    recv = ep.ds_dist.all_to_all(send, recv_splits, send_splits, ep.parse_ep(ep_json).group)
+    recv = ep.ds_dist.all_to_all(ep.sent_rows(send, send_splits), recv_splits, send_splits, ep.parse_ep(ep_json).group)
     real_local = ops.ep_experts(recv, counts, params, spec_json, ep_json)
     real_out = ops.ep_combine(x, torch.zeros_like(send), row, weight, params, spec_json, ep_json)
     real_shared = [ops.ep_shared(x, params, spec_json)] if spec.shared is not None else []

@@ -479,6 +479,28 @@ def test_group_rows_puts_entries_in_group_order(T, width, groups, dead):
 
 
 @pytestmark_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H,groups,sent,bound", [(50, 48, 7, 130, 200), (9, 1000, 384, 0, 36), (30, 64, 5, 120, 120)])
+def test_gather_rows_copies_the_sent_rows_only(dtype, T, H, groups, sent, bound):
+    """EP's send buffer (``gather_rows``): rows r < n = sum(counts) (read by the kernel on the device) hold
+    x[token[r]] exactly; rows n.. of the NaN-poisoned buffer are left alone, even where token has junk there.
+    Some rows sent, none, every row of the buffer; H over and under the column block."""
+    from dsmoe_compiler.codegen.gather_rows import gather_rows, gather_rows_reference
+
+    g = torch.Generator().manual_seed(T + H + sent)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    counts = torch.zeros(groups, dtype=torch.int32)
+    counts.index_add_(0, torch.randint(0, groups, (sent,), generator=g), torch.ones(sent, dtype=torch.int32))
+    token = torch.randint(0, T, (bound,), generator=g, dtype=torch.int32)
+    token[sent:] = 1 << 30  # junk past the sent rows: reading it would fault or fill rows
+    out = torch.full((bound, H), float("nan"), dtype=dtype)
+    send = gather_rows(x, token, counts, bound, out=out)
+    assert send.data_ptr() == out.data_ptr()
+    assert torch.equal(send[:sent], gather_rows_reference(x, token, counts))
+    assert send[sent:].isnan().all(), "rows past the sent ones were written"
+
+
+@pytestmark_case
 @pytest.mark.parametrize("nested,split,drop", [(False, False, False), (False, False, True), (True, False, False),
                                                (True, True, False), (True, True, True)])
 def test_ep_send_order_fused_matches_torch(nested, split, drop):
