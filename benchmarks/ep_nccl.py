@@ -129,6 +129,7 @@ class Variant:
     nested: bool = True  # ep.NESTED_UNITS
     fused: bool = True  # ep.FUSED
     overlap: bool = True  # ep.SHARED_OVERLAP
+    read_count: bool = False  # ep.READ_ROW_COUNT
 
 
 def make_spec(shape: dict, partition: int, mode: str, first: int, last: int, key: str = "") -> MoESpec:
@@ -256,9 +257,12 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
     if args.ab_shared:  # shared experts during the combine exchange (ep.SHARED_OVERLAP) or after it, alternating
         variants = [dataclasses.replace(v, name=f"{v.name}{'' if overlap else ' shared-after'}", overlap=overlap)
                     for _ in range(args.ab_shared) for v in variants[:3] for overlap in (True, False)]
+    if args.ab_sync:  # the row count read on the host as before (ep.READ_ROW_COUNT) or not, alternating
+        variants = [dataclasses.replace(v, name=f"{v.name}{' host-count' if read else ''}", read_count=read)
+                    for _ in range(args.ab_sync) for v in variants for read in (False, True)]
     for v in variants:
         variant, P, mode, policy = v.name, v.partition, v.mode, v.policy
-        ep.NESTED_UNITS, ep.FUSED, ep.SHARED_OVERLAP = v.nested, v.fused, v.overlap
+        ep.NESTED_UNITS, ep.FUSED, ep.SHARED_OVERLAP, ep.READ_ROW_COUNT = v.nested, v.fused, v.overlap, v.read_count
         first, last = ds_dist.local_expert_range(E, P, rank, world)
         if (first, last) not in params_cache:
             params_cache.clear()
@@ -382,6 +386,9 @@ def main():
     ap.add_argument("--ab-shared", type=int, default=0, metavar="ROUNDS",
                     help="the first three variants, each with the shared experts run during the combine all_to_all "
                          "and after its wait (DSMOE_EP_SHARED_OVERLAP), alternating, ROUNDS times")
+    ap.add_argument("--ab-sync", type=int, default=0, metavar="ROUNDS",
+                    help="the four variants, each without and with a host read of the number of rows sent "
+                         "(DSMOE_EP_READ_ROW_COUNT, the sync the send buffer used to need), alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")

@@ -129,6 +129,10 @@ FUSED = os.environ.get("DSMOE_EP_FUSED", "on") != "off"
 ``dispatch.group_rows`` and the received rows' labels by ``dispatch.received_rows``, instead of torch ops;
 "off" keeps the torch ops (for comparisons)."""
 
+READ_ROW_COUNT = os.environ.get("DSMOE_EP_READ_ROW_COUNT", "off") == "on"
+"""Read the number of rows sent on the host, as the route did before its send buffer had room for every pair
+(a host sync with dropping; only to time that sync: ``benchmarks/ep_nccl.py --ab-sync``)."""
+
 SHARED_OVERLAP = os.environ.get("DSMOE_EP_SHARED_OVERLAP", "on") != "off"
 """The shared experts run between the combine all_to_all and its wait, overlapping the exchange; "off" runs
 them after the wait (for comparisons: ``benchmarks/ep_nccl.py --ab-shared``)."""
@@ -475,6 +479,8 @@ def _send_order(x, group_of: torch.Tensor, ep: EPSpec, fused: bool):
         from dsmoe_compiler.codegen.gather_rows import gather_rows
 
         token, post, row = group_rows(group_of, ep.groups)
+        if READ_ROW_COUNT:
+            int(post.sum())
         return gather_rows(x, token, post, bound), row, post.long()
     flat = group_of.reshape(-1)
     sent = flat >= 0
