@@ -297,6 +297,8 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                                                  device, args.warmup, args.reps)
                 if args.profile and variant in args.profile_variant:
                     profile_call(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
+                if args.host_profile and variant in args.profile_variant:
+                    host_profile(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
                 results["rows_sent"] = sum(send_splits)
                 results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
                 del send, recv
@@ -347,6 +349,32 @@ def profile_call(call, title, device, rank, calls=3, top=14):
             print(f"  {ms:8.3f}  x{count:<4d} {name}")
 
 
+def host_profile(call, title, device, rank, calls=20, top=25):
+    """Every rank runs the same calls under cProfile; rank 0 prints the functions with the most own host time."""
+    import cProfile
+    import io
+    import pstats
+
+    barrier(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    prof.disable()
+    if rank != 0:
+        return
+    for order, restrict, label in (("tottime", (), "own time"), ("cumulative", ("dsmoe_compiler|/runtime/|/codegen/",),
+                                                                   "cumulative time, the project's functions")):
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats(order).print_stats(*restrict, top)
+        body = [line for line in out.getvalue().splitlines() if line.strip()]
+        body = body[next(i for i, line in enumerate(body) if "ncalls" in line):]
+        print(f"host profile {title}: {stats.total_tt * 1e3 / calls:.3f} ms per call (cProfile), {calls} calls, "
+              f"top {top} by {label}")
+        print("\n".join(line.replace(os.path.dirname(os.path.dirname(os.__file__)), "") for line in body))
+
+
 def table(rows) -> str:
     lines = ["| shape | routing | tokens/rank | variant | drop rate | load per rank (pairs) | max/mean | "
              "MoE ms (max rank) | vs none | dispatch ms | combine ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -376,6 +404,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts: a CPU smoke run")
     ap.add_argument("--profile", action="store_true", help="profile one variant: top kernels and CPU ops")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile the --profile-variant variants")
     ap.add_argument("--profile-variant", nargs="+", default=["none"], help="the variants --profile profiles (default: none)")
     ap.add_argument("--ab-nested", type=int, default=0, metavar="ROUNDS",
                     help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
