@@ -299,6 +299,8 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                     profile_call(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
                 if args.host_profile and variant in args.profile_variant:
                     host_profile(call, f"{shape_name} {routing} T={tokens} {variant}", device, rank)
+                    host_split(x, params, spec_json, ep_json, impl, f"{shape_name} {routing} T={tokens} {variant}",
+                               device, rank)
                 results["rows_sent"] = sum(send_splits)
                 results["rows_sent_remote"] = sum(send_splits) - send_splits[rank]
                 del send, recv
@@ -373,6 +375,41 @@ def host_profile(call, title, device, rank, calls=20, top=25):
         print(f"host profile {title}: {stats.total_tt * 1e3 / calls:.3f} ms per call (cProfile), {calls} calls, "
               f"top {top} by {label}")
         print("\n".join(line.replace(os.path.dirname(os.path.dirname(os.__file__)), "") for line in body))
+
+
+def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=30):
+    """Host time of each EP operator, through the dispatcher (torch.ops) and called directly (``ep.route``,
+    ...): the device synchronised before each call, the host clock stopped when the call returns (its
+    launches, not its kernels). Every rank makes the same calls; rank 0 prints medians in µs."""
+    ops, name = torch.ops.dualsparse, ep.parse_ep(ep_json).group
+    send, row, weight, counts = ep.ep_route(x, params, spec_json, ep_json, impl)
+    send_splits, recv_splits = ep.splits(counts, ep_json)
+    recv = ds_dist.all_to_all(ep.sent_rows(send, send_splits), recv_splits, send_splits, name)
+    back = ds_dist.all_to_all(ep.ep_experts(recv, counts, params, spec_json, ep_json, impl), send_splits, recv_splits,
+                              name)
+    steps = {"ep_route": (lambda: ops.ep_route(x, params, spec_json, ep_json, impl),
+                          lambda: ep.route(x, params, spec_json, ep_json, impl)),
+             "splits": (lambda: ep.splits(counts, ep_json),) * 2,
+             "ep_experts": (lambda: ops.ep_experts(recv, counts, params, spec_json, ep_json, impl),
+                            lambda: ep.local_experts(recv, counts, params, spec_json, ep_json, impl)),
+             "ep_combine": (lambda: ops.ep_combine(x, back, row, weight, params, spec_json, ep_json, impl),
+                            lambda: ep.combine(x, back, row, weight, params, spec_json, ep_json, impl))}
+    medians = {}
+    for step, fns in steps.items():
+        for how, fn in zip(("op", "direct"), fns):
+            times = []
+            for _ in range(calls):
+                barrier(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            medians[(step, how)] = statistics.median(times)
+    if rank == 0:
+        print(f"host split {title}: µs per call, host only (op = through torch.ops; direct = the Python function)")
+        for step in steps:
+            print(f"  {step:12s} op {medians[(step, 'op')]:8.1f}   direct {medians[(step, 'direct')]:8.1f}")
 
 
 def table(rows) -> str:
