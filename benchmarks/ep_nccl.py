@@ -394,6 +394,8 @@ def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=3
                             lambda: ep.local_experts(recv, counts, params, spec_json, ep_json, impl)),
              "ep_combine": (lambda: ops.ep_combine(x, back, row, weight, params, spec_json, ep_json, impl),
                             lambda: ep.combine(x, back, row, weight, params, spec_json, ep_json, impl))}
+    group, post = ds_dist.group_by_name(name), counts[ep.parse_ep(ep_json).rank]
+    steps["all-gather"] = (lambda: ds_dist.all_gather_rows(post, group), lambda: ds_dist.all_gather_rows_c10d(post, group))
     medians = {}
     for step, fns in steps.items():
         for how, fn in zip(("op", "direct"), fns):
@@ -407,7 +409,8 @@ def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=3
                 times.append((time.perf_counter() - t0) * 1e6)
             medians[(step, how)] = statistics.median(times)
     if rank == 0:
-        print(f"host split {title}: µs per call, host only (op = through torch.ops; direct = the Python function)")
+        print(f"host split {title}: µs per call, host only (op = through torch.ops; direct = the Python function; "
+              "all-gather: op = functional, direct = c10d)")
         for step in steps:
             print(f"  {step:12s} op {medians[(step, 'op')]:8.1f}   direct {medians[(step, 'direct')]:8.1f}")
 
