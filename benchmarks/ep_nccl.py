@@ -395,7 +395,7 @@ def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=3
              "ep_combine": (lambda: ops.ep_combine(x, back, row, weight, params, spec_json, ep_json, impl),
                             lambda: ep.combine(x, back, row, weight, params, spec_json, ep_json, impl))}
     group, post = ds_dist.group_by_name(name), counts[ep.parse_ep(ep_json).rank]
-    steps["all-gather"] = (lambda: ds_dist.all_gather_rows(post, group), lambda: ds_dist.all_gather_rows_c10d(post, group))
+    steps["all-gather"] = (lambda: ds_dist.all_gather_functional(post, group), lambda: ds_dist.all_gather_rows(post, group))
     medians = {}
     for step, fns in steps.items():
         for how, fn in zip(("op", "direct"), fns):

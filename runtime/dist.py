@@ -169,23 +169,22 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
 
 
 def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """[W, *t.shape]: every rank's t (the functional collective and its wait; used inside the opaque EP
-    operators). The c10d Python call ``dist.all_gather_into_tensor`` took ~0.5 ms of host time per call on
-    2 x H200 (``benchmarks/ep_nccl.py --host-profile``, README "Multi-GPU benchmark")."""
-    world = dist.get_world_size(group)
-    flat = t.contiguous().view(-1)
-    out = torch.ops._c10d_functional.all_gather_into_tensor(flat, world, group_name(group))
-    return funcol.wait_tensor(out).view(world, *t.shape)
-
-
-def all_gather_rows_c10d(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``all_gather_rows`` through the c10d Python call (for ``benchmarks/ep_nccl.py``'s host-time comparison)."""
+    """[W, *t.shape]: every rank's t (blocking c10d call; used inside the opaque EP operators). The c10d call
+    took 40-90 µs of host time on 2 x H200, the functional collective with its wait 75-156 µs
+    (``all_gather_functional``; ``benchmarks/ep_nccl.py --host-profile``, README "Multi-GPU benchmark")."""
     world = dist.get_world_size(group)
     flat = t.contiguous().view(-1)
     out = flat.new_empty(world * flat.numel())
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, flat, group=group)
     return out.view(world, *t.shape)
+
+
+def all_gather_functional(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``all_gather_rows`` through the functional collective and its wait (for ``ep_nccl.py``'s host times)."""
+    world = dist.get_world_size(group)
+    out = torch.ops._c10d_functional.all_gather_into_tensor(t.contiguous().view(-1), world, group_name(group))
+    return funcol.wait_tensor(out).view(world, *t.shape)
 
 
 def fingerprint(text: str) -> int:
