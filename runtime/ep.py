@@ -638,11 +638,28 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
 
 
 # ---- as custom ops (opaque to dynamo / AOT / inductor; data-dependent sizes are unbacked) ---------------
-@torch.library.custom_op("dualsparse::ep_route", mutates_args=())
-def ep_route(x: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference"
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    send, row, weight, counts = route(x, params, spec, ep, impl)
-    return send, row, weight, counts
+# Registered through torch.library.Library, as ``dualsparse::moe`` is (``ops.py``): @custom_op's Python wrapper
+# (autograd, aliasing checks) cost 40-105 us per call on the 2 x H200 host against the function called
+# directly (``benchmarks/ep_nccl.py --host-profile``), four times per EP block. Inference only; no output
+# aliases an input (``test_expert_parallel.py::test_fake_outputs_match_the_real_ones`` checks).
+_LIB = torch.library.Library("dualsparse", "FRAGMENT")
+_LIB.define("ep_route(Tensor x, Tensor[] params, str spec, str ep, str impl='reference') "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("ep_experts(Tensor recv, Tensor counts, Tensor[] params, str spec, str ep, str impl='reference') -> Tensor")
+_LIB.define("ep_combine(Tensor x, Tensor back, Tensor row, Tensor weight, Tensor[] params, str spec, str ep, "
+            "str impl='reference', Tensor? shared=None) -> Tensor")
+_LIB.define("ep_shared(Tensor x, Tensor[] params, str spec) -> Tensor")
+
+
+def _shared_experts(x, params, spec):
+    """The shared experts on this rank's tokens [T, H] (they need no exchange: the graph runs them while the
+    combine all_to_all is in flight, and ``ep_combine`` adds them)."""
+    return reference.shared_experts(_flat(x), params, parse_spec(spec)).contiguous()
+
+
+for _name, _fn in (("ep_route", route), ("ep_experts", local_experts), ("ep_combine", combine),
+                   ("ep_shared", _shared_experts)):
+    _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
 def pairs_per_token(spec: MoESpec) -> int:
@@ -651,48 +668,33 @@ def pairs_per_token(spec: MoESpec) -> int:
     return spec.top_k * (spec.partition if spec.transform in ("complete", "partial") else 1)
 
 
-@ep_route.register_fake
+@torch.library.register_fake("dualsparse::ep_route")
 def _(x, params, spec, ep, impl="reference"):
     s, e = parse_spec(spec), parse_ep(ep)
     wdtype = torch.float32 if s.routing.weights_fp32 else x.dtype
     T, K = _flat(x).shape[0], pairs_per_token(s)
-    return (x.new_empty(rows_bound(T, K, e), x.shape[-1]), x.new_empty(T, K, dtype=torch.int32), x.new_empty(T, K, dtype=wdtype),
+    return (x.new_empty(rows_bound(T, K, e), x.shape[-1]), x.new_empty(T, K, dtype=torch.int32),
+            x.new_empty(T, K, dtype=wdtype),
             x.new_empty(e.world, e.groups, dtype=torch.long))  # counts per row group (nested units: 3 E of them)
 
 
-@torch.library.custom_op("dualsparse::ep_experts", mutates_args=())
-def ep_experts(recv: torch.Tensor, counts: torch.Tensor, params: list[torch.Tensor], spec: str, ep: str,
-               impl: str = "reference") -> torch.Tensor:
-    return local_experts(recv, counts, params, spec, ep, impl)
-
-
-@ep_experts.register_fake
+@torch.library.register_fake("dualsparse::ep_experts")
 def _(recv, counts, params, spec, ep, impl="reference"):
     return torch.empty_like(recv)
 
 
-@torch.library.custom_op("dualsparse::ep_combine", mutates_args=())
-def ep_combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torch.Tensor,
-               params: list[torch.Tensor], spec: str, ep: str, impl: str = "reference",
-               shared: torch.Tensor | None = None) -> torch.Tensor:
-    return combine(x, back, row, weight, params, spec, ep, impl, shared)
-
-
-@ep_combine.register_fake
+@torch.library.register_fake("dualsparse::ep_combine")
 def _(x, back, row, weight, params, spec, ep, impl="reference", shared=None):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dualsparse::ep_shared", mutates_args=())
-def ep_shared(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Tensor:
-    """The shared experts on this rank's tokens [T, H] (they need no exchange: the graph runs them while the
-    combine all_to_all is in flight, and ``ep_combine`` adds them)."""
-    return reference.shared_experts(_flat(x), params, parse_spec(spec)).contiguous()
-
-
-@ep_shared.register_fake
+@torch.library.register_fake("dualsparse::ep_shared")
 def _(x, params, spec):
     return x.new_empty(_flat(x).shape)
+
+
+ep_route, ep_experts = torch.ops.dualsparse.ep_route, torch.ops.dualsparse.ep_experts
+ep_combine, ep_shared = torch.ops.dualsparse.ep_combine, torch.ops.dualsparse.ep_shared
 
 
 def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:

@@ -72,7 +72,8 @@ def _max_err(a, b):
 
 def _fake_mismatches(x, params, spec) -> list[str]:
     """Where the EP operators' fake implementations disagree with their real outputs in dtype, static sizes or
-    static strides (a data-dependent size is symbolic in the fake and not compared)."""
+    static strides (a data-dependent size is symbolic in the fake and not compared), and real outputs that
+    alias an input."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -95,6 +96,11 @@ def _fake_mismatches(x, params, spec) -> list[str]:
         fake_out = ops.ep_combine(fake(x), fake(send), fake(row), fake(weight), fparams, spec_json, ep_json)
         fake_shared = [ops.ep_shared(fake(x), fparams, spec_json)] if spec.shared is not None else []
     bad = []
+    inputs = {t.untyped_storage().data_ptr() for t in [x, recv, send, *params] if t.numel()}
+    for name, reals in (("ep_route", real_route), ("ep_experts", [real_local]), ("ep_combine", [real_out]),
+                        ("ep_shared", real_shared)):  # Library-defined ops: nothing checks this at run time
+        bad += [f"{name} output {i} aliases an input" for i, r in enumerate(reals)
+                if r.numel() and r.untyped_storage().data_ptr() in inputs]
     for name, reals, fakes in (("ep_route", real_route, fake_route), ("ep_experts", [real_local], [fake_local]),
                                ("ep_combine", [real_out], [fake_out]), ("ep_shared", real_shared, fake_shared)):
         for i, (r, f) in enumerate(zip(reals, fakes)):
