@@ -569,7 +569,8 @@ def _rows_spec(spec_json: str, nested: bool) -> tuple[MoESpec, int]:
     return held.replace(transform="partial" if nested else "complete", top_k=1, drop=DropSpec()), offset
 
 
-def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: str, ep_json: str, impl: str):
+def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: str, ep_json: str,
+                  impl: str = "reference"):
     """Unweighted outputs of the local sub-experts on the received rows (by source rank, then group). Under
     ``ep.nested`` a row's output sums the neuron halves its group names."""
     spec, ep = parse_spec(spec_json), parse_ep(ep_json)

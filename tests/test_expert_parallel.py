@@ -85,7 +85,8 @@ def _fake_mismatches(x, params, spec) -> list[str]:
     send_splits, recv_splits = ep.splits(counts, ep_json)
     recv = ep.ds_dist.all_to_all(ep.sent_rows(send, send_splits), recv_splits, send_splits, ep.parse_ep(ep_json).group)
     real_local = ops.ep_experts(recv, counts, params, spec_json, ep_json)
-    real_out = ops.ep_combine(x, torch.zeros_like(send), row, weight, params, spec_json, ep_json)
+    back = torch.zeros_like(send)
+    real_out = ops.ep_combine(x, back, row, weight, params, spec_json, ep_json)
     real_shared = [ops.ep_shared(x, params, spec_json)] if spec.shared is not None else []
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     with mode:
@@ -96,11 +97,12 @@ def _fake_mismatches(x, params, spec) -> list[str]:
         fake_out = ops.ep_combine(fake(x), fake(send), fake(row), fake(weight), fparams, spec_json, ep_json)
         fake_shared = [ops.ep_shared(fake(x), fparams, spec_json)] if spec.shared is not None else []
     bad = []
-    inputs = {t.untyped_storage().data_ptr() for t in [x, recv, send, *params] if t.numel()}
-    for name, reals in (("ep_route", real_route), ("ep_experts", [real_local]), ("ep_combine", [real_out]),
-                        ("ep_shared", real_shared)):  # Library-defined ops: nothing checks this at run time
+    storages = lambda ts: {t.untyped_storage().data_ptr() for t in ts if t.numel()}  # noqa: E731
+    for name, reals, inputs in (("ep_route", real_route, [x]), ("ep_experts", [real_local], [recv, counts]),
+                                ("ep_combine", [real_out], [x, back, row, weight]), ("ep_shared", real_shared, [x])):
+        # Library-defined ops: nothing checks this at run time
         bad += [f"{name} output {i} aliases an input" for i, r in enumerate(reals)
-                if r.numel() and r.untyped_storage().data_ptr() in inputs]
+                if r.numel() and r.untyped_storage().data_ptr() in storages(inputs + params)]
     for name, reals, fakes in (("ep_route", real_route, fake_route), ("ep_experts", [real_local], [fake_local]),
                                ("ep_combine", [real_out], [fake_out]), ("ep_shared", real_shared, fake_shared)):
         for i, (r, f) in enumerate(zip(reals, fakes)):
