@@ -29,8 +29,8 @@ pair is removed in ``ep_route``, before the dispatch: it is neither sent nor com
 ``counts`` is every rank's per-sub-expert number of kept pairs ([W, E*P], all-gathered inside
 ``ep_route``); from it each rank knows what it sends, what it receives, and in which order the
 received rows are (by source rank, then by local sub-expert). With a load-aware policy
-(``runtime/load_aware.py``) the counts before dropping are all-gathered first and the policy picks
-each destination rank's thresholds from them.
+(``runtime/load_aware.py``) each rank's pairs per destination before dropping are all-gathered first, and
+the policy picks each destination rank's thresholds from them.
 
 Weights: ``params`` hold all E experts, or, on a model sharded by ``dist.shard_experts_``, only the
 experts overlapping this rank's sub-experts (``spec.experts.expert_offset`` / ``local_experts``;
@@ -342,12 +342,6 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def _count(index: torch.Tensor, num_subs: int) -> torch.Tensor:
-    """Pairs per sub-expert, without torch.bincount's host read of the largest index on CUDA."""
-    return torch.zeros(num_subs, dtype=torch.long, device=index.device).index_add_(
-        0, index, torch.ones_like(index, dtype=torch.long))
-
-
 def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec) -> torch.Tensor:
     """Row group of each (token, column) [T, 2K] under ``ep.nested`` (-1: nothing sent). Column j < K carries
     expert index[:, j] to the owner of its Major half, with both halves (group 3 e + 1) when that rank holds
@@ -371,6 +365,14 @@ def _units(index: torch.Tensor, keep: torch.Tensor | None, ep: EPSpec) -> torch.
 @functools.lru_cache(maxsize=8)
 def _CLASS_OF_CODE(device) -> torch.Tensor:  # noqa: N802 - a constant table
     return torch.tensor([-1, 0, 2, 1], device=device)
+
+
+def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec) -> torch.Tensor:
+    """[W] long: this rank's (token, sub-expert) pairs before dropping, by the rank that holds the sub-expert
+    (expert ids [T, K]; after a partial transformation each names P sub-experts e P + p)."""
+    P = spec.partition if spec.transform == "partial" else 1
+    dest = owners(ep, experts.device).view(-1, P)[experts.long()].view(-1)
+    return torch.zeros(ep.world, dtype=torch.long, device=experts.device).index_add_(0, dest, torch.ones_like(dest))
 
 
 def _per_rank(per_id: torch.Tensor, rank_of: torch.Tensor, world: int, dtype) -> torch.Tensor:
@@ -398,8 +400,8 @@ def _block(spec: MoESpec):
 
 
 def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused):
-    """(keep [T, K'], every rank's pairs per sub-expert before dropping when a policy gathered them).
-    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per sub-expert before dropping. ``fused``: the
+    """(keep [T, K'], every rank's pairs per destination before dropping [W, W] when a policy gathered them).
+    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per destination rank [W] before dropping. ``fused``: the
     keep mask (and statistics) by one kernel (``dispatch.keep_per_destination``) where it covers the rule."""
     gathered_pre = None
     if policy is None:
@@ -408,7 +410,7 @@ def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, p
         clock.mark("gather0")
         gathered_pre = ds_dist.all_gather_rows(pre(), group)  # NOTE: one small blocking collective
         clock.mark("gather1")
-        loads = _per_rank(gathered_pre, owner, ep.world, torch.float32)
+        loads = gathered_pre.sum(0).float()  # [W]: every source's pairs per destination, summed
         info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
         thresholds = load_aware.thresholds_per_rank(policy, info)
     if fused:
@@ -499,7 +501,7 @@ def sent_rows(send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
     return send.narrow(0, 0, n)
 
 
-def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) -> torch.Tensor:
+def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group) -> torch.Tensor:
     """Every rank's rows per group [W, groups] (one all-gather), and with statistics the loads per rank."""
     if ep.stats and keep is not None and gathered_pre is None:  # loads before dropping: in the same gather
         before = pre()
@@ -509,7 +511,7 @@ def _exchange_counts(pre, post, keep, gathered_pre, ep: EPSpec, group, owner) ->
         counts = ds_dist.all_gather_rows(post, group)
     if ep.stats:
         after = _pair_loads(counts, ep)
-        before = after if keep is None else _per_rank(gathered_pre, owner, ep.world, torch.float64)
+        before = after if keep is None else gathered_pre.sum(0).double()
         _STATS[ep.key].add_loads(before, after)
     return counts
 
@@ -530,7 +532,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     sub_experts = functools.cache(  # [T, K'] sub-expert ids, only where read
         lambda: reference.partial_transform(experts, raw, spec.partition)[0] if partial else experts)
     owner = owners(ep, x.device)
-    pre = lambda: _count(sub_experts().reshape(-1), spec.num_experts * spec.partition)  # noqa: E731 - loads
+    pre = lambda: _loads_to(experts, spec, ep)  # noqa: E731 - [W] pairs per destination before dropping
     clock.mark("gather0")
     clock.mark("gather1")
     gathered_pre = None
@@ -540,7 +542,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     group_of = _groups(experts, sub_experts, keep, ep, fused)
     send, row, post = _send_order(x, group_of, ep, fused)
     clock.mark("gather2")
-    counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group, owner)
+    counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group)
     clock.mark("gather3")
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
