@@ -132,6 +132,16 @@ class Variant:
     read_count: bool = False  # ep.READ_ROW_COUNT
 
 
+AB = {  # --ab-<switch> ROUNDS: Variant field, (value, name suffix) of each side, variants taken, what differs
+    "fused": ("fused", (True, ""), (False, " torch-ops"), 4,
+              "the EP route, drop and local labels by kernels and by torch ops (DSMOE_EP_FUSED)"),
+    "shared": ("overlap", (True, ""), (False, " shared-after"), 3,
+               "the shared experts run during the combine all_to_all and after its wait (DSMOE_EP_SHARED_OVERLAP)"),
+    "sync": ("read_count", (False, ""), (True, " host-count"), 4,
+             "no host read of the number of rows sent and with it (DSMOE_EP_READ_ROW_COUNT)"),
+}
+
+
 def make_spec(shape: dict, partition: int, mode: str, first: int, last: int, key: str = "") -> MoESpec:
     slots = ("router_weight", "router_bias", "gate_up", "down")
     if shape["shared"]:
@@ -251,15 +261,10 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
             Variant(f"{name}{'' if nested else ' flat'}", 2, mode, policy, nested=nested)
             for name, mode, policy in (("none P=2", "none", None), ("2T uniform", "2t", "uniform"))
             for nested in (True, False)]]
-    if args.ab_fused:  # the route and the local labels by kernels (ep.FUSED) or by torch ops, alternating
-        variants = [dataclasses.replace(v, name=f"{v.name}{'' if fused else ' torch-ops'}", fused=fused)
-                    for _ in range(args.ab_fused) for v in variants for fused in (True, False)]
-    if args.ab_shared:  # shared experts during the combine exchange (ep.SHARED_OVERLAP) or after it, alternating
-        variants = [dataclasses.replace(v, name=f"{v.name}{'' if overlap else ' shared-after'}", overlap=overlap)
-                    for _ in range(args.ab_shared) for v in variants[:3] for overlap in (True, False)]
-    if args.ab_sync:  # the row count read on the host as before (ep.READ_ROW_COUNT) or not, alternating
-        variants = [dataclasses.replace(v, name=f"{v.name}{' host-count' if read else ''}", read_count=read)
-                    for _ in range(args.ab_sync) for v in variants for read in (False, True)]
+    for switch, (field, first, second, count, _) in AB.items():  # --ab-<switch> ROUNDS
+        rounds = getattr(args, f"ab_{switch}")
+        variants = [dataclasses.replace(v, name=v.name + suffix, **{field: value}) for _ in range(rounds)
+                    for v in variants[:count] for value, suffix in (first, second)] if rounds else variants
     for v in variants:
         variant, P, mode, policy = v.name, v.partition, v.mode, v.policy
         ep.NESTED_UNITS, ep.FUSED, ep.SHARED_OVERLAP, ep.READ_ROW_COUNT = v.nested, v.fused, v.overlap, v.read_count
@@ -449,15 +454,9 @@ def main():
     ap.add_argument("--ab-nested", type=int, default=0, metavar="ROUNDS",
                     help="instead of the four variants: P=2 without dropping and 2T uniform, each with nested units "
                          "on and off (DSMOE_EP_NESTED), alternating, ROUNDS times")
-    ap.add_argument("--ab-fused", type=int, default=0, metavar="ROUNDS",
-                    help="the four variants, each with the EP route, drop and "
-                         "local labels by kernels and by torch ops (DSMOE_EP_FUSED), alternating, ROUNDS times")
-    ap.add_argument("--ab-shared", type=int, default=0, metavar="ROUNDS",
-                    help="the first three variants, each with the shared experts run during the combine all_to_all "
-                         "and after its wait (DSMOE_EP_SHARED_OVERLAP), alternating, ROUNDS times")
-    ap.add_argument("--ab-sync", type=int, default=0, metavar="ROUNDS",
-                    help="the four variants, each without and with a host read of the number of rows sent "
-                         "(DSMOE_EP_READ_ROW_COUNT, the sync the send buffer used to need), alternating, ROUNDS times")
+    for switch, (_, _, _, count, what) in AB.items():
+        ap.add_argument(f"--ab-{switch}", type=int, default=0, metavar="ROUNDS",
+                        help=f"the first {count} variants, each with {what}, alternating, ROUNDS times")
     args = ap.parse_args()
     device = torch.device(args.device)
     ds_dist.init(backend="nccl" if device.type == "cuda" else "gloo")
