@@ -312,6 +312,7 @@ def check_local_weights(spec: MoESpec, ep: EPSpec) -> None:
                            "same group as option 'expert_parallel'")
 
 
+@functools.lru_cache(maxsize=256)  # called per EP call with the parsed (cached) spec
 def local_spec(spec: MoESpec) -> tuple[MoESpec, int]:
     """(spec of the weights as held, first held sub-expert): global sub-expert s is local sub-expert s - offset."""
     ex = spec.experts
