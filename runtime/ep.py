@@ -402,8 +402,9 @@ def _block(spec: MoESpec):
 
 def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused):
     """(keep [T, K'], every rank's pairs per destination before dropping [W, W] when a policy gathered them).
-    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per destination rank [W] before dropping. ``fused``: the
-    keep mask (and statistics) by one kernel (``dispatch.keep_per_destination``) where it covers the rule."""
+    ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per destination rank [W] before dropping.
+    ``fused``: the keep mask (and statistics) by one kernel (``dispatch.keep_per_destination``) where it covers
+    the rule."""
     gathered_pre = None
     if policy is None:
         thresholds = block.thresholds.expand(ep.world, 2)
