@@ -39,6 +39,12 @@ the same way on the dispatch's real split sizes (the combine moves the same rows
 (it picks its own repetition count per rank, which deadlocks collectives). Drop rate and per-rank
 load (pairs each rank computes, all ranks' tokens) come from one extra call with statistics on.
 Rank 0 prints a table last and writes the JSON (and a .md beside it).
+
+Comparisons and profiles: ``--ab-nested/--ab-fused/--ab-shared/--ab-sync ROUNDS`` time each variant with one of
+``runtime.ep``'s switches on and off, alternating in one process (the runs to trust; whole runs differ by up to
+~20 %); ``--profile`` (torch.profiler: top GPU kernels and CPU ops, wall and GPU time per call) and
+``--host-profile`` (cProfile, and each EP operator's host time through torch.ops and called directly) for the
+variants named by ``--profile-variant``.
 """
 
 from __future__ import annotations
