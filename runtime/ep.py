@@ -90,7 +90,7 @@ class EPSpec:
     def hi(self) -> int:
         return self.ranges[self.rank + 1]
 
-    @property
+    @functools.cached_property
     def group_ranges(self) -> tuple[int, ...]:
         """Row-group boundaries of the ranks: the sub-expert ranges, or with ``nested`` their image in groups
         3 e + c (a boundary inside expert e, after its Major half, leaves the Minor-only group to the next rank)."""
@@ -98,11 +98,11 @@ class EPSpec:
             return self.ranges
         return tuple(b // 2 * 3 + (2 if b % 2 else 0) for b in self.ranges)
 
-    @property
+    @functools.cached_property
     def groups(self) -> int:
         return self.group_ranges[-1]
 
-    @property
+    @functools.cached_property
     def splits_experts(self) -> bool:
         """Some expert's two halves sit on two ranks (a rank boundary after a Major half)."""
         return self.nested and any(b % 2 for b in self.ranges)
@@ -143,6 +143,7 @@ once per sub-expert (for comparisons)."""
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)  # read by every EP operator on every call
 def parse_ep(text: str) -> EPSpec:
     d = json.loads(text)
     d["ranges"] = tuple(d["ranges"])
