@@ -143,7 +143,6 @@ once per sub-expert (for comparisons)."""
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=256)  # read by every EP operator on every call
 def parse_ep(text: str) -> EPSpec:
     d = json.loads(text)
     d["ranges"] = tuple(d["ranges"])
@@ -634,10 +633,10 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
         out = gather_combine(back, row, weight, flat.dtype)
     else:
         out = gather_combine_reference(back, row, weight, flat.dtype)
+    if shared is None and spec.shared is not None:  # a caller that did not run ep_shared
+        shared = _shared_experts(x, params, spec_json)
     if shared is not None:
         out = out + shared.view(out.shape)
-    elif spec.shared is not None:
-        out = out + reference.shared_experts(flat, params, spec)
     clock.mark("combine1")
     clock.span("compute", "combine0", "combine1")
     return out.view_as(x)
