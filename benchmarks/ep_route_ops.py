@@ -4,7 +4,7 @@
 
 At 4096 tokens per rank the EP layer is host-bound on the GPU (README, "Multi-GPU benchmark"), and each op
 is a kernel launch there. Counts, for an OLMoE-like block with P = 1 and with P = 2 (partial, nested units),
-dropping off and 2T with uniform thresholds: the aten ops directly under the operator (torch.profiler) and
+dropping off and 2T with uniform and with load-aware (literal) thresholds: the aten ops directly under the operator (torch.profiler) and
 the Triton kernels it launches (``codegen/launch.launch`` calls), for impl "reference" (torch ops) and impl
 "triton" (the kernels, run by the interpreter: the script re-runs itself with TRITON_INTERPRET=1). No timing.
 """
@@ -20,7 +20,8 @@ from dsmoe_compiler.ir import DropSpec, MoESpec
 from dsmoe_compiler.runtime import ep, load_aware, state
 
 
-def route_ops(P: int, drop: str, policy: str | None, impl: str, E: int = 64, H: int = 256, I: int = 128, K: int = 8, T: int = 256):
+def route_ops(P: int, drop: str, policy: str | None, impl: str, E: int = 64, H: int = 256, I: int = 128, K: int = 8,
+              T: int = 256):
     """(aten ops, Triton launches) of one ep_route call after a first one."""
     from dsmoe_compiler.codegen import dispatch, gather_rows
 
