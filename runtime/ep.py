@@ -137,6 +137,11 @@ SHARED_OVERLAP = os.environ.get("DSMOE_EP_SHARED_OVERLAP", "on") != "off"
 """The shared experts run between the combine all_to_all and its wait, overlapping the exchange; "off" runs
 them after the wait (for comparisons: ``benchmarks/ep_nccl.py --ab-shared``)."""
 
+DEVICE_POLICY = os.environ.get("DSMOE_EP_DEVICE_POLICY", "on") != "off"
+"""With the fused path, load-aware dropping under a built-in policy counts each destination's pairs and turns
+the gathered loads into thresholds by two launches (``codegen/load_policy.py``) instead of ~15 torch ops; "off"
+keeps the ops (for comparisons: ``benchmarks/ep_nccl.py --ab-policy``)."""
+
 NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
 """P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
 once per sub-expert (for comparisons)."""
@@ -368,10 +373,15 @@ def _CLASS_OF_CODE(device) -> torch.Tensor:  # noqa: N802 - a constant table
     return torch.tensor([-1, 0, 2, 1], device=device)
 
 
-def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec) -> torch.Tensor:
+def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec, kernel: bool = False) -> torch.Tensor:
     """[W] long: this rank's (token, sub-expert) pairs before dropping, by the rank that holds the sub-expert
-    (expert ids [T, K]; after a partial transformation each names P sub-experts e P + p)."""
+    (expert ids [T, K]; after a partial transformation each names P sub-experts e P + p). ``kernel``: one
+    launch (``load_policy.loads_to``) instead of these ops."""
     P = spec.partition if spec.transform == "partial" else 1
+    if kernel:
+        from dsmoe_compiler.codegen.load_policy import loads_to
+
+        return loads_to(experts, owners(ep, experts.device), P, ep.world)
     dest = owners(ep, experts.device).view(-1, P)[experts.long()].view(-1)
     return torch.zeros(ep.world, dtype=torch.long, device=experts.device).index_add_(0, dest, torch.ones_like(dest))
 
@@ -412,9 +422,15 @@ def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, p
         clock.mark("gather0")
         gathered_pre = ds_dist.all_gather_rows(pre(), group)  # NOTE: one small blocking collective
         clock.mark("gather1")
-        loads = gathered_pre.sum(0).float()  # [W]: every source's pairs per destination, summed
-        info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
-        thresholds = load_aware.thresholds_per_rank(policy, info)
+        rule = load_aware.device_rule(policy) if fused and DEVICE_POLICY else None
+        if rule is not None:
+            from dsmoe_compiler.codegen.load_policy import policy_thresholds
+
+            thresholds = policy_thresholds(gathered_pre, block.thresholds, rule, spec.drop.mode)
+        else:
+            loads = gathered_pre.sum(0).float()  # [W]: every source's pairs per destination, summed
+            info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
+            thresholds = load_aware.thresholds_per_rank(policy, info)
     if fused:
         from dsmoe_compiler.codegen import dispatch
 
@@ -534,7 +550,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     sub_experts = functools.cache(  # [T, K'] sub-expert ids, only where read
         lambda: reference.partial_transform(experts, raw, spec.partition)[0] if partial else experts)
     owner = owners(ep, x.device)
-    pre = lambda: _loads_to(experts, spec, ep)  # noqa: E731 - [W] pairs per destination before dropping
+    pre = lambda: _loads_to(experts, spec, ep, fused and DEVICE_POLICY)  # noqa: E731 - [W] pairs per destination
     clock.mark("gather0")
     clock.mark("gather1")
     gathered_pre = None

@@ -73,9 +73,15 @@ def uniform(info: LoadInfo) -> torch.Tensor:
     return info.thresholds.expand(info.world, 2).clone()
 
 
+uniform.device_rule = ("uniform", 0.0, None)
+
+
 def literal(info: LoadInfo) -> torch.Tensor:
     """T_d = T_max * r_d for r_d < 1, T_max for r_d >= 1 (both thresholds of 2T scaled)."""
     return info.thresholds[None, :] * info.ratio.clamp(max=1.0)[:, None]
+
+
+literal.device_rule = ("literal", 0.0, None)
 
 
 def steep(alpha: float = 2.0) -> ThresholdPolicy:
@@ -86,6 +92,7 @@ def steep(alpha: float = 2.0) -> ThresholdPolicy:
         return info.thresholds[None, :] * factor[:, None]
 
     policy.__name__ = f"steep({alpha:g})"
+    policy.device_rule = ("steep", float(alpha), None)
     return policy
 
 
@@ -101,6 +108,7 @@ def shift_centre(band: float | None = None) -> ThresholdPolicy:
         return torch.stack([(centre - half).clamp_min(0.0), centre + half], dim=1)
 
     policy.__name__ = "shift_centre"
+    policy.device_rule = ("shift_centre", 0.0, band)
     return policy
 
 
@@ -129,6 +137,12 @@ def get_policy(name: str) -> ThresholdPolicy | None:
 
 def clear() -> None:
     _POLICY.clear()
+
+
+def device_rule(policy: ThresholdPolicy) -> tuple | None:
+    """(name, alpha, band) of a built-in policy, which ``codegen/load_policy.py`` computes in one launch; None
+    for any other callable (it runs as written, on torch tensors)."""
+    return getattr(policy, "device_rule", None)
 
 
 def thresholds_per_rank(policy: ThresholdPolicy | None, info: LoadInfo) -> torch.Tensor:

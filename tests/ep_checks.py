@@ -101,3 +101,42 @@ def check_keep_per_destination(mode, P, device, T=300, E=6, K=3, world=3):
         got = dispatch.keep_per_destination(weights, experts, spec, thresholds, owner, stats)
         assert torch.equal(got.bool(), want), f"{mode} P={P}: other pairs kept"
         torch.testing.assert_close(stats, want_stats, rtol=0, atol=0)
+
+
+def check_load_policy(device, T=300, K=3):
+    """``codegen/load_policy.py`` against the torch ops it replaces: pairs per destination (``ep._loads_to``) for
+    P = 1 and 2 and 1 to 5 ranks, and each built-in policy's [W, 2] thresholds (``load_aware``) from gathered
+    loads that include an empty rank, equal ranks and an all-zero call; 1T and 2T blocks. Outputs poisoned."""
+    from dsmoe_compiler.codegen.load_policy import loads_to, policy_thresholds
+    from dsmoe_compiler.ir import MoESpec
+    from dsmoe_compiler.runtime import load_aware
+
+    g = torch.Generator().manual_seed(T + K)
+    for world, E, P in ((1, 4, 1), (2, 8, 2), (3, 6, 2), (5, 16, 1), (4, 3, 2)):
+        spec = MoESpec(name="b", num_experts=E, top_k=K, hidden=8, intermediate=8 * P, partition=P,
+                       transform="partial" if P > 1 else "none", slots=("router_weight", "gate_up", "down"))
+        e = ep.EPSpec(group="", rank=0, world=world, ranges=tuple((r * E * P) // world for r in range(world + 1)), key="")
+        experts = torch.randint(0, E, (T, K), generator=g).to(device, torch.int32)
+        want = ep._loads_to(experts, spec, e)
+        got = loads_to(experts, ep.owners(e, device), P, world,
+                       out=torch.full((world,), -1, dtype=torch.int64, device=device))
+        assert got.dtype == torch.int64 and torch.equal(got, want), f"W={world} P={P}: {got.tolist()} != {want.tolist()}"
+        assert int(got.sum()) == T * K * P
+    policies = [load_aware.uniform, load_aware.literal, load_aware.steep(2.0), load_aware.steep(0.5),
+                load_aware.shift_centre(), load_aware.shift_centre(0.02)]
+    for world in (1, 2, 3, 8):
+        cases = [torch.randint(0, 5000, (world, world), generator=g), torch.zeros(world, world, dtype=torch.long),
+                 torch.full((world, world), 7, dtype=torch.long)]
+        cases[0][:, -1] = 0  # the last rank gets nothing
+        for gathered in cases:
+            for mode, t_max in (("2t", (0.25, 0.4)), ("1t", (0.3, 0.3))):
+                t = torch.tensor(t_max, device=device)
+                info = load_aware.LoadInfo("b", mode, gathered.to(device).sum(0).float(), t, 0, world)
+                for policy in policies:
+                    want = load_aware.thresholds_per_rank(policy, info)
+                    got = policy_thresholds(gathered.to(device), t, load_aware.device_rule(policy), mode,
+                                            out=torch.full((world, 2), float("nan"), device=device))
+                    assert not got.isnan().any()
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=0,
+                                               msg=lambda m: f"{policy.__name__} {mode} W={world}: {m}")
+    assert load_aware.device_rule(lambda info: info.thresholds.expand(info.world, 2)) is None

@@ -148,6 +148,14 @@ def test_expert_parallel_route_drops_in_the_route_kernel(mode, P):
     check_route_and_drop(torch.randn(4096, 256, generator=g).cuda(), params, spec, mode)
 
 
+def test_expert_parallel_load_policy_kernels():
+    """Load-aware EP's pairs per destination and built-in policies' thresholds by two launches, against the torch
+    ops, on the GPU (T = 4096 tokens, top-8)."""
+    from ep_checks import check_load_policy
+
+    check_load_policy("cuda", T=4096, K=8)
+
+
 @pytest.mark.parametrize("mode,P", [("2t", 2), ("1t", 1), ("skip", 2)])
 def test_expert_parallel_keep_per_destination_kernel(mode, P):
     """EP with a load-aware policy: the keep-per-destination kernel against the torch rule, on the GPU."""

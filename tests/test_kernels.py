@@ -579,3 +579,12 @@ def test_keep_per_destination_kernel_matches_torch(mode, P):
     from ep_checks import check_keep_per_destination
 
     check_keep_per_destination(mode, P, "cpu")
+
+
+@pytestmark_case
+def test_load_policy_kernels_match_the_torch_policies():
+    """Load-aware EP's two launches (pairs per destination; a built-in policy's thresholds per rank) against
+    ``ep._loads_to`` and ``load_aware``'s policies (``ep_checks.check_load_policy``)."""
+    from ep_checks import check_load_policy
+
+    check_load_policy("cpu")
