@@ -305,8 +305,8 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
                 results["drop_rate"] = 1 - sum(results["load_after"]) / max(sum(results["load_before"]), 1)
             else:
                 results["moe_ms"] = timed_ms(call, device, args.warmup, args.reps)
-                send, _, _, counts = ep.ep_route(x, params, spec_json, ep_json, impl)
-                send_splits, recv_splits = ep.splits(counts, ep_json)
+                send, _, _, _, sizes = ep.ep_route(x, params, spec_json, ep_json, impl)
+                send_splits, recv_splits = ep.splits(sizes, ep_json)
                 name = ds_dist.group_name(group)
                 send = ep.sent_rows(send, send_splits)
                 recv = ds_dist.all_to_all(send, recv_splits, send_splits, name)
@@ -401,14 +401,14 @@ def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=3
     ...): the device synchronised before each call, the host clock stopped when the call returns (its
     launches, not its kernels). Every rank makes the same calls; rank 0 prints medians in µs."""
     ops, name = torch.ops.dualsparse, ep.parse_ep(ep_json).group
-    send, row, weight, counts = ep.ep_route(x, params, spec_json, ep_json, impl)
-    send_splits, recv_splits = ep.splits(counts, ep_json)
+    send, row, weight, counts, sizes = ep.ep_route(x, params, spec_json, ep_json, impl)
+    send_splits, recv_splits = ep.splits(sizes, ep_json)
     recv = ds_dist.all_to_all(ep.sent_rows(send, send_splits), recv_splits, send_splits, name)
     back = ds_dist.all_to_all(ep.ep_experts(recv, counts, params, spec_json, ep_json, impl), send_splits, recv_splits,
                               name)
     steps = {"ep_route": (lambda: ops.ep_route(x, params, spec_json, ep_json, impl),
                           lambda: ep.route(x, params, spec_json, ep_json, impl)),
-             "splits": (lambda: ep.splits(counts, ep_json),) * 2,
+             "splits": (lambda: ep.splits(sizes, ep_json),) * 2,
              "ep_experts": (lambda: ops.ep_experts(recv, counts, params, spec_json, ep_json, impl),
                             lambda: ep.local_experts(recv, counts, params, spec_json, ep_json, impl)),
              "ep_combine": (lambda: ops.ep_combine(x, back, row, weight, params, spec_json, ep_json, impl),

@@ -23,9 +23,9 @@ from dsmoe_compiler.runtime import ep, load_aware, state
 def route_ops(P: int, drop: str, policy: str | None, impl: str, E: int = 64, H: int = 256, I: int = 128, K: int = 8,
               T: int = 256):
     """(aten ops, Triton launches) of one ep_route call after a first one."""
-    from dsmoe_compiler.codegen import dispatch, gather_rows
+    from dsmoe_compiler.codegen import dispatch, exchange_sizes, gather_rows, load_policy
 
-    launchers = (dispatch, gather_rows)  # the modules whose kernels the route launches (each imported ``launch``)
+    launchers = (dispatch, gather_rows, load_policy, exchange_sizes)  # modules whose kernels the route launches
 
     g = torch.Generator().manual_seed(0)
     key = state.register("ops", 0.1, 0.15, "cpu", False) if drop != "none" else ""

@@ -6,8 +6,8 @@ Pattern (a block after partition and drop)::
 
 Replacement (``runtime/ep.py`` documents each step)::
 
-    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)
-    send_splits, recv_splits = ep.splits(counts, ep)                       # NOTE: host sync
+    send, row, weight, counts, sizes = dualsparse.ep_route(x, params, spec, ep, impl)
+    send_splits, recv_splits = ep.splits(sizes, ep)                        # NOTE: host sync
     sent = ep.sent_rows(send, send_splits)                 # the first sum(send_splits) rows (a view)
     recv = _c10d_functional.wait_tensor(_c10d_functional.all_to_all_single(sent, recv_splits, send_splits, group))
     y_local = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)
@@ -88,8 +88,8 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
         impl = _impl(options, node)
         with graph.inserting_before(node):
             routed = graph.call_function(torch.ops.dualsparse.ep_route.default, (x, params, spec_json, ep_json, impl))
-            send, row, weight, counts = (graph.call_function(operator.getitem, (routed, i)) for i in range(4))
-            sizes = graph.call_function(ep.splits, (counts, ep_json))
+            send, row, weight, counts, sizes = (graph.call_function(operator.getitem, (routed, i)) for i in range(5))
+            sizes = graph.call_function(ep.splits, (sizes, ep_json))
             send_splits, recv_splits = (graph.call_function(operator.getitem, (sizes, i)) for i in range(2))
             sent = graph.call_function(ep.sent_rows, (send, send_splits))
             recv = graph.call_function(WAIT, (graph.call_function(A2A, (sent, recv_splits, send_splits, name)),))

@@ -8,8 +8,8 @@ output; the experts still run once per (token, pair, rank)).
 
 The graph the EP pass (``passes/expert_parallel.py``) builds from one ``dualsparse.moe`` node::
 
-    send, row, weight, counts = dualsparse.ep_route(x, params, spec, ep, impl)  # route, drop, sort by sub-expert
-    send_splits, recv_splits = ep_splits(counts, ep)                         # NOTE: host sync (.tolist())
+    send, row, weight, counts, sizes = dualsparse.ep_route(x, params, spec, ep, impl)  # route, drop, group
+    send_splits, recv_splits = ep_splits(sizes, ep)                          # NOTE: host sync (.tolist())
     recv = all_to_all_single(send[:sum(send_splits)], recv_splits, send_splits, group)  # dispatch (functional)
     y = dualsparse.ep_experts(recv, counts, params, spec, ep, impl)           # local sub-experts, unweighted
     pending = all_to_all_single(y, send_splits, recv_splits, group)          # combine, in flight while
@@ -561,23 +561,33 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     send, row, post = _send_order(x, group_of, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group)
+    sizes = _exchange_sizes(counts, ep, fused)
     clock.mark("gather3")
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
                        ("comm", "gather2", "gather3"), ("compute", "gather3", "route1")):
         clock.span(kind, a, b)
-    return send, row, weights.contiguous(), counts
+    return send, row, weights.contiguous(), counts, sizes
 
 
-def splits(counts: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
-    """(send splits, receive splits) in rows. NOTE: host synchronisation (the sizes of the exchange), the
-    block's only one."""
-    ep = parse_ep(ep_json)
-    b, mine = ep.group_ranges, counts[ep.rank]  # (a graph node: traced with fake tensors, so no cached constants)
-    send = torch.stack([mine[b[r]:b[r + 1]].sum() for r in range(ep.world)])
-    recv = counts[:, b[ep.rank]:b[ep.rank + 1]].sum(dim=1)
-    both = torch.cat([send, recv]).tolist()
-    return both[:ep.world], both[ep.world:]
+def _exchange_sizes(counts: torch.Tensor, ep: EPSpec, fused: bool) -> torch.Tensor:
+    """[2 W] long: the rows this rank sends to each rank, then the rows it receives from each (from every rank's
+    rows per group); one launch when ``fused`` (``codegen/exchange_sizes.py``)."""
+    if fused:
+        from dsmoe_compiler.codegen.exchange_sizes import exchange_sizes
+
+        return exchange_sizes(counts, _rank_of(ep.group_ranges, counts.device), ep.rank)
+    from dsmoe_compiler.codegen.exchange_sizes import exchange_sizes_reference
+
+    return exchange_sizes_reference(counts, ep.group_ranges, ep.rank)
+
+
+def splits(sizes: torch.Tensor, ep_json: str) -> tuple[list[int], list[int]]:
+    """(send splits, receive splits) in rows from ``ep_route``'s sizes. NOTE: host synchronisation (the sizes of
+    the exchange), the block's only one."""
+    world = parse_ep(ep_json).world
+    both = sizes.tolist()
+    return both[:world], both[world:]
 
 
 @functools.lru_cache(maxsize=None)
@@ -665,7 +675,7 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
 # aliases an input (``test_expert_parallel.py::test_fake_outputs_match_the_real_ones`` checks).
 _LIB = torch.library.Library("dualsparse", "FRAGMENT")
 _LIB.define("ep_route(Tensor x, Tensor[] params, str spec, str ep, str impl='reference') "
-            "-> (Tensor, Tensor, Tensor, Tensor)")
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("ep_experts(Tensor recv, Tensor counts, Tensor[] params, str spec, str ep, str impl='reference') -> Tensor")
 _LIB.define("ep_combine(Tensor x, Tensor back, Tensor row, Tensor weight, Tensor[] params, str spec, str ep, "
             "str impl='reference', Tensor? shared=None) -> Tensor")
@@ -696,7 +706,8 @@ def _(x, params, spec, ep, impl="reference"):
     T, K = _flat(x).shape[0], pairs_per_token(s)
     return (x.new_empty(rows_bound(T, K, e), x.shape[-1]), x.new_empty(T, K, dtype=torch.int32),
             x.new_empty(T, K, dtype=wdtype),
-            x.new_empty(e.world, e.groups, dtype=torch.long))  # counts per row group (nested units: 3 E of them)
+            x.new_empty(e.world, e.groups, dtype=torch.long),  # counts per row group (nested units: 3 E of them)
+            x.new_empty(2 * e.world, dtype=torch.long))  # exchange sizes: send, then receive
 
 
 @torch.library.register_fake("dualsparse::ep_experts")
@@ -720,8 +731,8 @@ ep_combine, ep_shared = torch.ops.dualsparse.ep_combine, torch.ops.dualsparse.ep
 
 def moe(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "reference") -> torch.Tensor:
     """The whole EP block eagerly, in the order the pass puts into the graph (for tests and benchmarks)."""
-    send, row, weight, counts = ep_route(x, params, spec_json, ep_json, impl)
-    send_splits, recv_splits = splits(counts, ep_json)
+    send, row, weight, counts, sizes = ep_route(x, params, spec_json, ep_json, impl)
+    send_splits, recv_splits = splits(sizes, ep_json)
     name = parse_ep(ep_json).group
     recv = ds_dist.all_to_all(sent_rows(send, send_splits), recv_splits, send_splits, name)
     y = ep_experts(recv, counts, params, spec_json, ep_json, impl)

@@ -81,8 +81,8 @@ def _fake_mismatches(x, params, spec) -> list[str]:
 
     ops = torch.ops.dualsparse
     spec_json, ep_json = spec.to_json(), _ep_json(spec)
-    send, row, weight, counts = real_route = ops.ep_route(x, params, spec_json, ep_json)
-    send_splits, recv_splits = ep.splits(counts, ep_json)
+    send, row, weight, counts, sizes = real_route = ops.ep_route(x, params, spec_json, ep_json)
+    send_splits, recv_splits = ep.splits(sizes, ep_json)
     recv = ep.ds_dist.all_to_all(ep.sent_rows(send, send_splits), recv_splits, send_splits, ep.parse_ep(ep_json).group)
     real_local = ops.ep_experts(recv, counts, params, spec_json, ep_json)
     back = torch.zeros_like(send)

@@ -588,3 +588,24 @@ def test_load_policy_kernels_match_the_torch_policies():
     from ep_checks import check_load_policy
 
     check_load_policy("cpu")
+
+
+@pytestmark_case
+@pytest.mark.parametrize("world,groups", [(1, 5), (2, 16), (3, 7), (5, 300), (4, 3)])
+def test_exchange_sizes_kernel_matches_torch(world, groups):
+    """EP's exchange sizes ([send | recv] rows of each rank) from every rank's rows per group, one launch against
+    ``exchange_sizes_reference``: uneven rank boundaries, ranks holding no group, more groups than a block,
+    zero counts; the output poisoned (-1) first."""
+    from dsmoe_compiler.codegen.exchange_sizes import exchange_sizes, exchange_sizes_reference
+    from dsmoe_compiler.runtime import ep
+
+    g = torch.Generator().manual_seed(world * 1000 + groups)
+    counts = torch.randint(0, 50, (world, groups), generator=g)
+    counts[:, 0] = 0
+    cuts = sorted(torch.randint(0, groups + 1, (world - 1,), generator=g).tolist())
+    bounds = (0, *cuts, groups)
+    for rank in range(world):
+        want = exchange_sizes_reference(counts, bounds, rank)
+        got = exchange_sizes(counts, ep._rank_of(bounds, "cpu"), rank, out=torch.full((2 * world,), -1))
+        assert torch.equal(got, want), f"rank {rank} bounds {bounds}: {got.tolist()} != {want.tolist()}"
+        assert int(got[:world].sum()) == int(counts[rank].sum())
