@@ -142,6 +142,10 @@ DEVICE_POLICY = os.environ.get("DSMOE_EP_DEVICE_POLICY", "on") != "off"
 the gathered loads into thresholds by two launches (``codegen/load_policy.py``) instead of ~15 torch ops; "off"
 keeps the ops (for comparisons: ``benchmarks/ep_nccl.py --ab-policy``)."""
 
+SIZES_KERNEL = os.environ.get("DSMOE_EP_SIZES_KERNEL", "on") != "off"
+"""With the fused path, the exchange sizes by one launch (``codegen/exchange_sizes.py``); "off": by torch ops (for
+comparisons: ``benchmarks/ep_nccl.py --ab-sizes``)."""
+
 NESTED_UNITS = os.environ.get("DSMOE_EP_NESTED", "on") != "off"
 """P = 2 partial: send a (token, slot) once per rank with the halves it kept (``EPSpec.nested``); "off" sends it
 once per sub-expert (for comparisons)."""
@@ -561,7 +565,7 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     send, row, post = _send_order(x, group_of, ep, fused)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group)
-    sizes = _exchange_sizes(counts, ep, fused)
+    sizes = _exchange_sizes(counts, ep, fused and SIZES_KERNEL)
     clock.mark("gather3")
     clock.mark("route1")
     for kind, a, b in (("compute", "route0", "gather0"), ("comm", "gather0", "gather1"), ("compute", "gather1", "gather2"),
