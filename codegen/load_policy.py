@@ -49,7 +49,7 @@ def loads_to(experts: torch.Tensor, owner: torch.Tensor, partition: int, world: 
 
 
 @triton.jit
-def policy_thresholds_kernel(gathered_ptr, tmax_ptr, out_ptr, world, alpha, band,
+def policy_thresholds_kernel(gathered_ptr, tmax_ptr, out_ptr, world, inv_world, alpha, band,
                              POLICY: tl.constexpr, OWN_BAND: tl.constexpr, TWO_T: tl.constexpr,
                              BLOCK_W: tl.constexpr):
     src = tl.arange(0, BLOCK_W)[:, None]
@@ -57,7 +57,7 @@ def policy_thresholds_kernel(gathered_ptr, tmax_ptr, out_ptr, world, alpha, band
     live = dst < world
     gathered = tl.load(gathered_ptr + src * world + dst[None, :], mask=(src < world) & live[None, :], other=0)
     loads = tl.sum(gathered, axis=0).to(tl.float32)  # int64 sums, then fp32, as load_aware's loads
-    ideal = tl.sum(loads, axis=0) * tl.math.div_rn(1.0, world.to(tl.float32))  # mean = sum * (1 / W), as torch
+    ideal = tl.sum(loads, axis=0) * inv_world  # mean = sum * fp32(1 / W), as torch's CUDA mean
     ratio = tl.where(ideal > 0, tl.math.div_rn(loads, tl.maximum(ideal, 1e-30)), 1.0)
     t_major = tl.load(tmax_ptr)
     t_minor = tl.load(tmax_ptr + 1)
@@ -92,6 +92,6 @@ def policy_thresholds(gathered: torch.Tensor, t_max: torch.Tensor, rule: tuple, 
     out = torch.empty(world, 2, dtype=torch.float32, device=gathered.device) if out is None else out
     name, alpha, band = rule
     launch(policy_thresholds_kernel, (1,), (gathered.contiguous(), t_max.float().contiguous(), out),
-           (world, float(alpha), 0.0 if band is None else float(band)),
+           (world, 1.0 / world, float(alpha), 0.0 if band is None else float(band)),
            dict(POLICY=RULES[name], OWN_BAND=band is None, TWO_T=mode == "2t", BLOCK_W=triton.next_power_of_2(world)))
     return out
