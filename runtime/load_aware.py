@@ -36,6 +36,7 @@ then exceed the heaviest rank's post-drop load when T_max drops a large share. `
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,7 +74,10 @@ def uniform(info: LoadInfo) -> torch.Tensor:
     return info.thresholds.expand(info.world, 2).clone()
 
 
-uniform.device_rule = ("uniform", 0.0, None)
+_DEVICE_RULES: "weakref.WeakKeyDictionary[Callable, tuple]" = weakref.WeakKeyDictionary()
+"""The built-in policy objects and their (name, alpha, band). Keyed by the object itself, not an attribute: a
+user's ``functools.wraps(literal)`` copies a function's attributes, and must not be taken for ``literal``."""
+_DEVICE_RULES[uniform] = ("uniform", 0.0, None)
 
 
 def literal(info: LoadInfo) -> torch.Tensor:
@@ -81,7 +85,7 @@ def literal(info: LoadInfo) -> torch.Tensor:
     return info.thresholds[None, :] * info.ratio.clamp(max=1.0)[:, None]
 
 
-literal.device_rule = ("literal", 0.0, None)
+_DEVICE_RULES[literal] = ("literal", 0.0, None)
 
 
 def steep(alpha: float = 2.0) -> ThresholdPolicy:
@@ -92,7 +96,7 @@ def steep(alpha: float = 2.0) -> ThresholdPolicy:
         return info.thresholds[None, :] * factor[:, None]
 
     policy.__name__ = f"steep({alpha:g})"
-    policy.device_rule = ("steep", float(alpha), None)
+    _DEVICE_RULES[policy] = ("steep", float(alpha), None)
     return policy
 
 
@@ -108,7 +112,7 @@ def shift_centre(band: float | None = None) -> ThresholdPolicy:
         return torch.stack([(centre - half).clamp_min(0.0), centre + half], dim=1)
 
     policy.__name__ = "shift_centre"
-    policy.device_rule = ("shift_centre", 0.0, band)
+    _DEVICE_RULES[policy] = ("shift_centre", 0.0, band)
     return policy
 
 
@@ -141,8 +145,11 @@ def clear() -> None:
 
 def device_rule(policy: ThresholdPolicy) -> tuple | None:
     """(name, alpha, band) of a built-in policy, which ``codegen/load_policy.py`` computes in one launch; None
-    for any other callable (it runs as written, on torch tensors)."""
-    return getattr(policy, "device_rule", None)
+    for any other callable, a wrapper of a built-in included (it runs as written, on torch tensors)."""
+    try:
+        return _DEVICE_RULES.get(policy)
+    except TypeError:  # not weakly referenceable (e.g. a builtin): not one of ours
+        return None
 
 
 def thresholds_per_rank(policy: ThresholdPolicy | None, info: LoadInfo) -> torch.Tensor:

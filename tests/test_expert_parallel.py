@@ -406,6 +406,26 @@ def _info(loads, t=(0.2, 0.3), mode="2t"):
     return load_aware.LoadInfo("blk", mode, loads, torch.tensor(t), 0, loads.numel())
 
 
+def test_only_the_builtin_policy_objects_run_as_kernels():
+    """``load_aware.device_rule`` names the built-in policies (which ``codegen/load_policy.py`` runs in one launch) by
+    the objects themselves: a user's wrapper of ``literal`` (functools.wraps copies its attributes), a lambda or a
+    partial keeps its own torch code."""
+    import functools
+
+    from dsmoe_compiler.runtime import load_aware
+
+    @functools.wraps(load_aware.literal)
+    def halved(info):
+        return load_aware.literal(info) / 2
+
+    assert load_aware.device_rule(load_aware.literal) == ("literal", 0.0, None)
+    assert load_aware.device_rule(load_aware.steep(3.0)) == ("steep", 3.0, None)
+    assert load_aware.device_rule(load_aware.shift_centre(0.02)) == ("shift_centre", 0.0, 0.02)
+    assert load_aware.device_rule(load_aware.POLICIES["uniform"]) == ("uniform", 0.0, None)
+    for user in (halved, lambda info: load_aware.literal(info), functools.partial(load_aware.steep(2.0)), len):
+        assert load_aware.device_rule(user) is None
+
+
 def test_policies_follow_their_formulas():
     from dsmoe_compiler.runtime import load_aware
 
