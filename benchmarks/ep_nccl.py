@@ -40,7 +40,7 @@ the same way on the dispatch's real split sizes (the combine moves the same rows
 load (pairs each rank computes, all ranks' tokens) come from one extra call with statistics on.
 Rank 0 prints a table last and writes the JSON (and a .md beside it).
 
-Comparisons and profiles: ``--ab-nested/--ab-fused/--ab-shared/--ab-sync/--ab-policy/--ab-gather/--ab-sizes ROUNDS`` time each variant with one of
+Comparisons and profiles: ``--ab-nested/--ab-fused/--ab-shared/--ab-sync/--ab-policy/--ab-sizes ROUNDS`` time each variant with one of
 ``runtime.ep``'s switches on and off, alternating in one process (the runs to trust; whole runs differ by up to
 ~20 %); ``--profile`` (torch.profiler: top GPU kernels and CPU ops, wall and GPU time per call) and
 ``--host-profile`` (cProfile, and each EP operator's host time through torch.ops and called directly) for the
@@ -137,7 +137,6 @@ class Variant:
     overlap: bool = True  # ep.SHARED_OVERLAP
     read_count: bool = False  # ep.READ_ROW_COUNT
     device_policy: bool = True  # ep.DEVICE_POLICY
-    functional_gather: bool = False  # ds_dist.FUNCTIONAL_GATHER
     sizes_kernel: bool = True  # ep.SIZES_KERNEL
 
 
@@ -151,8 +150,6 @@ AB = {  # --ab-<switch> ROUNDS: Variant field, (value, name suffix) of each side
     "policy": ("device_policy", (True, ""), (False, " torch-policy"), 4,
                "a built-in load-aware policy's loads and thresholds by two launches and by torch ops "
                "(DSMOE_EP_DEVICE_POLICY)"),
-    "gather": ("functional_gather", (False, ""), (True, " functional-gather"), 4,
-               "the EP all-gathers by c10d and by the functional collective (DSMOE_EP_GATHER)"),
     "sizes": ("sizes_kernel", (True, ""), (False, " torch-sizes"), 4,
               "the exchange sizes by one launch and by torch ops (DSMOE_EP_SIZES_KERNEL)"),
 }
@@ -284,7 +281,7 @@ def run_config(shape_name, shape, routing, tokens, args, device, dtype, rank, wo
     for v in variants:
         variant, P, mode, policy = v.name, v.partition, v.mode, v.policy
         ep.NESTED_UNITS, ep.FUSED, ep.SHARED_OVERLAP, ep.READ_ROW_COUNT = v.nested, v.fused, v.overlap, v.read_count
-        ep.DEVICE_POLICY, ds_dist.FUNCTIONAL_GATHER, ep.SIZES_KERNEL = v.device_policy, v.functional_gather, v.sizes_kernel
+        ep.DEVICE_POLICY, ep.SIZES_KERNEL = v.device_policy, v.sizes_kernel
         first, last = ds_dist.local_expert_range(E, P, rank, world)
         if (first, last) not in params_cache:
             params_cache.clear()

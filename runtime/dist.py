@@ -168,16 +168,10 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return funcol.wait_tensor(torch.ops._c10d_functional.all_to_all_single(x, output_splits, input_splits, name))
 
 
-FUNCTIONAL_GATHER = os.environ.get("DSMOE_EP_GATHER", "c10d") == "functional"
-"""``all_gather_rows`` through the functional collective (for comparisons: ``benchmarks/ep_nccl.py --ab-gather``)."""
-
-
 def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[W, *t.shape]: every rank's t (blocking c10d call; used inside the opaque EP operators). The c10d call
     took 40-90 µs of host time on 2 x H200, the functional collective with its wait 75-156 µs
     (``all_gather_functional``; ``benchmarks/ep_nccl.py --host-profile``, README "Multi-GPU benchmark")."""
-    if FUNCTIONAL_GATHER:
-        return all_gather_functional(t, group)
     world = dist.get_world_size(group)
     flat = t.contiguous().view(-1)
     out = flat.new_empty(world * flat.numel())
