@@ -35,6 +35,7 @@ import dataclasses
 import json
 import lzma
 import math
+import os
 import pathlib
 import sys
 import time
@@ -44,8 +45,35 @@ import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "models" / "dsmoe-tiny"
-DEFAULT_DATA = ROOT / "data" / "pydocs"
+
+
+def shipped(relative: str) -> pathlib.Path:
+    """Where a file the repository ships (the checkpoint, the corpus) is: under $DSMOE_HOME if set, else beside the
+    package (an editable install), else under the current directory (a checkout after a normal ``pip install .``).
+    The first that exists; the package-relative path when none does (``require`` then names every place)."""
+    places = _places(relative)
+    return next((p for p in places if p.exists()), places[1] if len(places) > 1 else places[0])
+
+
+def _places(relative: str) -> list[pathlib.Path]:
+    home = os.environ.get("DSMOE_HOME")
+    return ([pathlib.Path(home) / relative] if home else []) + [ROOT / relative, pathlib.Path.cwd() / relative]
+
+
+def require(path, what: str, relative: str) -> pathlib.Path:
+    """``path`` if it exists, else a FileNotFoundError that says where the shipped copy was looked for."""
+    path = pathlib.Path(path)
+    if path.exists():
+        return path
+    looked = ", ".join(str(p) for p in _places(relative))
+    raise FileNotFoundError(f"dualsparse: {what} not found at {path} (looked for the shipped copy in: {looked}). "
+                            f"Run from a checkout of the repository, set DSMOE_HOME to it, or pass the path "
+                            f"(--model / --data).")
+
+
+MODEL_DIR, DATA_DIR = "models/dsmoe-tiny", "data/pydocs"
+DEFAULT_MODEL = shipped(MODEL_DIR)
+DEFAULT_DATA = shipped(DATA_DIR)
 OFFSET = 3  # ByT5Tokenizer: token = byte + 3
 SEQ = 512
 MC_CONTEXT, MC_CHOICE = 128, 32
@@ -59,7 +87,8 @@ METHODS = ("none",) + RATE_METHODS + FIXED_METHODS
 # ---- data and model ---------------------------------------------------------------------------------
 def load_split(name: str, data_dir=DEFAULT_DATA) -> torch.Tensor:
     """Token ids of one corpus split ("train", "calib", "test")."""
-    data = lzma.open(pathlib.Path(data_dir) / f"{name}.txt.xz").read()
+    data = lzma.open(require(pathlib.Path(data_dir) / f"{name}.txt.xz", f"corpus split {name!r}",
+                             f"{DATA_DIR}/{name}.txt.xz")).read()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64) + OFFSET
 
 
@@ -73,6 +102,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu"):
     """The shipped checkpoint (bf16 on disk) in fp32, eval mode."""
     import transformers as tf
 
+    path = require(path, "model checkpoint", MODEL_DIR)
     return tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
 
 

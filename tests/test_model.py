@@ -88,3 +88,25 @@ def test_eval_cli_on_a_tiny_slice(tmp_path):
     assert rows["topk"]["measured_rate"] == pytest.approx(1 / model.config.num_experts_per_tok, abs=1e-9)
     assert abs(rows["2t-abs_gate"]["measured_rate"] - 0.25) < 0.08
     assert rows["2t-abs_gate"]["d_loss"] != 0.0 and 0 <= rows["topk"]["mc_accuracy"] <= 1
+
+
+def test_shipped_files_are_found_outside_an_editable_install(tmp_path, monkeypatch):
+    """After a normal ``pip install .`` the package no longer sits beside models/ and data/: the shipped checkpoint
+    is then found under $DSMOE_HOME or the current directory (a checkout), and a missing one gives an error that
+    names every place it looked and how to point at it."""
+    repo = ev.ROOT
+    monkeypatch.setattr(ev, "ROOT", tmp_path / "site-packages")  # as if installed elsewhere
+    monkeypatch.delenv("DSMOE_HOME", raising=False)
+    monkeypatch.chdir(repo)
+    assert ev.shipped(ev.MODEL_DIR) == repo / ev.MODEL_DIR
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DSMOE_HOME", str(repo))
+    assert ev.shipped(ev.DATA_DIR) == repo / ev.DATA_DIR
+    monkeypatch.delenv("DSMOE_HOME")
+    missing = ev.shipped(ev.MODEL_DIR)
+    assert not missing.exists()
+    with pytest.raises(FileNotFoundError, match="DSMOE_HOME") as err:
+        ev.load_model(missing)
+    assert str(tmp_path) in str(err.value) and "--model" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="corpus split 'test'"):
+        ev.load_split("test", tmp_path / "nowhere")
