@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec
-from dsmoe_compiler.runtime.plan import Plan, check_layer_fingerprint, resolve_plan, tensor_sha256
+from dsmoe_compiler.runtime.plan import Plan, check_layer_fingerprint, layer_fingerprint, resolve_plan
 
 ORDER_ATTR = "_dualsparse_neuron_order"
 
@@ -136,14 +136,6 @@ def _real_tensor(gm: fx.GraphModule, node, what: str) -> torch.Tensor:
     return t
 
 
-def _fingerprint(spec: MoESpec, router_weight: torch.Tensor | None) -> dict:
-    ex = spec.experts
-    return {"num_experts": spec.num_experts, "intermediate": spec.intermediate, "hidden": spec.hidden,
-            "interleaved": ex.interleaved, "transposed": ex.transposed, "has_bias": ex.has_bias,
-            "activation": ex.activation,
-            "router_sha256": None if router_weight is None else tensor_sha256(router_weight)}
-
-
 def reconstruct(gm: fx.GraphModule, options, report) -> bool:
     """Backend pass for ``options["plan"]``: reorder the neurons of every MoE block's parameters in place.
 
@@ -171,7 +163,7 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
                              f"(plan layers: {sorted(plan.layers)[:4]}...)")
         plan_name, layer = hit
         tensors = {s: _real_tensor(gm, p, f"{spec.name}:{s}") for s, p in zip(spec.slots, node.args[1])}
-        check_layer_fingerprint(spec.name, layer.fingerprint, _fingerprint(spec, tensors.get("router_weight")))
+        check_layer_fingerprint(spec.name, layer.fingerprint, layer_fingerprint(spec, tensors.get("router_weight")))
         experts_tensors = {s: tensors[s] for s in ("gate_up", "down", "gate_up_bias", "down_bias") if s in tensors}
         report.counters["reconstruct_experts_moved"] += permute_experts_(experts_tensors, spec.experts, layer.order)
         report.counters["reconstruct"] += 1

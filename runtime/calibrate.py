@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec
-from dsmoe_compiler.runtime.plan import METRICS, LayerPlan, Plan, tensor_sha256
+from dsmoe_compiler.runtime.plan import METRICS, LayerPlan, Plan
+from dsmoe_compiler.runtime.plan import layer_fingerprint as plan_fingerprint
 
 
 # ---- finding the MoE layers -------------------------------------------------------------------------
@@ -108,12 +109,7 @@ def experts_params(module, spec: MoESpec) -> list[torch.Tensor]:
 
 
 def layer_fingerprint(module, router) -> dict:
-    spec = experts_spec(module)
-    ex = spec.experts
-    return {"num_experts": spec.num_experts, "intermediate": spec.intermediate, "hidden": spec.hidden,
-            "interleaved": ex.interleaved, "transposed": ex.transposed, "has_bias": ex.has_bias,
-            "activation": ex.activation,
-            "router_sha256": None if router is None else tensor_sha256(router.weight)}
+    return plan_fingerprint(experts_spec(module), None if router is None else router.weight)
 
 
 # ---- the statistics -----------------------------------------------------------------------------------

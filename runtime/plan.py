@@ -20,8 +20,9 @@ reconstruction was applied when calibrating, so a plan can be applied to a fresh
 
 Files: ``plan.save(path)`` writes one safetensors file; its metadata holds a JSON document with the
 metric, the thresholds, a fingerprint of the model (architecture, per-layer shapes and layout, a
-SHA-256 of each router weight) and a SHA-256 of every tensor, so that ``Plan.load`` detects a
-corrupted or truncated file and ``plan.check(model)`` names any mismatch with a model.
+sketch of each router weight that survives a cast between fp32, bf16 and fp16: ``router_sketch``) and a
+SHA-256 of every tensor, so that ``Plan.load`` detects a corrupted or truncated file and
+``plan.check(model)`` names any mismatch with a model.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 METRICS = ("abs_gate", "gate", "gate_up", "abs_gate_up")
 """The paper's four importance metrics (Eq. 14-17): Σ|Swish(xW1)|, ΣSwish(xW1), ΣSwish(xW1)⊙xW3, Σ|..⊙..|."""
 
-FORMAT = "dualsparse-plan/1"
+FORMAT = "dualsparse-plan/2"  # 2: the router's fingerprint is a sketch (``router_sketch``), not a hash
 
 
 @dataclass
@@ -51,7 +52,7 @@ class LayerPlan:
     scores: torch.Tensor
     """[N, k] fp32: sample of normalised top-k scores."""
     fingerprint: dict
-    """num_experts, intermediate, hidden, layout flags, router_sha256 of the layer's model block."""
+    """num_experts, intermediate, hidden, layout flags, router_sketch of the layer's model block."""
     order: torch.Tensor | None = None
     """[E, I] int64 neuron order under the plan's metric (filled by ``Plan``)."""
 
@@ -72,6 +73,43 @@ def neuron_order(importance: torch.Tensor) -> torch.Tensor:
 def tensor_sha256(t: torch.Tensor) -> str:
     t = t.detach().to("cpu").contiguous()
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+SKETCH = 4
+"""The router sketch is SKETCH x SKETCH numbers per layer."""
+ROUTER_RTOL = 1e-2
+"""Largest relative distance between two router sketches that still counts as the same router."""
+
+
+def router_sketch(weight: torch.Tensor | None) -> list[float] | None:
+    """The router's fingerprint: A W B for fixed random A [SKETCH, E], B [H, SKETCH], in fp64 (16 numbers). The same
+    router in fp32, bf16 or fp16 gives sketches within a fraction of a percent (each weight's rounding error
+    averages out over E H terms of random sign), so a plan calibrated in fp32 fits the model served in bf16; two
+    different routers are as far apart as the sketches' own size. A hash of the weights could not do this: the
+    same fp32 router cast to fp16 and to bf16 differs in ~6 % of its bf16 bits (double rounding)."""
+    if weight is None:
+        return None
+    w = weight.detach().to("cpu", torch.float64)
+    g = torch.Generator().manual_seed(0x5eed)
+    a = torch.randn(SKETCH, w.shape[0], generator=g, dtype=torch.float64)
+    b = torch.randn(w.shape[1], SKETCH, generator=g, dtype=torch.float64)
+    return [float(f"{v:.9g}") for v in (a @ w @ b).flatten().tolist()]
+
+
+def sketch_distance(a: list[float], b: list[float]) -> float:
+    """||a - b|| / ||b|| of two router sketches (inf when their sizes differ)."""
+    if len(a) != len(b):
+        return float("inf")
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return ((ta - tb).norm() / tb.norm().clamp_min(1e-300)).item()
+
+
+def layer_fingerprint(spec, router_weight: torch.Tensor | None) -> dict:
+    """What a plan layer must match in the model: sizes, weight layout, activation and the router."""
+    ex = spec.experts
+    return {"num_experts": spec.num_experts, "intermediate": spec.intermediate, "hidden": spec.hidden,
+            "interleaved": ex.interleaved, "transposed": ex.transposed, "has_bias": ex.has_bias,
+            "activation": ex.activation, "router_sketch": router_sketch(router_weight)}
 
 
 @dataclass
@@ -182,10 +220,15 @@ class Plan:
 
 def check_layer_fingerprint(name: str, planned: dict, actual: dict) -> None:
     for key in sorted(set(planned) | set(actual)):
-        if planned.get(key) != actual.get(key):
-            what = "router weights differ (SHA-256)" if key == "router_sha256" else \
-                f"{key} is {actual.get(key)!r} in the model but {planned.get(key)!r} in the plan"
-            raise ValueError(f"dualsparse: plan does not fit layer {name!r}: {what}")
+        mine, theirs = planned.get(key), actual.get(key)
+        if key == "router_sketch" and mine is not None and theirs is not None:
+            distance = sketch_distance(theirs, mine)
+            if distance > ROUTER_RTOL:
+                raise ValueError(f"dualsparse: plan does not fit layer {name!r}: router weights differ (their sketches "
+                                 f"are {distance:.3g} apart relative, more than {ROUTER_RTOL:g})")
+        elif mine != theirs:
+            raise ValueError(f"dualsparse: plan does not fit layer {name!r}: "
+                             f"{key} is {theirs!r} in the model but {mine!r} in the plan")
 
 
 _CACHE: dict[tuple, Plan] = {}
