@@ -171,7 +171,7 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
 def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[W, *t.shape]: every rank's t (blocking c10d call; used inside the opaque EP operators). The c10d call
     took 40-90 µs of host time on 2 x H200, the functional collective with its wait 75-156 µs
-    (``all_gather_functional``; ``benchmarks/ep_nccl.py --host-profile``, README "Multi-GPU benchmark")."""
+    (``all_gather_functional``; ``benchmarks/ep_nccl.py --host-profile``, docs/ep-experiments.md, ninth session)."""
     world = dist.get_world_size(group)
     flat = t.contiguous().view(-1)
     out = flat.new_empty(world * flat.numel())
