@@ -49,7 +49,9 @@ def blocks(draw, family=None):
         router_bias=draw(st.booleans()), score_bias=not after_topk and draw(st.booleans()),
         num_groups=groups, topk_groups=topk_groups, group_score=group_score, group_mask_value=mask,
         logits_fp32=draw(st.booleans()), weights_fp32=draw(st.booleans()))
-    experts = ExpertsSpec(layout="fused", interleaved=draw(st.booleans()), transposed=draw(st.booleans()),
+    layout = draw(st.sampled_from(["fused", "separate", "list"]))  # transformers' 3-D, a user's 3-D or ModuleList
+    experts = ExpertsSpec(layout=layout, interleaved=layout == "fused" and draw(st.booleans()),
+                          transposed=layout != "list" and draw(st.booleans()),
                           has_bias=draw(st.booleans()), activation=draw(st.sampled_from(ACTIVATIONS)))
     shared = None
     if draw(st.booleans()):
@@ -65,7 +67,12 @@ def slots_of(spec: MoESpec) -> tuple[str, ...]:
     slots = ["router_weight"]
     slots += ["router_bias"] if spec.routing.router_bias else []
     slots += ["score_bias"] if spec.routing.score_bias else []
-    slots += ["gate_up", "down"] + (["gate_up_bias", "down_bias"] if spec.experts.has_bias else [])
+    ex = spec.experts
+    if ex.layout == "fused":
+        slots += ["gate_up", "down"] + (["gate_up_bias", "down_bias"] if ex.has_bias else [])
+    else:
+        roles = ["gate", "up", "down"] + (["gate_bias", "up_bias", "down_bias"] if ex.has_bias else [])
+        slots += roles if ex.layout == "separate" else [f"{r}.{e}" for e in range(spec.num_experts) for r in roles]
     if spec.shared is not None:
         slots += ["shared_gate", "shared_up", "shared_down"] + (["shared_gate_weight"] if spec.shared.gated else [])
     return tuple(slots)
@@ -81,6 +88,11 @@ def random_params(spec: MoESpec, seed: int, dtype: torch.dtype) -> list[torch.Te
               "down": (E, I, H) if transposed else (E, H, I),
               "gate_up_bias": (E, 2 * I), "down_bias": (E, H),
               "shared_gate": (Is, H), "shared_up": (Is, H), "shared_down": (H, Is), "shared_gate_weight": (1, H)}
+    # separate 3-D gate / up / down (optionally [E, in, out]) and a ModuleList's per-expert nn.Linear weights
+    expert = {"gate": (I, H), "up": (I, H), "down": (H, I), "gate_bias": (I,), "up_bias": (I,), "down_bias": (H,)}
+    for role, shape in expert.items():
+        shapes[role] = (E, *shape[::-1]) if transposed and "bias" not in role else (E, *shape)
+        shapes.update({f"{role}.{e}": shape for e in range(E)})
     params = [torch.randn(shapes[name], generator=g, dtype=dtype) for name in spec.slots]
     r = spec.routing
     if r.score_bias:  # zero-filled groups must stay below every allowed choice, or zeros tie at the k-th place
