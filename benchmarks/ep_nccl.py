@@ -42,7 +42,7 @@ Rank 0 prints a table last and writes the JSON (and a .md beside it).
 
 Comparisons and profiles: ``--ab-nested/--ab-fused/--ab-shared/--ab-sync/--ab-policy/--ab-sizes ROUNDS`` time each variant with one of
 ``runtime.ep``'s switches on and off, alternating in one process (the runs to trust; whole runs differ by up to
-~20 %); ``--profile`` (torch.profiler: top GPU kernels and CPU ops, wall and GPU time per call) and
+~20 %; an --ab run prints and saves ``ab``: each variant's median on both sides and the default's wins); ``--profile`` (torch.profiler: top GPU kernels and CPU ops, wall and GPU time per call) and
 ``--host-profile`` (cProfile, and each EP operator's host time through torch.ops and called directly) for the
 variants named by ``--profile-variant``.
 """
@@ -434,6 +434,26 @@ def host_split(x, params, spec_json, ep_json, impl, title, device, rank, calls=3
             print(f"  {step:12s} op {medians[(step, 'op')]:8.1f}   direct {medians[(step, 'direct')]:8.1f}")
 
 
+def ab_summary(rows, suffix: str) -> tuple[list[dict], str]:
+    """The alternating A/B of an --ab-<switch> run: each row whose variant ends in ``suffix`` against the row before
+    it (the same variant with the switch at its default, run just before). Per (shape, routing, tokens, variant):
+    median MoE ms of each side over the rounds and how many pairs the default side was faster in."""
+    pairs = {}
+    for a, b in zip(rows, rows[1:]):
+        if b["variant"] == a["variant"] + suffix and (a["shape"], a["routing"], a["tokens_per_rank"]) == \
+                (b["shape"], b["routing"], b["tokens_per_rank"]):
+            key = (a["shape"], a["routing"], a["tokens_per_rank"], a["variant"])
+            pairs.setdefault(key, []).append((max(a["moe_ms_per_rank"]), max(b["moe_ms_per_rank"])))
+    out = [dict(shape=k[0], routing=k[1], tokens_per_rank=k[2], variant=k[3], pairs=v,
+                default_ms=statistics.median(x for x, _ in v), switched_ms=statistics.median(y for _, y in v),
+                default_faster=sum(x < y for x, y in v)) for k, v in pairs.items()]
+    lines = [f"| shape | routing | tokens/rank | variant | MoE ms (median) | MoE ms{suffix} (median) | default faster |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['routing']} | {r['tokens_per_rank']} | {r['variant']} | {r['default_ms']:.3f} | "
+              f"{r['switched_ms']:.3f} | {r['default_faster']}/{len(r['pairs'])} |" for r in out]
+    return out, "\n".join(lines)
+
+
 def table(rows) -> str:
     lines = ["| shape | routing | tokens/rank | variant | drop rate | load per rank (pairs) | max/mean | "
              "MoE ms (max rank) | vs none | dispatch ms | combine ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -497,9 +517,13 @@ def main():
                     timing="fixed calls on every rank, barrier before each, CUDA events (host clock on CPU), median per rank")
         path = args.json or f"results/ep_nccl_{world}.json"
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        text, result = table(rows), dict(meta=meta, rows=rows)
+        switches = [AB[s][2][1] for s in AB if getattr(args, f"ab_{s}")]
+        if switches:  # one --ab-<switch> per run: a second one would pair the first one's variants
+            result["ab"], ab_text = ab_summary(rows, switches[0])
+            text = ab_text + "\n\n" + text
         with open(path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        text = table(rows)
+            json.dump(result, f, indent=1)
         with open(os.path.splitext(path)[0] + ".md", "w") as f:
             f.write(f"{json.dumps(meta)}\n\n{text}\n")
         print(json.dumps(meta))

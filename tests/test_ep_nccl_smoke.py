@@ -48,3 +48,27 @@ def test_ep_nccl_benchmark_runs_on_gloo(tmp_path):
     assert skew["load_before"][0] > 1.2 * skew["load_before"][1], "skewed routing must load the first rank most"
     assert "dsmoe-tiny" in by[("olmoe", "realistic", 64, "none")]["routing_source"] or \
         not os.path.exists(os.path.join(ROOT, "models", "dsmoe-tiny", "metrics.json"))
+
+
+def test_ab_summary_pairs_each_switched_row_with_the_one_before():
+    """``ep_nccl.ab_summary``: an --ab run's rows alternate default / switched per variant and round; the summary
+    pairs them (never across configurations), takes each side's median and counts the default's wins."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import ep_nccl
+    finally:
+        sys.path.pop(0)
+
+    def row(variant, ms, tokens=64):
+        return dict(shape="olmoe", routing="skewed", tokens_per_rank=tokens, variant=variant, moe_ms_per_rank=[ms, ms - 1])
+
+    rows = [row("none", 2.0), row("none x", 3.0), row("2T", 5.0), row("2T x", 4.0),
+            row("none", 2.2), row("none x", 2.1), row("2T", 4.0), row("2T x", 4.5),
+            row("none", 1.0), row("none x", 9.0, tokens=32)]  # a switched row of another configuration: not paired
+    summary, text = ep_nccl.ab_summary(rows, " x")
+    by = {r["variant"]: r for r in summary}
+    assert set(by) == {"none", "2T"}
+    assert by["none"]["pairs"] == [(2.0, 3.0), (2.2, 2.1)] and by["none"]["default_faster"] == 1
+    assert by["none"]["default_ms"] == 2.1 and by["none"]["switched_ms"] == 2.55
+    assert by["2T"]["default_faster"] == 1 and by["2T"]["default_ms"] == 4.5
+    assert text.splitlines()[0].startswith("| shape |") and "| 1/2 |" in text
