@@ -51,8 +51,7 @@ def shipped(relative: str) -> pathlib.Path:
     """Where a file the repository ships (the checkpoint, the corpus) is: under $DSMOE_HOME if set, else beside the
     package (an editable install), else under the current directory (a checkout after a normal ``pip install .``).
     The first that exists; the package-relative path when none does (``require`` then names every place)."""
-    places = _places(relative)
-    return next((p for p in places if p.exists()), places[1] if len(places) > 1 else places[0])
+    return next((p for p in _places(relative) if p.exists()), ROOT / relative)
 
 
 def _places(relative: str) -> list[pathlib.Path]:
