@@ -23,8 +23,8 @@ What it does, per architecture:
   ``torch.compile(model, backend="dualsparse", options={"inner": "eager"})`` logits;
 - records: build ok, MoE blocks in the model (parents of experts modules: 3-D expert weights or a
   ModuleList of experts), blocks the backend rewrote (``dsmoe_compiler.last_report()``), blocks it left
-  alone and why, max abs / relative error vs eager, dualsparse warnings / log lines, graph breaks,
-  exceptions (type + first line).
+  alone and why, max abs / relative error vs eager, dualsparse warnings / log lines, graphs and graph-break
+  reasons, exceptions (type + first line).
 
 Each architecture runs in its own subprocess (``--worker``) with a ``signal.alarm`` guard per case, so a
 crash or a hang costs one row. Results: ``results/capture_survey.json`` and ``results/capture_survey.md``;
@@ -49,6 +49,7 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("grouped_mm", "batched_mm", "eager")
 E, K, VOCAB, LAYERS = 8, 2, 96, 2
+_DROP = object()  # PER_ARCH value: do not pass this attribute
 WRONG = 1e-4  # fp32 relative error above which the compiled answer is not eager's
 
 # ---- tiny configs ---------------------------------------------------------------------------------
@@ -88,14 +89,30 @@ GENERIC = {
     "tie_word_embeddings": False,
 }
 KEEP_NONE = {"q_lora_rank", "sliding_window", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim",
-             "prefix_dense_intermediate_size", "index_topk", "head_dim", "num_nextn_predict_layers", "mamba_dt_rank"}
+             "prefix_dense_intermediate_size", "index_topk", "num_nextn_predict_layers", "mamba_dt_rank"}
+FILL_NONE = {"n_shared_experts": 1}  # None breaks some modeling code (Dots1: moe_intermediate_size * n_shared_experts)
 SHARED_OFF_WHEN_ZERO = {"shared_intermediate_size"}  # 0 means "no shared experts": turn them on (24)
 GROUP_KEYS = (("n_group", "topk_group"), ("num_expert_group", "topk_group"))
 LAYER_LIST_KEYS = ("layer_types", "layers_block_type")
 MLP_LIST_KEYS = ("mlp_layer_types",)
 
 # per-architecture fixes on top of GENERIC (folder name -> overrides)
-PER_ARCH: dict[str, dict] = {}
+PER_ARCH: dict[str, dict] = {
+    "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": LAYERS, "max_seq_len": 128, "vocab_size": VOCAB,
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": E, "moe_top_k": K}},
+    "doge": {"num_experts": 16, "is_moe": True},  # product-key experts: E must be a square
+    "granitemoehybrid": {"mamba_n_heads": 8, "mamba_d_head": 8,  # mamba_expand * hidden = heads * d_head
+                         "layer_types": ["linear_attention", "full_attention"]},
+    "mistral4": {"head_dim": 16},  # rope dim = head_dim * partial_rotary_factor (0.5) = qk_rope_head_dim
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "longcat_flash": {"zero_expert_num": 4},  # identity ("zero") experts next to the 8 routed ones
+    "nemotron_h": {"layers_block_type": ["full_attention", "moe"], "num_hidden_layers": _DROP},
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
+                  "indexer_compress_ratio": 2},
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
+}
 
 
 def _first_distinct(values, n):
@@ -136,6 +153,11 @@ def tiny_config(arch: str, model_type: str):
             continue
         if key in SHARED_OFF_WHEN_ZERO or d[key] != value or key in ("num_hidden_layers",):
             kw[key] = value
+    for key, value in FILL_NONE.items():
+        if key in d and d[key] is None:
+            kw[key] = value
+    if "kv_lora_rank" in d and "num_attention_heads" in kw:  # multi-head latent attention: as many kv heads as heads
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
     for gkey, tkey in GROUP_KEYS:
         if gkey in d and isinstance(d[gkey], int) and d[gkey] > 1:
             kw[gkey], kw[tkey] = 4, 2
@@ -163,19 +185,20 @@ def tiny_config(arch: str, model_type: str):
     return cls(**kw), kw
 
 
-_DROP = object()
-
-
 # ---- models ---------------------------------------------------------------------------------------
 def build_model(arch: str, model_type: str, impl: str | None, seed: int = 0):
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
+    model_type, _, direct = model_type.partition("@")
     config, overrides = tiny_config(arch, model_type)
     if impl is not None:
         config._experts_implementation = impl
-    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    if direct:  # a text CausalLM class missing from the AutoModelForCausalLM mapping
+        model = _causal_class(model_type, direct)(config).float().eval()
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # random, non-degenerate weights everywhere (as tests/models.hf_model)
         for name, p in model.named_parameters():
             if "bias" in name or "norm" in name or "sinks" in name:
@@ -188,15 +211,19 @@ def build_model(arch: str, model_type: str, impl: str | None, seed: int = 0):
     return model, overrides
 
 
-def supports_impl(model_type: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def _causal_class(model_type: str, cls_name: str | None = None):
     import importlib
 
     from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
     mod = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
-    return getattr(mod, cls_name)._can_set_experts_implementation()
+    return getattr(mod, cls_name or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+def supports_impl(model_type: str) -> bool:
+    model_type, _, direct = model_type.partition("@")
+    return _causal_class(model_type, direct or None)._can_set_experts_implementation()
 
 
 def moe_blocks(model) -> list[str]:
@@ -206,13 +233,21 @@ def moe_blocks(model) -> list[str]:
 
     blocks = []
     for name, module in model.named_modules():
+        cls = type(module).__name__
         own = [p for p in module.parameters(recurse=False) if p.dim() == 3]
-        is_experts = bool(own) or (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts")
+        is_experts = ((bool(own) and not isinstance(module, nn.modules.conv._ConvNd)) or cls.endswith("Experts")
+                      or (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts"))
+        is_experts = is_experts and "Shared" not in cls
         if is_experts and name:
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             if parent not in blocks:
                 blocks.append(parent)
-    return blocks
+        elif name and _MOE_CLASS.search(cls) and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)  # an MoE block class without 3-D weights (e.g. Doge's product-key embeddings)
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]
+
+
+_MOE_CLASS = re.compile(r"(MoE|Moe)(Block|Layer)?$|SparseMoe")
 
 
 # ---- one case -------------------------------------------------------------------------------------
@@ -287,7 +322,9 @@ def run_case(arch: str, model_type: str, impl: str | None, timeout: int) -> dict
             row["variants"] = sorted({f"{b.form}/{b.variant}" for b in report.rewritten})
             row["left_alone"] = sorted({f"{b.name}: {b.reason}" for b in report.left_alone})
             row["graphs"] = report.graphs
-            row["graph_breaks"] = {str(k)[:160]: v for k, v in counters["graph_break"].items()}
+            # torch 2.13 counts most breaks under "unimplemented" (first line of the reason), older ones under "graph_break"
+            row["graph_breaks"] = {str(k).splitlines()[0][:160]: v for kind in ("graph_break", "unimplemented")
+                                   for k, v in counters[kind].items()}
             diff = (got - expected).abs().max().item()
             row["max_abs"] = diff
             row["rel_err"] = diff / max(expected.abs().max().item(), 1e-30)
@@ -339,7 +376,11 @@ def discover() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         types = [t for t in CONFIG_MAPPING_NAMES if model_type_to_module_name(t) == folder]
         causal = [t for t in types if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
         if not causal:
-            skipped.append((folder, "no text CausalLM mapping (" + ", ".join(types) + ")"))
+            direct = sorted(set(re.findall(r"^class (\w+ForCausalLM)\(", source, re.MULTILINE)))
+            if len(types) == 1 and len(direct) == 1:  # text-only model whose CausalLM class is not in the auto mapping
+                keep.append((folder, f"{types[0]}@{direct[0]}"))
+            else:
+                skipped.append((folder, "no text CausalLM mapping (" + ", ".join(types) + ")"))
             continue
         text = [t for t in causal if t.endswith("_text")]
         keep.append((folder, (text or [t for t in causal if t == folder] or causal)[0]))
@@ -391,8 +432,8 @@ def note(row: dict) -> str:
     if row.get("left_alone"):
         reasons = sorted({r.split(": ", 1)[-1] for r in row["left_alone"]})
         parts.append("left alone: " + "; ".join(reasons))
-    if row.get("graph_breaks"):
-        parts.append(f"{sum(row['graph_breaks'].values())} graph break(s)")
+    if row.get("graph_breaks") or (row.get("graphs") or 1) > 1:
+        parts.append(f"{row.get('graphs')} graphs, breaks: " + "; ".join(sorted(row.get("graph_breaks") or {})))
     if row.get("variants"):
         parts.append(",".join(row["variants"]))
     return "; ".join(parts)
