@@ -48,6 +48,22 @@ def hf_config(arch: str):
     if arch == "gpt_oss":
         return tf.GptOssConfig(**_common(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                                          sliding_window=16, layer_types=["sliding_attention", "full_attention"]))
+    if arch == "qwen3_5_moe":  # Qwen3's router, always renormalised; linear-attention layers beside full ones
+        return tf.Qwen3_5MoeTextConfig(**_common(
+            moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+            head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"]))
+    # routers copied verbatim from a known class under another name (recognised by their code)
+    if arch == "glm4_moe":  # DeepSeek-V3's router
+        return tf.Glm4MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                                          num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+                                          num_hidden_layers=3, n_group=2, topk_group=1, norm_topk_prob=True,
+                                          routed_scaling_factor=1.5, head_dim=8))
+    if arch == "flex_olmo":  # OLMoE's router
+        return tf.FlexOlmoConfig(**_common(intermediate_size=48, num_experts=8, num_experts_per_tok=2))
+    if arch == "minimax":  # Mixtral's router
+        return tf.MiniMaxConfig(**_common(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                                          layer_types=["full_attention", "full_attention"]))
     raise ValueError(arch)
 
 

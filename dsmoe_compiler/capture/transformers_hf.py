@@ -11,14 +11,15 @@ the block in dozens of ops. While a model compiled with ``dualsparse`` runs (our
   ``torch.ops.dualsparse.experts`` call (no data-dependent shapes, so no graph break); otherwise it
   falls back to the configured implementation and leaves a ``dualsparse.left_alone`` marker saying
   why;
-- replaces the ``forward`` of the router classes it knows (``ROUTERS``) by one
+- replaces the ``forward`` of the router classes it knows (``ROUTERS``), and of every class of a loaded
+  transformers modeling module whose code is theirs under another name (``_router_classes``), by one
   ``torch.ops.dualsparse.route`` call.
 
 The backend then fuses each route/experts pair into one ``dualsparse.moe`` node. Everything is
 restored when the call returns, so other compiles in the process never see these patches.
 
-Limits: routers are recognised by class (a new router class is left as plain ops, exact but not
-fused); experts need a known activation or GPT-OSS's ``_apply_gate``; ``has_gate=False``,
+Limits: routers are recognised by class or by identical code (any other router is left as plain ops, exact
+but not fused); experts need a known activation or GPT-OSS's ``_apply_gate``; ``has_gate=False``,
 post-expert norms and expert-parallel sentinels fall back. Calls of the model from several threads
 at once, one compiled with dualsparse and one not, would see the patches too.
 """
@@ -27,11 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 import threading
 import types
 
 import torch
+import torch.nn.functional as F
 
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
 
@@ -66,6 +69,7 @@ ROUTERS = {
     "Qwen2MoeTopKRouter": _topk_softmax_router,
     "Qwen3MoeTopKRouter": _topk_softmax_router,
     "MixtralTopKRouter": functools.partial(_topk_softmax_router, always_renorm=True, weights_fp32=True),
+    "Qwen3_5MoeTopKRouter": functools.partial(_topk_softmax_router, always_renorm=True),  # Qwen3's, always renormalised
     "DeepseekV2TopkRouter": _deepseek_v2_router,
     "DeepseekV3TopkRouter": _deepseek_v3_router,
     "GptOssTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True, router_bias=True),
@@ -112,13 +116,25 @@ def router_plan(class_name: str, weight_shape: tuple, facts: tuple) -> tuple[str
     return spec.to_json(), tuple(a for _, a in slots)
 
 
-def route_forward(self, hidden_states):
-    plan = router_plan(type(self).__name__, tuple(self.weight.shape), _router_facts(self))
+def route_forward(self, hidden_states, kind: str | None = None):
+    """The router's forward as one ``dualsparse.route`` call; ``kind``: the known router class whose code this class
+    shares (``_router_classes``), else its own name."""
+    plan = router_plan(kind or type(self).__name__, tuple(self.weight.shape), _router_facts(self))
     if plan is None:
         return _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
     spec_json, attributes = plan
     params = [getattr(self, a) for a in attributes]
     return torch.ops.dualsparse.route(hidden_states.reshape(-1, self.weight.shape[1]), params, spec_json)
+
+
+@functools.lru_cache(maxsize=None)
+def _route_forward_as(kind: str):
+    """``route_forward`` for a class whose code equals that of the known router ``kind`` (a plain function, so it
+    binds as a method)."""
+    def forward(self, hidden_states):
+        return route_forward(self, hidden_states, kind)
+
+    return forward
 
 
 # ---- experts --------------------------------------------------------------------------------------
@@ -135,10 +151,22 @@ def _gate_kind(module) -> str:
     return "gptoss" if type(module).__name__ == "GptOssExperts" else "custom:" + type(module).__name__
 
 
+def _activation_name(act) -> str:
+    """The class name ``_ACTIVATIONS`` knows for an activation module, or for torch's own functions (a model may set
+    ``act_fn = F.silu``); any other function is "function", which nothing matches. Identity tests only: this runs
+    in traced code."""
+    if act is F.silu:
+        return "SiLU"
+    if act is F.relu or act is torch.relu:
+        return "ReLU"
+    if act is F.gelu:  # approximate="none" unless the caller passes it; a module would hold a partial instead
+        return "GELUActivation"
+    return type(act).__name__
+
+
 def _experts_facts(module) -> tuple:
     """What ``describe_experts`` needs, as plain constants (read in traced code: no graph break)."""
-    act = getattr(module, "act_fn", None)
-    return (_gate_kind(module), type(act).__name__, getattr(module, "has_gate", True),
+    return (_gate_kind(module), _activation_name(getattr(module, "act_fn", None)), getattr(module, "has_gate", True),
             getattr(module, "has_post_expert_norm", False), getattr(module, "_is_expert_parallel", False),
             module.is_concatenated, module.is_transposed, module.has_bias,
             float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0)),
@@ -192,6 +220,8 @@ def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int
             raise RuntimeError(f"dualsparse: {class_name} was sharded by shard_experts_ but cannot be captured "
                                f"({described}); only the expert-parallel operators can run a sharded model")
         return f"{class_name}: {described}"
+    if len(gate_up_shape) != 3:
+        return f"{class_name}: no 3-D gate_up_proj"
     held = gate_up_shape[0]
     num_experts = held if f["dualsparse_num_experts"] is None else int(f["dualsparse_num_experts"])
     if num_experts != held:  # sharded: E is the global count, the weights hold experts offset .. offset + held - 1
@@ -206,7 +236,8 @@ def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback):
-    plan = experts_plan(type(self).__name__, _experts_facts(self), tuple(self.gate_up_proj.shape),
+    gate_up = getattr(self, "gate_up_proj", None)  # absent without a gate (has_gate=False): left alone below
+    plan = experts_plan(type(self).__name__, _experts_facts(self), tuple(gate_up.shape) if gate_up is not None else (),
                         top_k_index.shape[-1])
     if isinstance(plan, str):
         out = fallback(self, hidden_states, top_k_index, top_k_weights)
@@ -222,16 +253,28 @@ _lock = threading.Lock()
 _depth = 0
 
 
+_ROUTER_HOMES = ("olmoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss")
+"""The model folders of the ``ROUTERS`` classes."""
+
+
+def _router_classes() -> tuple[tuple[type, str], ...]:
+    """(router class, the ``ROUTERS`` name whose reader describes it): the known classes themselves, and every class
+    of a loaded transformers modeling module whose code equals one of theirs (``_code_key``). Many models copy a
+    router verbatim under their own name (GLM-4-MoE, dots1, Kimi-Linear, ... share DeepSeek-V3's; Qwen3-Next and
+    FlexOlmo Olmoe's; MiniMax Mixtral's), so the same reader describes them exactly."""
+    return _known_routers() + tuple(a for m in _loaded_modeling_modules(len(sys.modules)) for a in _routers_in(m))
+
+
 @functools.lru_cache(maxsize=None)
-def _router_classes() -> tuple[type, ...]:
-    return tuple(_find_router_classes())
+def _known_routers() -> tuple[tuple[type, str], ...]:
+    return tuple((cls, cls.__name__) for cls in _find_router_classes())
 
 
 def _find_router_classes():
     import transformers
 
     for name in ROUTERS:
-        for module_name in ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"):
+        for module_name in _ROUTER_HOMES:
             cls = getattr(getattr(transformers.models, module_name, None), name, None)
             if cls is None:
                 try:
@@ -242,6 +285,61 @@ def _find_router_classes():
             if cls is not None:
                 yield cls
                 break
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded_modeling_modules(count: int) -> tuple[str, ...]:
+    """transformers' modeling modules imported so far (cached on the number of loaded modules: entered every call)."""
+    return tuple(name for name in list(sys.modules)
+                 if name.startswith("transformers.models.") and ".modeling_" in name
+                 and name.split(".")[2] not in _ROUTER_HOMES)
+
+
+@functools.lru_cache(maxsize=None)
+def _known_keys() -> dict[str, str]:
+    keys = {}
+    for cls, name in _known_routers():
+        key = _code_key(cls)
+        if key is not None:
+            keys.setdefault(key, name)
+    return keys
+
+
+@functools.lru_cache(maxsize=None)
+def _routers_in(module_name: str) -> tuple[tuple[type, str], ...]:
+    module = sys.modules.get(module_name)
+    if module is None:
+        return ()
+    found = []
+    for cls in list(vars(module).values()):
+        if (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__ == module_name
+                and "forward" in vars(cls)):
+            kind = _known_keys().get(_code_key(cls))
+            if kind is not None:
+                found.append((cls, kind))
+    return tuple(found)
+
+
+def _code_key(cls) -> str | None:
+    """What a router class computes, as text: the source of its own methods other than ``__init__`` and of the
+    module-level functions they call, whitespace-normalised, with the class's name replaced; None if any source is
+    missing. Equal keys: the same computation on the same attributes (``__init__`` may read other config names)."""
+    methods = {n: f for n, f in vars(cls).items() if inspect.isfunction(f) and n != "__init__"}
+    parts = []
+    try:
+        for name in sorted(methods):
+            parts.append(_normalised(inspect.getsource(methods[name]), cls.__name__))
+            for helper in sorted(set(methods[name].__code__.co_names)):
+                value = methods[name].__globals__.get(helper)
+                if inspect.isfunction(value) and value.__module__ == cls.__module__:
+                    parts.append(_normalised(inspect.getsource(value), cls.__name__))
+    except (OSError, TypeError):
+        return None
+    return "\n".join(parts) if parts else None
+
+
+def _normalised(source: str, class_name: str) -> str:
+    return " ".join(source.replace(class_name, "<cls>").split())
 
 
 def _patched_get_interface(original):
@@ -290,9 +388,9 @@ def _install():
     _default_apply_gate()
     _ORIGINAL_FORWARDS["get_interface"] = moe.ExpertsInterface.get_interface
     moe.ExpertsInterface.get_interface = _patched_get_interface(moe.ExpertsInterface.get_interface)
-    for cls in _router_classes():
+    for cls, kind in _router_classes():
         _ORIGINAL_FORWARDS[cls] = cls.forward
-        cls.forward = route_forward
+        cls.forward = route_forward if kind == cls.__name__ else _route_forward_as(kind)
 
 
 def _uninstall():
