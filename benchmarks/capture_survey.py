@@ -47,6 +47,9 @@ import traceback
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from models import randomize_  # noqa: E402  (the tests' random weights)
+
 IMPLS = ("grouped_mm", "batched_mm", "eager")
 E, K, VOCAB, LAYERS = 8, 2, 96, 2
 _DROP = object()  # PER_ARCH value: do not pass this attribute
@@ -199,16 +202,7 @@ def build_model(arch: str, model_type: str, impl: str | None, seed: int = 0):
         model = _causal_class(model_type, direct)(config).float().eval()
     else:
         model = tf.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # random, non-degenerate weights everywhere (as tests/models.hf_model)
-        for name, p in model.named_parameters():
-            if "bias" in name or "norm" in name or "sinks" in name:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.2)
-        for name, b in model.named_buffers():
-            if b.is_floating_point() and "bias" in name and b.numel() > 0 and not b.any():
-                b.normal_(0, 0.1)
-    return model, overrides
+    return randomize_(model), overrides
 
 
 def _causal_class(model_type: str, cls_name: str | None = None):

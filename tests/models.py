@@ -77,15 +77,18 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
     torch.manual_seed(seed)
     config = hf_config(arch)
     config._experts_implementation = impl
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # random, non-degenerate weights everywhere (some buffers start at zero)
+    return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
+
+
+def randomize_(model):
+    """Random, non-degenerate weights everywhere, in place: biases, norms and sinks N(0, 0.1), the rest N(0, 0.2), and
+    floating bias buffers that start at zero (DeepSeek-V3's score correction) N(0, 0.1). Also used by
+    ``benchmarks/capture_survey.py``."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "bias" in name or "norm" in name or "sinks" in name:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.2)
+            p.normal_(0, 0.1 if ("bias" in name or "norm" in name or "sinks" in name) else 0.2)
         for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
+            if b.is_floating_point() and "bias" in name and b.numel() > 0 and not b.any():
                 b.normal_(0, 0.1)
     return model
 
