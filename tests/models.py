@@ -53,6 +53,15 @@ def hf_config(arch: str):
             moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
             head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
             linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"]))
+    if arch == "mistral4":  # softmax scores in groups of experts, the excluded groups set to 0
+        return tf.Mistral4Config(**_common(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                                           num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=0,
+                                           num_key_value_heads=4, n_group=4, topk_group=2, norm_topk_prob=True,
+                                           routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=24, head_dim=16,
+                                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))
+    if arch == "aria":  # top-k of the logits, then softmax over the k (GPT-OSS's rule without a router bias)
+        return tf.AriaTextConfig(**_common(intermediate_size=48, moe_num_experts=8, moe_topk=2,
+                                           moe_num_shared_experts=1, head_dim=8))
     # routers copied verbatim from a known class under another name (recognised by their code)
     if arch == "glm4_moe":  # DeepSeek-V3's router
         return tf.Glm4MoeConfig(**_common(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
@@ -77,6 +86,8 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
     torch.manual_seed(seed)
     config = hf_config(arch)
     config._experts_implementation = impl
+    if arch == "mistral4":  # not in the AutoModelForCausalLM mapping
+        return randomize_(tf.Mistral4ForCausalLM(config).eval())
     return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
 
 

@@ -64,6 +64,13 @@ def _deepseek_v3_router(module) -> RoutingSpec:
                        scale=float(module.routed_scaling_factor), logits_fp32=True, weights_fp32=True)
 
 
+def _mistral4_router(module) -> RoutingSpec:
+    """DeepSeek-V3's groups (two best summed) on softmax scores in the model's dtype, excluded groups set to 0."""
+    return RoutingSpec(score_func="softmax", num_groups=module.num_group, topk_groups=module.topk_group,
+                       group_score="top2_sum", group_mask_value="zero", renormalize=bool(module.norm_topk_prob),
+                       renorm_eps=1e-20, scale=float(module.routed_scaling_factor))
+
+
 ROUTERS = {
     "OlmoeTopKRouter": _topk_softmax_router,
     "Qwen2MoeTopKRouter": _topk_softmax_router,
@@ -73,6 +80,8 @@ ROUTERS = {
     "DeepseekV2TopkRouter": _deepseek_v2_router,
     "DeepseekV3TopkRouter": _deepseek_v3_router,
     "GptOssTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True, router_bias=True),
+    "AriaTextTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True),  # GPT-OSS's, no bias
+    "Mistral4TopkRouter": _mistral4_router,
 }
 """Router class name -> function reading its RoutingSpec from the module (None: not expressible)."""
 
@@ -253,7 +262,8 @@ _lock = threading.Lock()
 _depth = 0
 
 
-_ROUTER_HOMES = ("olmoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss")
+_ROUTER_HOMES = ("olmoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                 "aria", "mistral4")
 """The model folders of the ``ROUTERS`` classes."""
 
 
