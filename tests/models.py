@@ -85,7 +85,8 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
 
     torch.manual_seed(seed)
     config = hf_config(arch)
-    config._experts_implementation = impl
+    if impl is not None:  # None: the model's default (some versions' models take no other)
+        config._experts_implementation = impl
     if arch == "mistral4":  # not in the AutoModelForCausalLM mapping
         return randomize_(tf.Mistral4ForCausalLM(config).eval())
     return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())

@@ -28,7 +28,7 @@ def test_copied_router_is_captured(arch, known):
 
     if not hasattr(transformers.models, arch):  # newer than the installed transformers
         pytest.skip(f"{arch} is not in transformers {transformers.__version__}")
-    model = hf_model(arch, "grouped_mm")
+    model = hf_model(arch, None)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(ids).logits
@@ -36,6 +36,9 @@ def test_copied_router_is_captured(arch, known):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     report = dsmoe_compiler.last_report()
+    if arch == "aria" and moe_layer_count(model) == 0:  # transformers 5.17: Aria's own experts layers, not captured
+        assert not report.rewritten, str(report)
+        return
     assert len(report.rewritten) == moe_layer_count(model) > 0, str(report)
     assert not report.left_alone and report.graphs == 1 and graph_breaks() == ({}, {}), str(report)
     router = next(type(m) for m in model.modules() if type(m).__name__.endswith(("TopkRouter", "TopKRouter")))
