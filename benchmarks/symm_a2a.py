@@ -44,7 +44,7 @@ def draw_splits(rows: int, world: int, gen: torch.Generator) -> torch.Tensor:
     return splits
 
 
-def nccl_exchange(rows_in, splits, out_numel_max, hidden):
+def nccl_exchange(rows_in, splits, hidden):
     recv_splits = torch.empty_like(splits)
     dist.all_to_all_single(recv_splits, splits)
     send, recv = splits.tolist(), recv_splits.tolist()  # the host waits here
@@ -53,17 +53,9 @@ def nccl_exchange(rows_in, splits, out_numel_max, hidden):
     return out, recv_splits
 
 
-def vdev_op():
-    op = torch.ops.symm_mem.all_to_all_vdev
-    names = [a.name for a in op.default._schema.arguments]
-    return op, names
-
-
-def vdev_exchange(op, names, inp, out, splits_buf, out_meta, group_name):
-    if "in_out_splits" in names:  # older schema: [3, W] = in splits, out splits, out offsets
-        op(inp, out, splits_buf, group_name)
-        return splits_buf[1], splits_buf[2]
-    op(inp, out, splits_buf, out_meta, group_name)
+def vdev_exchange(inp, out, splits_buf, out_meta, group_name):
+    """(received sizes, their offsets) on the device; the schema of torch 2.11 and 2.13."""
+    torch.ops.symm_mem.all_to_all_vdev(inp, out, splits_buf, out_meta, group_name)
     return out_meta[0], out_meta[1]
 
 
@@ -111,8 +103,7 @@ def main():
         group_name = dist.group.WORLD.group_name
         if hasattr(symm_mem, "enable_symm_mem_for_group"):
             symm_mem.enable_symm_mem_for_group(group_name)
-        op, names = vdev_op()
-        info["schema"] = str(op.default._schema)
+        info["schema"] = str(torch.ops.symm_mem.all_to_all_vdev.default._schema)
     except Exception as e:  # noqa: BLE001  (a probe: report what is missing and stop)
         info["error"] = f"{type(e).__name__}: {e}"
         if rank == 0:
@@ -132,30 +123,24 @@ def main():
             out = symm_mem.empty(world * rows, args.hidden, dtype=torch.bfloat16, device=device)
             inp.copy_(rows_in)
             out.fill_(float("nan"))  # poison: rows the exchange does not write stay NaN
-            if "in_out_splits" in names:
-                splits_buf = symm_mem.empty(3, world, dtype=torch.int64, device=device)
-                splits_buf[0].copy_(splits)
-                out_meta = None
-            else:
-                splits_buf = symm_mem.empty(world, dtype=torch.int64, device=device)
-                splits_buf.copy_(splits)
-                out_meta = symm_mem.empty(2, world, dtype=torch.int64, device=device)
+            splits_buf = symm_mem.empty(world, dtype=torch.int64, device=device)
+            splits_buf.copy_(splits)
+            out_meta = symm_mem.empty(2, world, dtype=torch.int64, device=device)
             symm_mem.rendezvous(inp, group=group_name)
             info["backend"] = symm_mem.get_backend(device)
             symm_mem.rendezvous(out, group=group_name)
             symm_mem.rendezvous(splits_buf, group=group_name)
-            if out_meta is not None:
-                symm_mem.rendezvous(out_meta, group=group_name)
+            symm_mem.rendezvous(out_meta, group=group_name)
 
-            ref, ref_splits = nccl_exchange(rows_in, splits, world * rows, args.hidden)
-            got_splits, got_offsets = vdev_exchange(op, names, inp, out, splits_buf, out_meta, group_name)
+            ref, ref_splits = nccl_exchange(rows_in, splits, args.hidden)
+            got_splits, got_offsets = vdev_exchange(inp, out, splits_buf, out_meta, group_name)
             torch.cuda.synchronize(device)
             same_splits = torch.equal(got_splits.cpu(), ref_splits.cpu())
             got = torch.cat([out[o: o + n] for o, n in zip(got_offsets.tolist(), got_splits.tolist())])
             row["same_splits"] = same_splits
             row["same_rows"] = bool(got.shape == ref.shape and torch.equal(got, ref))
-            run_nccl = functools.partial(nccl_exchange, rows_in, splits, world * rows, args.hidden)
-            run_vdev = functools.partial(vdev_exchange, op, names, inp, out, splits_buf, out_meta, group_name)
+            run_nccl = functools.partial(nccl_exchange, rows_in, splits, args.hidden)
+            run_vdev = functools.partial(vdev_exchange, inp, out, splits_buf, out_meta, group_name)
             row["nccl_ms"] = timed(run_nccl, device, args.reps)
             row["vdev_ms"] = timed(run_vdev, device, args.reps)
             row["nccl_x8_ms"] = timed(run_nccl, device, max(args.reps // 3, 3), queued=8)

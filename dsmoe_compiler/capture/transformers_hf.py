@@ -125,10 +125,10 @@ def router_plan(class_name: str, weight_shape: tuple, facts: tuple) -> tuple[str
     return spec.to_json(), tuple(a for _, a in slots)
 
 
-def route_forward(self, hidden_states, kind: str | None = None):
-    """The router's forward as one ``dualsparse.route`` call; ``kind``: the known router class whose code this class
-    shares (``_router_classes``), else its own name."""
-    plan = router_plan(kind or type(self).__name__, tuple(self.weight.shape), _router_facts(self))
+def route_forward(self, hidden_states, kind: str):
+    """The router's forward as one ``dualsparse.route`` call; ``kind``: the ``ROUTERS`` class whose reader describes
+    this class (its own name, or the known router whose code it copies: ``_router_classes``)."""
+    plan = router_plan(kind, tuple(self.weight.shape), _router_facts(self))
     if plan is None:
         return _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
     spec_json, attributes = plan
@@ -138,8 +138,7 @@ def route_forward(self, hidden_states, kind: str | None = None):
 
 @functools.lru_cache(maxsize=None)
 def _route_forward_as(kind: str):
-    """``route_forward`` for a class whose code equals that of the known router ``kind`` (a plain function, so it
-    binds as a method)."""
+    """``route_forward`` with ``kind`` bound, as a plain function (so that it binds as a method)."""
     def forward(self, hidden_states):
         return route_forward(self, hidden_states, kind)
 
@@ -271,8 +270,16 @@ def _router_classes() -> tuple[tuple[type, str], ...]:
     """(router class, the ``ROUTERS`` name whose reader describes it): the known classes themselves, and every class
     of a loaded transformers modeling module whose code equals one of theirs (``_code_key``). Many models copy a
     router verbatim under their own name (GLM-4-MoE, dots1, Kimi-Linear, ... share DeepSeek-V3's; Qwen3-Next and
-    FlexOlmo Olmoe's; MiniMax Mixtral's), so the same reader describes them exactly."""
-    return _known_routers() + tuple(a for m in _loaded_modeling_modules(len(sys.modules)) for a in _routers_in(m))
+    FlexOlmo Olmoe's; MiniMax Mixtral's), so the same reader describes them exactly. Entered on every call of a
+    compiled model: cached on the number of loaded modules."""
+    return _routers_with_modules(len(sys.modules))
+
+
+@functools.lru_cache(maxsize=8)
+def _routers_with_modules(count: int) -> tuple[tuple[type, str], ...]:
+    modeling = [name for name in list(sys.modules) if name.startswith("transformers.models.")
+                and ".modeling_" in name and name.split(".")[2] not in _ROUTER_HOMES]
+    return _known_routers() + tuple(a for m in modeling for a in _routers_in(m))
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,14 +302,6 @@ def _find_router_classes():
             if cls is not None:
                 yield cls
                 break
-
-
-@functools.lru_cache(maxsize=8)
-def _loaded_modeling_modules(count: int) -> tuple[str, ...]:
-    """transformers' modeling modules imported so far (cached on the number of loaded modules: entered every call)."""
-    return tuple(name for name in list(sys.modules)
-                 if name.startswith("transformers.models.") and ".modeling_" in name
-                 and name.split(".")[2] not in _ROUTER_HOMES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,7 +399,7 @@ def _install():
     moe.ExpertsInterface.get_interface = _patched_get_interface(moe.ExpertsInterface.get_interface)
     for cls, kind in _router_classes():
         _ORIGINAL_FORWARDS[cls] = cls.forward
-        cls.forward = route_forward if kind == cls.__name__ else _route_forward_as(kind)
+        cls.forward = _route_forward_as(kind)
 
 
 def _uninstall():
