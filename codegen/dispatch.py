@@ -63,7 +63,9 @@ def _fused_routing_ok(spec: MoESpec) -> bool:
     complete = spec.transform == "complete" and spec.partition > 1
     # GPT-OSS takes top-k of raw (bf16) logits, where exact ties are common: torch.topk breaks them the
     # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order).
-    return r.num_groups == 1 and not complete and not r.score_after_topk and spec.num_experts <= 1024
+    # Ernie-4.5's clamped renormalisation (renorm_min) has no kernel form yet: its routing stays on torch ops.
+    return (r.num_groups == 1 and not complete and not r.score_after_topk and spec.num_experts <= 1024
+            and r.renorm_min == 0)
 
 
 def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
@@ -72,7 +74,7 @@ def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
     # 16 tokens per program: 256 programs at 4096 tokens (64 gave 0.009 ms against 0.004 ms for OLMoE 4096 and
     # 0.015 against 0.006 ms for Qwen3-30B-A3B on the H200, results/h200/layer_ab_split_atomic.*, variant rt16)
     return dict(TOPK=spec.top_k, SIGMOID=r.score_func == "sigmoid", AFTER_TOPK=r.score_after_topk,
-                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, ROUND_SCORES=logits_dtype != torch.float32,
+                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, ROUND_SCORES=logits_dtype != torch.float32 and not r.scores_fp32,
                 BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e,
                 BLOCK_K=triton.next_power_of_2(spec.top_k))
 

@@ -56,10 +56,10 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         logits = logits.repeat_interleave(copies, dim=-1)
     if r.score_after_topk:
         values, index = torch.topk(logits, k, dim=-1)
-        weights = torch.softmax(values, dim=-1, dtype=values.dtype)
+        weights = torch.softmax(values, dim=-1, dtype=torch.float32 if r.scores_fp32 else values.dtype)
     else:
         scores = (torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-                  if r.score_func == "softmax" else logits.sigmoid())
+                  if r.score_func == "softmax" else (logits.float() if r.scores_fp32 else logits).sigmoid())
         choice = scores
         if r.score_bias:
             bias = _param(spec, params, "score_bias").repeat_interleave(copies)
@@ -72,7 +72,8 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         index = torch.topk(choice, k, dim=-1).indices
         weights = scores.gather(1, index)
         if r.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + r.renorm_eps)
+            denominator = weights.sum(dim=-1, keepdim=True) + r.renorm_eps
+            weights = weights / (denominator.clamp_min(r.renorm_min) if r.renorm_min else denominator)
         weights = weights * r.scale
     if copies > 1:
         weights = weights * spec.complete_scale

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from dsmoe_compiler import dump, ops  # noqa: F401  (ops registers torch.ops.dualsparse.*)
 from dsmoe_compiler import report as report_mod
-from dsmoe_compiler.capture import fold_shared, fuse_markers, transformers_hf, user_moe
+from dsmoe_compiler.capture import fold_shared, fuse_markers, route_graph, transformers_hf, user_moe
 from dsmoe_compiler.capture.graph_utils import ssa_inplace
 from dsmoe_compiler.options import Options
 
@@ -75,6 +75,12 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     fuse_markers.collect_left_alone(gm, report)
     if ssa_inplace(gm):
         report.counters["ssa_inplace"] += 1
+    try:
+        if route_graph.capture_plain_routers(gm, example_inputs):
+            report.counters["route_graph"] += 1
+    except Exception as error:  # a recogniser bug must never break the user's compile: the markers stay (exact)
+        log.warning("dualsparse: plain-op routers not read: %r", error)
+        report.counters["route_graph_failed"] += 1
     fuse_markers.fuse_markers(gm, report)
     user_moe.capture_user_moe(gm, example_inputs, opts, report)
     try:

@@ -30,6 +30,8 @@ class RoutingSpec:
     """Divide the k selected weights by their sum (Mixtral, Qwen3, DeepSeek-V3 with norm_topk_prob)."""
     renorm_eps: float = 0.0
     """Added to the denominator of the renormalisation (DeepSeek-V3 uses 1e-20)."""
+    renorm_min: float = 0.0
+    """The denominator is at least this (Ernie-4.5's ``clamp(sum, min=moe_norm_min)``); 0: no clamp."""
     scale: float = 1.0
     """routed_scaling_factor, applied after renormalisation."""
     router_bias: bool = False
@@ -46,6 +48,9 @@ class RoutingSpec:
     """What excluded groups' scores become before the final top-k (V2: 0.0, V3: -inf)."""
     logits_fp32: bool = False
     """Router matmul in fp32 (DeepSeek); else in the input dtype."""
+    scores_fp32: bool = False
+    """Sigmoid of the (input-dtype) logits, or score_after_topk's softmax of the k values, taken in fp32 (MiniMax-M2,
+    AFMoE; Granite, Cohere-2); else in the logits' dtype. The softmax over all experts is always fp32."""
     weights_fp32: bool = False
     """Top-k weights stay fp32 (Mixtral); else cast back to the input dtype."""
 

@@ -130,7 +130,8 @@ def partition_spec(spec: MoESpec, P: int, transform: str) -> MoESpec:
         return spec.replace(partition=P, transform="partial", complete_scale=1.0)
     r = spec.routing
     scale, eps_factor = derive_complete_scale(r.score_func, r.renormalize, r.score_after_topk, P)
-    routing = dataclasses.replace(r, renorm_eps=r.renorm_eps * eps_factor)
+    # the denominator scales by eps_factor, so its floor does too: max(f*D, f*m) = f*max(D, m)
+    routing = dataclasses.replace(r, renorm_eps=r.renorm_eps * eps_factor, renorm_min=r.renorm_min * eps_factor)
     return spec.replace(partition=P, transform="complete", complete_scale=scale, routing=routing)
 
 

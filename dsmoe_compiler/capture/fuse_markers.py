@@ -62,8 +62,9 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
         x, index, weights, expert_params, experts_json = node.args
         route = _route_output(index, 2)
         if route is None or _route_output(weights, 1) is not route or not same_base(route.args[0], x):
-            report.left_alone.append(LeftAlone(block_name(node) or node.name,
-                                               "routing reaches the experts through other ops; markers kept (exact)"))
+            why = node.meta.get("dualsparse_route_reason")  # set by route_graph: where its router pattern stopped
+            report.left_alone.append(LeftAlone(block_name(node) or node.name, "routing reaches the experts through "
+                                               f"other ops{f' ({why})' if why else ''}; markers kept (exact)"))
             continue
         route_params, route_json = route.args[1], route.args[2]
         r, e = parse_spec(route_json), parse_spec(experts_json)

@@ -198,7 +198,8 @@ def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> lis
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
-    for topk in [n for n in gm.graph.nodes if _is_call(n, torch.topk, "topk")]:
+    marked = _topks_of_experts_markers(gm)  # transformers blocks: fuse_markers / route_graph report those
+    for topk in [n for n in gm.graph.nodes if _is_call(n, torch.topk, "topk") and n not in marked]:
         block = _guarded(report, topk, lambda: _describe(gm, topk, value_of, report))
         if block is not None:
             blocks.append(block)
@@ -216,6 +217,19 @@ def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> lis
         if moe is not None:
             new_nodes.append(moe)
     return new_nodes
+
+
+def _topks_of_experts_markers(gm: fx.GraphModule) -> set[fx.Node]:
+    """The top-k nodes whose indices feed a ``dualsparse.experts`` marker left in the graph."""
+    from dsmoe_compiler.capture import route_graph
+
+    found = set()
+    for node in gm.graph.nodes:
+        if route_graph._is(node, route_graph.EXPERTS):
+            topk = route_graph._topk_of(route_graph._strip(node.args[1], route_graph._VIEWS), 1)
+            if topk is not None:
+                found.add(topk)
+    return found
 
 
 def _guarded(report, node, step):

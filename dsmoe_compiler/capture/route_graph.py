@@ -1,0 +1,327 @@
+"""Routers written as plain ops in front of a transformers experts marker become one ``dualsparse.route`` call.
+
+``transformers_hf`` patches the routers it knows by class (or by identical code). Many models write their own:
+sigmoid scores with a correction bias passed in as an argument (MiniMax-M2, HY-V3, AFMoE, LFM2-MoE), fp32 softmax
+with a bias held by a sub-module and a clamped renormalisation (Ernie-4.5), top-k of the scores' values (Flint,
+Lara). Their experts still reach the graph as a ``dualsparse.experts`` marker; this pass reads the router in front
+of it from the graph itself.
+
+Pattern (casts allowed between any two steps; ``b``: a graph input of E elements)::
+
+    logits  = linear(x, W[, c])                       # x: the experts' input up to views
+    scores  = softmax(logits) | sigmoid(logits)
+    index   = topk(scores [+ b], k)[1]
+    weights = [scale *] ( gather(scores, index) | topk(scores, k)[0] ) [/ (sum(.) [+ eps] | clamp(sum(.), min=m))]
+    # or GPT-OSS's form: values, index = topk(logits, k); weights = softmax(values)
+    y = dualsparse.experts(x, index, weights, ...)
+
+Replacement::
+
+    r = dualsparse.route(x, [W, (c), (b)], spec)      # spec: the RoutingSpec read off the pattern
+    y = dualsparse.experts(x, r[2], r[1], ...)         # then fused by ``fuse_markers``
+
+Equivalence: ``reference.route`` computes each step of the pattern in the same dtypes (``logits_fp32``,
+``scores_fp32``, ``weights_fp32`` are read from the graph's example values). As a second guard, the parsed spec
+must reproduce the graph's own index sets and weights on its example inputs before anything is rewritten; a
+router that matches no pattern, or whose spec does not reproduce it, keeps its ops and the markers stay (exact).
+Tests: ``tests/test_capture_route_graph.py`` (each pattern on a hand-written router, copies of the real models'
+routers, and mutations that must not be captured).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from dsmoe_compiler.capture.fuse_markers import EXPERTS, ROUTE, _is, _route_output
+from dsmoe_compiler.capture.graph_utils import example_value, recorded_values, same_base
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.ir import MoESpec, RoutingSpec
+
+_CASTS = {"float", "to", "type", "type_as", "half", "bfloat16", "double"}
+_VIEWS = {"view", "reshape", "squeeze", "flatten", "contiguous"}
+_DIVS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
+REASON = "dualsparse_route_reason"
+"""Meta key of an experts node whose router this pass could not read: why (``fuse_markers`` reports it)."""
+
+
+class NotARouter(Exception):
+    """The ops in front of the experts do not match the pattern; the message says where."""
+
+
+def _call(node, functions=(), methods=()) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target in methods))
+
+
+def _strip(node, also=frozenset()):
+    """Skip casts (and the ``also`` methods) in front of a node."""
+    while _call(node, methods=_CASTS | also):
+        node = node.args[0]
+    return node
+
+
+def _arg(node: fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _last_dim(node: fx.Node, position: int) -> bool:
+    dim = _arg(node, position, "dim", -1)
+    return dim in (-1, 1)
+
+
+def _score_func(node) -> str | None:
+    if _call(node, (torch.softmax, F.softmax), ("softmax",)):
+        if not _last_dim(node, 1):
+            raise NotARouter("softmax over another dimension than the experts")
+        return "softmax"
+    if _call(node, (torch.sigmoid, F.sigmoid), ("sigmoid",)):
+        return "sigmoid"
+    return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class _Router:
+    """What the pattern read off the graph in front of one experts node."""
+
+    experts: fx.Node
+    x: fx.Node
+    linear: fx.Node
+    weight: fx.Node
+    top_k: int
+    score_func: str = "softmax"
+    score_node: fx.Node | None = None
+    after_topk: bool = False
+    router_bias: fx.Node | None = None
+    score_bias: fx.Node | None = None
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    renorm_min: float = 0.0
+    scale: float = 1.0
+    visited: list = field(default_factory=list)
+
+    def spec(self) -> MoESpec:
+        dtype = lambda n: example_value(n).dtype  # noqa: E731
+        low = dtype(self.x) != torch.float32
+        logits_fp32 = low and dtype(self.linear) == torch.float32
+        scores_in_fp32 = dtype(self.score_node) == torch.float32
+        if self.score_func == "softmax" and not self.after_topk and not scores_in_fp32:
+            raise NotARouter("softmax in low precision (the operator takes it in fp32)")
+        routing = RoutingSpec(
+            score_func=self.score_func, score_after_topk=self.after_topk, renormalize=self.renormalize,
+            renorm_eps=self.renorm_eps, renorm_min=self.renorm_min, scale=self.scale,
+            router_bias=self.router_bias is not None, score_bias=self.score_bias is not None,
+            logits_fp32=logits_fp32,
+            scores_fp32=low and not logits_fp32 and scores_in_fp32 and (self.score_func == "sigmoid" or self.after_topk),
+            weights_fp32=low and dtype(self.experts.args[2]) == torch.float32)
+        E, H = example_value(self.weight).shape
+        slots = ["router_weight"] + ["router_bias"] * (self.router_bias is not None) + ["score_bias"] * (
+            self.score_bias is not None)
+        return MoESpec(name="router", num_experts=E, top_k=self.top_k, hidden=H, intermediate=0, routing=routing,
+                       slots=tuple(slots))
+
+    def params(self) -> list[fx.Node]:
+        return [n for n in (self.weight, self.router_bias, self.score_bias) if n is not None]
+
+
+# ---- reading the pattern ---------------------------------------------------------------------------
+def read_router(experts: fx.Node) -> _Router:
+    """The router in front of an experts node, or NotARouter saying which step does not match."""
+    x, index, weights = experts.args[:3]
+    topk = _topk_of(_strip(index, _VIEWS), 1)
+    if topk is None:
+        raise NotARouter("the experts' indices are not a top-k")
+    k = _arg(topk, 1, "k")
+    if not isinstance(k, int) or not _last_dim(topk, 2) or _arg(topk, 3, "largest", True) is not True:
+        raise NotARouter("a top-k over another dimension, of the smallest, or of a traced k")
+    choice = _strip(topk.args[0])
+    router = _router_head(experts, x, choice, k)
+    router.visited += [topk, choice]
+    if router.after_topk:
+        _read_after_topk_weights(router, weights, topk)
+    else:
+        _read_weights(router, weights, topk)
+    return router
+
+
+def _reads(node, x: fx.Node) -> bool:
+    """node is x up to casts and views."""
+    while not same_base(node, x):
+        if not _call(node, methods=_CASTS | _VIEWS):
+            return False
+        node = node.args[0]
+    return True
+
+
+def _topk_of(node, item: int):
+    if _call(node, (operator.getitem,)) and node.args[1] == item and _call(node.args[0], (torch.topk,), ("topk",)):
+        return node.args[0]
+    return None
+
+
+def _router_head(experts, x, choice, k) -> _Router:
+    """Scores, selection bias and router linear behind the top-k's input."""
+    bias = None
+    if _call(choice, (operator.add, torch.add), ("add",)):
+        a, b = (_strip(v) for v in choice.args[:2])
+        scores, bias = (a, b) if _score_func(a) else (b, a)
+        if _score_func(scores) is None and any(_call(v, (F.linear, torch._C._nn.linear)) for v in (a, b)):
+            raise NotARouter("a selection bias on raw logits")
+        bias = _strip(bias, _VIEWS)
+        if _score_func(scores) is None or not isinstance(bias, fx.Node) or bias.op != "placeholder":
+            raise NotARouter("top-k of scores plus something other than a per-expert input tensor")
+    else:
+        scores = choice
+    score_func = _score_func(scores)
+    after = score_func is None
+    linear = scores if after else _strip(scores.args[0])
+    if after and bias is not None:
+        raise NotARouter("a selection bias on raw logits")
+    if not _call(linear, (F.linear, torch._C._nn.linear)):
+        raise NotARouter("the scores are not of a router linear layer (e.g. soft-capped or rescaled logits)")
+    weight = _strip(linear.args[1])
+    c = _arg(linear, 2, "bias")
+    c = _strip(c) if c is not None else None
+    if weight.op != "placeholder" or (c is not None and c.op != "placeholder"):
+        raise NotARouter("the router's weight is computed in the graph")
+    if not _reads(linear.args[0], x) or example_value(x).dim() != 2:
+        raise NotARouter("the router reads another tensor than the experts' input")
+    E = example_value(weight).shape[0]
+    if bias is not None and example_value(bias).numel() != E:
+        raise NotARouter("a selection bias with another size than the experts")
+    return _Router(experts=experts, x=x, linear=linear, weight=weight, top_k=k, score_func=score_func or "softmax",
+                   score_node=None if after else scores, after_topk=after, router_bias=c, score_bias=bias,
+                   visited=[scores, linear])
+
+
+def _read_weights(router: _Router, weights, topk) -> None:
+    """scale, renormalisation and the gathered scores behind the experts' weights."""
+    w = _strip(weights)
+    if _call(w, (operator.mul, operator.imul, torch.mul), ("mul",)):
+        a, b = w.args[:2]
+        value, w = (a, b) if _number(a) else (b, a)
+        if not _number(value):
+            raise NotARouter("the weights are scaled by a tensor, not a constant")
+        router.scale = float(value)
+        w = _strip(w)
+    if _call(w, _DIVS, ("div", "div_", "true_divide")):
+        w = _read_renormalisation(router, w)
+    router.visited.append(w)
+    if _topk_of(w, 0) is topk and router.score_bias is None and _strip(topk.args[0]) is router.score_node:
+        return  # the top-k's values are the gathered scores
+    if not _call(w, (torch.gather,), ("gather",)) or _strip(w.args[0]) is not router.score_node:
+        raise NotARouter("the weights are not the selected scores")
+    if not _last_dim(w, 1) or _topk_of(_strip(_arg(w, 2, "index"), _VIEWS), 1) is not topk:
+        raise NotARouter("the weights gather other positions than the top-k's")
+
+
+def _read_renormalisation(router: _Router, div: fx.Node) -> fx.Node:
+    numerator, denominator = (_strip(v) for v in div.args[:2])
+    if _call(denominator, (operator.add, torch.add), ("add",)):
+        a, b = denominator.args[:2]
+        eps, denominator = (a, b) if _number(a) else (b, a)
+        if not _number(eps) or eps < 0:
+            raise NotARouter("a renormalisation denominator plus a tensor")
+        router.renorm_eps = float(eps)
+        denominator = _strip(denominator)
+    if _call(denominator, (torch.clamp, torch.clamp_min), ("clamp", "clamp_min")):
+        low = _arg(denominator, 1, "min")
+        if not _number(low) or _arg(denominator, 2, "max") is not None or router.renorm_eps:
+            raise NotARouter("a renormalisation clamped other than from below by a constant")
+        router.renorm_min = float(low)
+        denominator = _strip(denominator.args[0])
+    if not (_call(denominator, (torch.sum,), ("sum",)) and _strip(denominator.args[0]) is numerator
+            and _last_dim(denominator, 1) and _arg(denominator, 2, "keepdim", False) is True):
+        raise NotARouter("the weights are divided by something other than their sum")
+    router.renormalize = True
+    router.visited += [div, denominator]
+    return numerator
+
+
+def _read_after_topk_weights(router: _Router, weights, topk) -> None:
+    w = _strip(weights)
+    if _score_func(w) != "softmax" or _topk_of(_strip(w.args[0]), 0) is not topk:
+        raise NotARouter("top-k of logits, but the weights are not the softmax of its values")
+    router.score_node = w
+    router.visited.append(w)
+
+
+# ---- checking and rewriting ------------------------------------------------------------------------
+def _reproduces(router: _Router, spec: MoESpec, values, value_of) -> bool:
+    """The spec's index sets equal the graph's on every example token, and its weights match them."""
+    x = values[router.x]
+    _, weights, index = reference.route(x, [value_of[p] for p in router.params()], spec)
+    got_index, got_weights = values[router.experts.args[1]], values[router.experts.args[2]]
+    if got_index.shape != index.shape or x.shape[0] == 0:
+        return False
+    mine, theirs = index.sort(dim=-1), got_index.long().sort(dim=-1)
+    if not torch.equal(mine.values, theirs.values):
+        return False
+    w = weights.gather(1, mine.indices).double()
+    ref = got_weights.gather(1, theirs.indices).double()
+    # the same ops in the same dtypes: equal up to the last bit of the graph's weights (fp32: summation order)
+    rtol = 1e-5 if got_weights.dtype == torch.float32 else torch.finfo(got_weights.dtype).eps
+    return bool(torch.isfinite(w).all()) and torch.allclose(w, ref, rtol=rtol, atol=1e-7)
+
+
+def _rewrite(gm: fx.GraphModule, router: _Router, spec: MoESpec) -> None:
+    experts = router.experts
+    with gm.graph.inserting_before(experts):
+        params = [router.weight]
+        if router.router_bias is not None:
+            params.append(router.router_bias)
+        if router.score_bias is not None:  # Ernie keeps it as [1, E]
+            params.append(gm.graph.call_method("reshape", (router.score_bias, -1)))
+        route = gm.graph.call_function(ROUTE, (router.x, params, spec.to_json()))
+        weights = gm.graph.call_function(operator.getitem, (route, 1))
+        index = gm.graph.call_function(operator.getitem, (route, 2))
+    region = _region(router)
+    experts.args = (experts.args[0], index, weights, *experts.args[3:])
+    for node in reversed(list(gm.graph.nodes)):  # the old router's ops, where nothing else reads them
+        if node in region and not node.users and not str(node.target).endswith("_"):
+            gm.graph.erase_node(node)
+
+
+def _region(router: _Router) -> set:
+    region, stack = set(), [router.experts.args[1], router.experts.args[2], *router.visited]
+    while stack:
+        node = stack.pop()
+        if (isinstance(node, fx.Node) and node not in region and node.op in ("call_function", "call_method")
+                and not same_base(node, router.x)):
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+    return region
+
+
+def capture_plain_routers(gm: fx.GraphModule, example_inputs) -> int:
+    """Give each experts marker whose routing is plain ops a ``dualsparse.route`` call; returns how many."""
+    found = []
+    for node in gm.graph.nodes:
+        if not _is(node, EXPERTS) or _route_output(node.args[1], 2) is not None:
+            continue
+        try:
+            router = read_router(node)
+            found.append((router, router.spec()))
+        except NotARouter as why:
+            node.meta[REASON] = str(why)
+    if not found:
+        return 0
+    value_of = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    wanted = {n for r, _ in found for n in (r.x, *r.experts.args[1:3])}
+    values = recorded_values(gm, example_inputs, wanted)
+    done = 0
+    for router, spec in found:
+        if _reproduces(router, spec, values, value_of):
+            _rewrite(gm, router, spec)
+            done += 1
+        else:
+            router.experts.meta[REASON] = f"its router read as {spec.variant} did not reproduce the graph's routing"
+    return done
