@@ -430,7 +430,7 @@ class _Plan:
         programs = _programs(x.device)
         self.gate_up = _Kernel(
             gate_up_glu_kernel, lambda meta: launch_grid(meta, gu_rows, gu_groups, c, programs),
-            (c, H, gu_groups, gu_rows, self.rows_per_token, P, wts.up_offset,
+            (c, H, gu_groups, gu_rows, self.rows_per_token, P, wts.up_offset, self.topk,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, I if self.nested else c,
              ex.alpha, ex.limit, bucket, wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
@@ -438,7 +438,7 @@ class _Plan:
                  STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
-                 GROUPS="halves" if self.nested else "plain"))
+                 GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
@@ -446,7 +446,7 @@ class _Plan:
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_NMAJOR=dn_nmajor,
                  W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain"))
+                 GROUPS="nested" if self.nested else "plain", OUTPUT_WEIGHT=not ex.weight_on_input))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None):
@@ -498,7 +498,7 @@ class _Plan:
         launches += [
             (self.count, (index, keep_arg, counts, rank)),
             (self.scatter, (index, keep_arg, counts, rank, sorted_ids)),
-            (self.gate_up, (x, w, u, gub if gub is not None else w, h, sorted_ids, counts)),
+            (self.gate_up, (x, w, u, gub if gub is not None else w, h, sorted_ids, counts, weights)),
             (self.down, (h, dn, db if db is not None else dn, weights, y, sorted_ids, counts)),
             (self.combine, (y, keep if keep is not None else counts, out_ptr)),
         ]

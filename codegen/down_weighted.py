@@ -43,6 +43,7 @@ def down_weighted_kernel(
     W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
+    OUTPUT_WEIGHT: tl.constexpr = True,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
@@ -62,7 +63,8 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT,
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -72,7 +74,8 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT,
+                  BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -80,7 +83,8 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_NMAJOR: tl.constexpr, W_TABLE: tl.constexpr,
-          GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          GROUPS: tl.constexpr, OUTPUT_WEIGHT: tl.constexpr,
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
     on (the Minor half) for the rows from minor_from on; K steps no row needs are skipped."""
@@ -142,6 +146,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
     pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
     # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
     slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
-    acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if OUTPUT_WEIGHT:  # off where the gate/up applied it to the input (Llama-4)
+        acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -71,14 +71,15 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
                  prune_configs_by={"early_config_prune": prune_launch_shape})
 @triton.jit
 def gate_up_glu_kernel(
-    x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr,
-    N, K, num_subs, pairs, PAIRS, P, UP_OFFSET,
+    x_ptr, w_ptr, u_ptr, b_ptr, h_ptr, sorted_ptr, counts_ptr, route_w_ptr,
+    N, K, num_subs, pairs, PAIRS, P, UP_OFFSET, TOPK,
     stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit,
     ROWS_BUCKET, W_ROWS, NUM_PROGRAMS,
     GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_SUBS: tl.constexpr,
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr, W_NMAJOR: tl.constexpr,
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
+    INPUT_WEIGHT: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -100,28 +101,28 @@ def gate_up_glu_kernel(
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
             pid_m, pid_n = swizzle(tile, tiles_m, tiles_n, GROUP_SIZE_M)
             sub, row0, rows_left = locate(pid_m, tiles, tiles_end, counts, starts, BLOCK_SIZE_M, BLOCK_SUBS)
-            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                  N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, W_NMAJOR,
-                  GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
+                  pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
+                  stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
         sub, row0, rows_left = tile_of(pid_m, counts_ptr, num_subs, BLOCK_SIZE_M, BLOCK_SUBS, GROUPS)
         if sub < num_subs:
-            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-                  N, K, PAIRS, P, UP_OFFSET, stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
-                  alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED, W_NMAJOR,
-                  GROUPS, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+            _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
+                  pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
+                  stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
-def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
-          N, K, PAIRS, P, UP_OFFSET,
+def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left, pid_n,
+          N, K, PAIRS, P, UP_OFFSET, TOPK,
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
-          W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr,
+          W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
@@ -131,7 +132,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
 
     offs_m = tl.arange(0, BLOCK_SIZE_M)
     mask_m = offs_m < rows_left
-    token = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0) // PAIRS
+    pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
+    token = pair // PAIRS
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     mask_n = offs_n < N
     gate_rows = GATE_STEP * (first_neuron + offs_n)
@@ -152,6 +154,11 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, sub, row0
                                      neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
                                      W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
+    if INPUT_WEIGHT:  # Llama-4: the expert sees w x, so both products scale by w before the activation
+        w_in = tl.load(route_w_ptr + (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK, mask=mask_m, other=0.0)
+        w_in = w_in.to(tl.float32)[:, None]
+        acc_g *= w_in
+        acc_u *= w_in
     if HAS_BIAS:
         b_base = b_ptr + expert * stride_be
         acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]

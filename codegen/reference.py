@@ -56,7 +56,10 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         logits = logits.repeat_interleave(copies, dim=-1)
     if r.score_after_topk:
         values, index = torch.topk(logits, k, dim=-1)
-        weights = torch.softmax(values, dim=-1, dtype=torch.float32 if r.scores_fp32 else values.dtype)
+        if r.score_func == "softmax":
+            weights = torch.softmax(values, dim=-1, dtype=torch.float32 if r.scores_fp32 else values.dtype)
+        else:  # Llama-4: the sigmoid of each selected logit
+            weights = (values.float() if r.scores_fp32 else values).sigmoid()
     else:
         scores = (torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
                   if r.score_func == "softmax" else (logits.float() if r.scores_fp32 else logits).sigmoid())
@@ -138,7 +141,8 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.
 
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
             keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Routed experts: sum over kept (token, slot) pairs of weight * sub_expert(x). index holds sub-expert ids."""
+    """Routed experts: sum over kept (token, slot) pairs of weight * sub_expert(x) (weight_on_input:
+    sub_expert(weight * x)). index holds sub-expert ids."""
     out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     mask = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
     ex = spec.experts
@@ -147,10 +151,12 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         if token.numel() == 0:
             continue
         gate, up, down, gb, ub, db = sub_expert_weights(params, spec, sub)
-        xs = x[token]
+        xs, w = x[token], weights[token, slot, None]
+        if ex.weight_on_input:
+            xs = (xs * w).to(xs.dtype)
         h = glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
         y = F.linear(h, down, db)
-        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
     return out.to(x.dtype)
 
 

@@ -25,7 +25,8 @@ class RoutingSpec:
     score_func: ScoreFunc = "softmax"
     """softmax or sigmoid of the router logits."""
     score_after_topk: bool = False
-    """GPT-OSS: top-k on raw logits first, then the score function over the k selected logits."""
+    """Top-k on raw logits first, then the score function over the k selected logits: a softmax over them (GPT-OSS)
+    or the sigmoid of each (Llama-4)."""
     renormalize: bool = False
     """Divide the k selected weights by their sum (Mixtral, Qwen3, DeepSeek-V3 with norm_topk_prob)."""
     renorm_eps: float = 0.0
@@ -73,6 +74,9 @@ class ExpertsSpec:
     """Gate activation of the GLU; "gptoss" is GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
     alpha: float = 1.702
     limit: float = 7.0
+    weight_on_input: bool = False
+    """Llama-4: a routed expert sees its routing weight times x, and its output is not scaled
+    (sum of expert(w x) instead of sum of w expert(x))."""
     expert_offset: int = 0
     """Global index of the first expert the weights hold (a model sharded by ``runtime.dist.shard_experts_``)."""
     local_experts: int = 0
@@ -143,6 +147,8 @@ class MoESpec:
             parts.append("shared" + ("+gate" if self.shared.gated else ""))
         if self.experts.activation == "gptoss":
             parts.append("clamped-swiglu")
+        if self.experts.weight_on_input:
+            parts.append("weight-on-input")
         if self.partition > 1:
             parts.append(f"P={self.partition}({self.transform})")
         if self.drop.mode != "none":

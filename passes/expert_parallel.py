@@ -38,6 +38,7 @@ Tests: ``tests/test_expert_parallel.py`` (gloo, 2 and 4 processes).
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
@@ -82,6 +83,14 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is MOE]:
         x, params, spec_json = node.args[:3]
         spec = parse_spec(spec_json)
+        if spec.experts.weight_on_input:  # the EP step runs unweighted rows and weights them at the combine
+            from dsmoe_compiler.ops import refuse_sharded
+
+            refuse_sharded(spec)
+            warnings.warn(f"dualsparse: MoE block {spec.name!r} takes its routing weight on the expert input "
+                          "(Llama-4), which expert parallelism does not support yet: it runs whole on every rank",
+                          stacklevel=2)
+            continue
         ep_spec = ep.ep_spec_for(spec, group, stats=bool(options.stats))
         ep.check_local_weights(spec, ep_spec)  # a sharded model must hold this rank's sub-experts
         ep_json = ep_spec.to_json()

@@ -79,11 +79,11 @@ def copy_weight(score_func: str, renormalize: bool, score_after_topk: bool, copi
     import sympy as sp
 
     x = sp.symbols(f"x0:{k + 1}", positive=True)
-    if score_after_topk:  # softmax over the k*copies selected logits
+    if score_after_topk and score_func == "softmax":  # softmax over the k*copies selected logits
         return x[0] / sum(copies * x[j] for j in range(k))
     if score_func == "softmax":  # softmax over all E*copies logits: copies share the mass of one expert
         s = [x[j] / sum(copies * x[i] for i in range(k + 1)) for j in range(k + 1)]
-    else:  # sigmoid of a repeated logit is the same value
+    else:  # sigmoid of a repeated logit is the same value (also after top-k: Llama-4)
         s = list(x)
     if renormalize:  # divide by the sum of the k*copies selected weights
         return s[0] / (sum(copies * s[j] for j in range(k)) + eps)

@@ -59,7 +59,8 @@ def poison(monkeypatch):
 
 
 def make_case(dtype, *, T=12, H=32, I=48, E=4, K=2, P=1, transform="partial", routing=None, interleaved=False,
-              transposed=False, bias=False, activation="silu", shared=None, router_bias=None, seed=0):
+              transposed=False, bias=False, activation="silu", shared=None, router_bias=None, weight_on_input=False,
+              seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
     routing = routing or RoutingSpec()
@@ -80,7 +81,7 @@ def make_case(dtype, *, T=12, H=32, I=48, E=4, K=2, P=1, transform="partial", ro
         params += [rnd(shared, H, scale=H ** -0.5), rnd(shared, H, scale=H ** -0.5), rnd(H, shared, scale=shared ** -0.5)]
     spec = MoESpec(name="moe", num_experts=E, top_k=K, hidden=H, intermediate=I, routing=routing,
                    experts=ExpertsSpec(interleaved=interleaved, transposed=transposed, has_bias=bias,
-                                       activation=activation),
+                                       activation=activation, weight_on_input=weight_on_input),
                    shared=SharedSpec(intermediate=shared) if shared is not None else None,
                    partition=P, transform=transform, slots=tuple(slots))
     return rnd(T, H), params, spec
@@ -208,6 +209,25 @@ def test_route_kernel_matches_reference_indices():
     _, w_ref, idx_ref = reference.route(x, params, spec)
     assert torch.equal(idx.long(), idx_ref)
     torch.testing.assert_close(w, w_ref)
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P, routing", [
+    (1, RoutingSpec(score_func="sigmoid", score_after_topk=True, scores_fp32=True)),  # Llama-4's router (torch)
+    (2, RoutingSpec(renormalize=True)),  # the fused route kernel; nested halves
+])
+def test_weight_on_input_partition(dtype, P, routing):
+    """Llama-4's experts see w x: the gate/up epilogue scales both products by the pair's weight before the
+    activation and the down GEMM leaves its rows unscaled (a scale after the SwiGLU would differ: not homogeneous)."""
+    x, params, spec = make_case(dtype, T=21, E=8, K=2, P=P, I=32, routing=routing, transposed=True,
+                                weight_on_input=True, seed=15)
+    check(x, params, spec)
+    if dtype == torch.float32:  # and it is not the usual operator: weighting the output instead is far off
+        output_weighted = spec.replace(experts=dataclasses.replace(spec.experts, weight_on_input=False))
+        ref = reference.moe(x.double(), [p.double() for p in params], output_weighted)
+        out = dispatch.moe_triton(x, params, spec).double()
+        assert ((out - ref).norm() / ref.norm()).item() > 1e-2
 
 
 @pytestmark_case
