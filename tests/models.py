@@ -73,6 +73,11 @@ def hf_config(arch: str):
     if arch == "minimax":  # Mixtral's router
         return tf.MiniMaxConfig(**_common(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                                           layer_types=["full_attention", "full_attention"]))
+    if arch == "llama4":  # experts of its own, weight on the input (captured as a block: transformers_hf._BLOCKS)
+        return tf.Llama4TextConfig(**_common(intermediate_size=24, intermediate_size_mlp=64, num_local_experts=8,
+                                             num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=1,
+                                             attention_chunk_size=16, no_rope_layers=[1, 1],
+                                             layer_types=["chunked_attention", "full_attention"]))
     raise ValueError(arch)
 
 
@@ -89,6 +94,8 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
         config._experts_implementation = impl
     if arch == "mistral4":  # not in the AutoModelForCausalLM mapping
         return randomize_(tf.Mistral4ForCausalLM(config).eval())
+    if arch == "llama4":  # its text model alone (the mapping builds the multimodal one from a text config)
+        return randomize_(tf.Llama4ForCausalLM(config).eval())
     return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
 
 

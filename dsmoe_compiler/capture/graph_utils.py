@@ -31,6 +31,18 @@ def _params(node: fx.Node):
             yield from _params(arg)
 
 
+def _module_path(node: fx.Node) -> str | None:
+    """The innermost module whose forward made the node ("model.layers.0.mlp"), from dynamo's module stack."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = re.sub(r"\[(\d+)\]", r".\1", str(list(stack.values())[-1][0]))
+    parts = [p for p in re.sub(r"^L\['self'\]\.?", "", path).split(".") if p]
+    while parts and parts[-1] in ("experts", "gate", "router"):
+        parts.pop()
+    return ".".join(parts) or None
+
+
 def block_name(node: fx.Node) -> str | None:
     """The MoE block's module path, from the longest common prefix of its parameters' paths."""
     paths = [p.split(".") for a in node.all_input_nodes for p in [source_path(a)] if p]
@@ -38,7 +50,7 @@ def block_name(node: fx.Node) -> str | None:
         if isinstance(a, (list, tuple)):
             paths += [p.split(".") for n in a if isinstance(n, fx.Node) for p in [source_path(n)] if p]
     if not paths:
-        return None
+        return _module_path(node)
     prefix = paths[0][:-1]
     for p in paths[1:]:
         n = 0

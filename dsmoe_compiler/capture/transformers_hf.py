@@ -255,6 +255,54 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback
     return torch.ops.dualsparse.experts(hidden_states, top_k_index, top_k_weights, params, spec_json)
 
 
+# ---- blocks with experts of their own --------------------------------------------------------------
+@torch._dynamo.assume_constant_result
+def llama4_plan(act_name: str, router_bias: bool, gate_up_shape: tuple, top_k: int) -> tuple[str, str] | str:
+    """(route spec JSON, experts spec JSON) of a Llama-4 MoE block, or the reason it is left alone.
+
+    Llama-4 routes by the top-k logits, each weight the fp32 sigmoid of its logit cast back, and runs expert e on
+    weight * x (``Llama4TextMoe.forward``: non-selected experts see 0 and, without biases, add exactly 0)."""
+    activation = _ACTIVATIONS.get(act_name)
+    if activation is None or router_bias or len(gate_up_shape) != 3:
+        return f"Llama4TextMoe: {'a router bias' if router_bias else f'activation {act_name}'} not supported"
+    E, H, inter2 = gate_up_shape
+    routing = RoutingSpec(score_func="sigmoid", score_after_topk=True, scores_fp32=True)
+    route = MoESpec(name="router", num_experts=E, top_k=top_k, hidden=H, intermediate=0, routing=routing,
+                    slots=("router_weight",))
+    experts = MoESpec(name="experts", num_experts=E, top_k=top_k, hidden=H, intermediate=inter2 // 2,
+                      experts=ExpertsSpec(layout="fused", transposed=True, activation=activation, weight_on_input=True),
+                      slots=("gate_up", "down"))
+    return route.to_json(), experts.to_json()
+
+
+def llama4_moe_forward(self, hidden_states):
+    """``Llama4TextMoe.forward`` as route + experts markers (then one ``dualsparse.moe`` with the shared expert
+    folded in); returns (output, router logits) as the original does."""
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    plan = llama4_plan(_activation_name(self.experts.act_fn), self.router.bias is not None,
+                       tuple(self.experts.gate_up_proj.shape), self.top_k)
+    if isinstance(plan, str):
+        out, logits = _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
+        return torch.ops.dualsparse.left_alone(out, plan), logits
+    route_json, experts_json = plan
+    logits, weights, index = torch.ops.dualsparse.route(x, [self.router.weight], route_json)
+    routed = torch.ops.dualsparse.experts(x, index, weights, [self.experts.gate_up_proj, self.experts.down_proj],
+                                          experts_json)
+    return self.shared_expert(x) + routed, logits
+
+
+_BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward}
+"""(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
+
+
+def _block_classes():
+    for (folder, name), forward in _BLOCKS.items():
+        module = sys.modules.get(f"transformers.models.{folder}.modeling_{folder}")
+        cls = getattr(module, name, None)
+        if cls is not None:
+            yield cls, forward
+
+
 # ---- the scoped patch -----------------------------------------------------------------------------
 _ORIGINAL_FORWARDS: dict[type, object] = {}
 _lock = threading.Lock()
@@ -400,6 +448,9 @@ def _install():
     for cls, kind in _router_classes():
         _ORIGINAL_FORWARDS[cls] = cls.forward
         cls.forward = _route_forward_as(kind)
+    for cls, forward in _block_classes():
+        _ORIGINAL_FORWARDS[cls] = cls.forward
+        cls.forward = forward
 
 
 def _uninstall():

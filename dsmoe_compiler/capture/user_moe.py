@@ -246,6 +246,8 @@ def _describe(gm, topk, value_of, report) -> _Block | None:
         return None
     linear, score_func, after = found
     name = block_name(linear) or linear.name
+    if any(entry.name == name for entry in report.left_alone):  # a transformers marker already said why
+        return None
     x = linear.args[0]
     end = _liveness_end(gm, topk, example_value(x).shape)
     if end is None:

@@ -1,0 +1,74 @@
+"""Llama-4's MoE block (its own experts, routing weight on the expert input) is captured as one MoE operator with
+the shared expert folded in (``transformers_hf.llama4_moe_forward``), and gives eager's answer."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import graph_breaks
+from models import VOCAB, hf_model, moe_layer_count
+
+import dsmoe_compiler
+
+
+def _ids(device="cpu"):
+    return torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8)).to(device)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_llama4_block_is_captured_exactly():
+    model = hf_model("llama4", None)
+    with torch.no_grad():
+        expected = model(_ids()).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids()).logits
+    report = dsmoe_compiler.last_report()
+    assert len(report.rewritten) == moe_layer_count(model) > 0, str(report)
+    assert not report.left_alone and report.graphs == 1 and graph_breaks() == ({}, {}), str(report)
+    assert all("weight-on-input" in b.variant and "shared" in b.variant for b in report.rewritten), str(report)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_llama4_bf16_and_a_partition():
+    """bf16 (the input scaled in bf16, as Llama-4 does) and P = 2 (weight on the input of both halves)."""
+    model = hf_model("llama4", None).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model(_ids()).logits
+        for options in ({"inner": "eager"}, {"inner": "eager", "partition": 2}):
+            torch._dynamo.reset()
+            got = torch.compile(model, backend="dualsparse", options=options)(_ids()).logits
+            assert torch.isfinite(got).all() and _rel(got, expected) < 1e-2, options
+
+
+def test_llama4_unknown_activation_is_left_alone():
+    model = hf_model("llama4", None)
+    for m in model.modules():
+        if type(m).__name__ == "Llama4TextExperts":
+            m.act_fn = nn.Tanh()
+    with torch.no_grad():
+        expected = model(_ids()).logits
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="activation Tanh not supported"):
+            got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids()).logits
+    assert not dsmoe_compiler.last_report().rewritten
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_llama4_triton_kernels_bf16_on_gpu():
+    from dsmoe_compiler.codegen import dispatch
+
+    model = hf_model("llama4", None).to("cuda", torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        dispatch._PLANS.clear()
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
+    assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
+    assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
+    err = _rel(got, expected)
+    print(f"llama4: ours-vs-eager-bf16 {err:.2e}")
+    assert torch.isfinite(got).all() and err < 1e-2
