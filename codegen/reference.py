@@ -27,6 +27,9 @@ def _param(spec: MoESpec, params, name: str):
 
 # ---- routing -------------------------------------------------------------------------------------
 def router_logits(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
+    """The router GEMM, on x or, where the block has one (Gemma-4: a norm of the residual), its own input."""
+    if "router_input" in spec.slots:
+        x = _param(spec, params, "router_input").reshape(-1, spec.hidden)
     weight, bias = _param(spec, params, "router_weight"), _param(spec, params, "router_bias")
     if spec.routing.logits_fp32:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
@@ -78,6 +81,8 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
             denominator = weights.sum(dim=-1, keepdim=True) + r.renorm_eps
             weights = weights / (denominator.clamp_min(r.renorm_min) if r.renorm_min else denominator)
         weights = weights * r.scale
+    if r.expert_scale:
+        weights = weights * _param(spec, params, "expert_scale").repeat_interleave(copies)[index]
     if copies > 1:
         weights = weights * spec.complete_scale
     if not r.weights_fp32:

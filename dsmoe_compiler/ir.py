@@ -54,6 +54,9 @@ class RoutingSpec:
     AFMoE; Granite, Cohere-2); else in the logits' dtype. The softmax over all experts is always fp32."""
     weights_fp32: bool = False
     """Top-k weights stay fp32 (Mixtral); else cast back to the input dtype."""
+    expert_scale: bool = False
+    """The weights times a per-expert tensor at the selected experts, after renormalisation and scale (Gemma-4's
+    per_expert_scale; slot expert_scale)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +144,10 @@ class MoESpec:
             parts.append(f"scale={r.scale:g}")
         if r.score_bias:
             parts.append("score-bias")
+        if r.expert_scale:
+            parts.append("expert-scale")
+        if "router_input" in self.slots:
+            parts.append("own-router-input")
         if r.num_groups > 1:
             parts.append(f"groups={r.num_groups}/{r.topk_groups}({r.group_score})")
         if self.shared is not None:

@@ -53,6 +53,20 @@ def _flint(m, x):  # top-k values of fp32 sigmoid scores, renormalised
     return index, w / w.sum(dim=-1, keepdim=True)
 
 
+def _gemma4(m, x):  # its own input (a norm of x, scaled), fp32 softmax, top-k values renormalised, per-expert scale
+    h = F.rms_norm(x, (H,), eps=1e-6) * m.router_scale * H ** -0.5
+    probs = F.softmax(F.linear(h, m.weight), dim=-1, dtype=torch.float32)
+    w, index = torch.topk(probs, k=K, dim=-1)
+    w /= w.sum(dim=-1, keepdim=True)
+    return index, w * m.per_expert_scale[index]
+
+
+def _own_input(m, x):  # the router reads another tensor of the same shape than the experts
+    scores = F.linear(x * 2, m.weight).softmax(dim=-1, dtype=torch.float32)
+    w, index = torch.topk(scores, K, dim=-1)
+    return index, w
+
+
 # routers the operator cannot express: each must be left alone, exact, saying which step differs
 def _softcapped(m, x):
     logits = torch.tanh(F.linear(x, m.weight) / 3.0) * 3.0
@@ -79,17 +93,18 @@ def _divided_by_max(m, x):
     return index, w / w.max(dim=-1, keepdim=True).values
 
 
-def _other_input(m, x):
-    scores = F.linear(x * 2, m.weight).softmax(dim=-1)
+def _half_input(m, x):  # a router of half the channels: not a [tokens, hidden] router input
+    scores = F.linear(x[:, : H // 2], m.half_weight).softmax(dim=-1)
     w, index = torch.topk(scores, K, dim=-1)
     return index, w
 
 
-CAPTURED = {"hy_v3": _hy_v3, "minimax_m2": _minimax_m2, "ernie": _ernie, "lfm2": _lfm2, "flint": _flint}
+CAPTURED = {"hy_v3": _hy_v3, "minimax_m2": _minimax_m2, "ernie": _ernie, "lfm2": _lfm2, "flint": _flint,
+            "gemma4": _gemma4, "own_input": _own_input}
 LEFT_ALONE = {"softcapped": (_softcapped, "router linear"), "tensor_scale": (_tensor_scale, "scaled by a tensor"),
               "bias_on_logits": (_bias_on_logits, "selection bias on raw logits"),
               "divided_by_max": (_divided_by_max, "other than their sum"),
-              "other_input": (_other_input, "another tensor than the experts' input")}
+              "half_input": (_half_input, "another shape than the experts' input")}
 
 
 class PlainRouterBlock(nn.Module):
@@ -107,6 +122,9 @@ class PlainRouterBlock(nn.Module):
         self.weight = nn.Parameter(torch.randn(E, H) * 0.3)
         self.bias = nn.Buffer(torch.randn(E) * 0.1)
         self.norm_min_tensor = nn.Buffer(torch.tensor(1.3))
+        self.router_scale = nn.Parameter(1 + 0.2 * torch.randn(H))
+        self.per_expert_scale = nn.Parameter(1 + 0.3 * torch.randn(E))
+        self.half_weight = nn.Parameter(torch.randn(E, H // 2) * 0.3)
         with torch.no_grad():
             for p in self.experts.parameters():
                 p.normal_(0, 0.2)
@@ -114,6 +132,8 @@ class PlainRouterBlock(nn.Module):
     def forward(self, h):
         x = h.view(-1, H)
         index, weights = self.router(self, x)
+        if self.router is _gemma4:  # Gemma-4's experts read a norm of their own of the residual
+            x = F.rms_norm(x, (H,), eps=1e-6) * 1.1
         return self.experts(x, index, weights).view_as(h) + h
 
 
@@ -169,6 +189,7 @@ def _route_specs(block, h):
     ("lfm2", dict(score_func="sigmoid", score_bias=True, renorm_eps=1e-6, scale=1.7, logits_fp32=False,
                   scores_fp32=False, weights_fp32=False)),
     ("flint", dict(score_func="sigmoid", score_bias=False, renormalize=True, logits_fp32=True, weights_fp32=True)),
+    ("gemma4", dict(score_func="softmax", renormalize=True, expert_scale=True, logits_fp32=False, weights_fp32=True)),
 ])
 def test_spec_read_off_the_graph(name, expected):
     """bf16 model: the precision of each routing step is read from the graph's dtypes."""
@@ -252,3 +273,42 @@ def test_plain_router_triton_kernels_bf16_on_gpu(name):
     err = ((got - expected).norm() / expected.norm()).item()
     print(f"{name}: ours-vs-eager-bf16 {err:.2e}")
     assert err < 1e-2
+
+
+def test_gemma4_is_captured_exactly():
+    """Gemma-4: a router reading a norm of the residual, with a per-expert scale, in front of experts reading
+    another norm of it: one operator per MoE layer, eager's logits."""
+    from models import VOCAB, hf_model, moe_layer_count
+
+    model = hf_model("gemma4", None)
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(ids).logits
+    report = dsmoe_compiler.last_report()
+    assert len(report.rewritten) == moe_layer_count(model) > 0, str(report)
+    assert not report.left_alone and report.graphs == 1, str(report)
+    assert all("own-router-input" in b.variant and "expert-scale" in b.variant for b in report.rewritten)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_gemma4_triton_kernels_bf16_on_gpu():
+    from models import VOCAB, hf_model, moe_layer_count
+
+    from dsmoe_compiler.codegen import dispatch
+
+    model = hf_model("gemma4", None).to("cuda", torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(9))
+    with torch.no_grad():
+        expected = model(ids).logits.double()
+        dispatch._PLANS.clear()
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids)
+    assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
+    assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
+    got = got.logits.double()
+    err = ((got - expected).norm() / expected.norm()).item()
+    print(f"gemma4: ours-vs-eager-bf16 {err:.2e}")
+    assert torch.isfinite(got).all() and err < 1e-2

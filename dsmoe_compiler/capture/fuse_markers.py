@@ -3,14 +3,16 @@
 Pattern (what ``capture/transformers_hf.py`` leaves in the graph)::
 
     r = dualsparse.route(x_r, router_params, route_spec)
-    y = dualsparse.experts(x, r[2], r[1], expert_params, experts_spec)     # x is x_r up to views
+    y = dualsparse.experts(x, r[2], r[1], expert_params, experts_spec)
 
 Replacement::
 
-    y = dualsparse.moe(x, router_params + expert_params, merged_spec)
+    y = dualsparse.moe(x, router_params + expert_params, merged_spec)       # x_r is x up to views
+    y = dualsparse.moe(x, router_params + [x_r] + expert_params, merged_spec)  # otherwise: slot router_input
 
-Equivalence: ``reference.moe = reference.experts(x, *reference.route(x)[2:0:-1])``, so the rewrite is
-exact by construction (tested on every transformers architecture). A pair whose routing outputs pass
+Equivalence: ``reference.moe = reference.experts(x, *reference.route(x_r)[2:0:-1])`` (``router_logits`` reads
+the router_input slot where there is one), so the rewrite is exact by construction (tested on every transformers
+architecture). A pair whose routing outputs pass
 through other ops on their way to the experts is not fused; both markers stay and remain exact.
 """
 
@@ -61,15 +63,19 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
             continue
         x, index, weights, expert_params, experts_json = node.args
         route = _route_output(index, 2)
-        if route is None or _route_output(weights, 1) is not route or not same_base(route.args[0], x):
+        if route is None or _route_output(weights, 1) is not route:
             why = node.meta.get("dualsparse_route_reason")  # set by route_graph: where its router pattern stopped
             report.left_alone.append(LeftAlone(block_name(node) or node.name, "routing reaches the experts through "
                                                f"other ops{f' ({why})' if why else ''}; markers kept (exact)"))
             continue
-        route_params, route_json = route.args[1], route.args[2]
+        route_params, route_json = list(route.args[1]), route.args[2]
         r, e = parse_spec(route_json), parse_spec(experts_json)
+        route_slots = r.slots
+        if not same_base(route.args[0], x):  # the router reads a tensor of its own (Gemma-4): one more input
+            route_params.append(route.args[0])
+            route_slots += ("router_input",)
         name = block_name(node) or node.name
-        spec = e.replace(name=name, routing=r.routing, slots=r.slots + e.slots)
+        spec = e.replace(name=name, routing=r.routing, slots=route_slots + e.slots)
         with gm.graph.inserting_before(node):
             moe = gm.graph.call_function(MOE, (x, [*route_params, *expert_params], spec.to_json()))
         moe.meta.update(node.meta)

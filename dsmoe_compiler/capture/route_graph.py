@@ -3,22 +3,23 @@
 ``transformers_hf`` patches the routers it knows by class (or by identical code). Many models write their own:
 sigmoid scores with a correction bias passed in as an argument (MiniMax-M2, HY-V3, AFMoE, LFM2-MoE), fp32 softmax
 with a bias held by a sub-module and a clamped renormalisation (Ernie-4.5), top-k of the scores' values (Flint,
-Lara). Their experts still reach the graph as a ``dualsparse.experts`` marker; this pass reads the router in front
-of it from the graph itself.
+Lara), a router of its own input with a per-expert scale (Gemma-4). Their experts still reach the graph as a
+``dualsparse.experts`` marker; this pass reads the router in front of it from the graph itself.
 
-Pattern (casts allowed between any two steps; ``b``: a graph input of E elements)::
+Pattern (casts allowed between any two steps; ``b``, ``s``: graph inputs of E elements)::
 
-    logits  = linear(x, W[, c])                       # x: the experts' input up to views
+    logits  = linear(x_r, W[, c])                     # x_r: the experts' input up to views, or any [T, H] tensor
     scores  = softmax(logits) | sigmoid(logits)
     index   = topk(scores [+ b], k)[1]
-    weights = [scale *] ( gather(scores, index) | topk(scores, k)[0] ) [/ (sum(.) [+ eps] | clamp(sum(.), min=m))]
+    weights = gather(scores, index) | topk(scores, k)[0]
+    weights = [s[index] *] [scale *] (weights [/ (sum(weights) [+ eps] | clamp(sum(weights), min=m))])
     # or GPT-OSS's form: values, index = topk(logits, k); weights = softmax(values)
     y = dualsparse.experts(x, index, weights, ...)
 
 Replacement::
 
-    r = dualsparse.route(x, [W, (c), (b)], spec)      # spec: the RoutingSpec read off the pattern
-    y = dualsparse.experts(x, r[2], r[1], ...)         # then fused by ``fuse_markers``
+    r = dualsparse.route(x_r, [W, (c), (b), (s)], spec)   # spec: the RoutingSpec read off the pattern
+    y = dualsparse.experts(x, r[2], r[1], ...)             # then fused by ``fuse_markers``
 
 Equivalence: ``reference.route`` computes each step of the pattern in the same dtypes (``logits_fp32``,
 ``scores_fp32``, ``weights_fp32`` are read from the graph's example values). As a second guard, the parsed spec
@@ -102,6 +103,9 @@ class _Router:
     after_topk: bool = False
     router_bias: fx.Node | None = None
     score_bias: fx.Node | None = None
+    expert_scale: fx.Node | None = None
+    router_input: fx.Node | None = None
+    """What the router's linear reads where that is not the experts' input up to casts and views (Gemma-4)."""
     renormalize: bool = False
     renorm_eps: float = 0.0
     renorm_min: float = 0.0
@@ -110,7 +114,7 @@ class _Router:
 
     def spec(self) -> MoESpec:
         dtype = lambda n: example_value(n).dtype  # noqa: E731
-        low = dtype(self.x) != torch.float32
+        low = dtype(self.source) != torch.float32
         logits_fp32 = low and dtype(self.linear) == torch.float32
         scores_in_fp32 = dtype(self.score_node) == torch.float32
         if self.score_func == "softmax" and not self.after_topk and not scores_in_fp32:
@@ -119,17 +123,25 @@ class _Router:
             score_func=self.score_func, score_after_topk=self.after_topk, renormalize=self.renormalize,
             renorm_eps=self.renorm_eps, renorm_min=self.renorm_min, scale=self.scale,
             router_bias=self.router_bias is not None, score_bias=self.score_bias is not None,
+            expert_scale=self.expert_scale is not None,
             logits_fp32=logits_fp32,
             scores_fp32=low and not logits_fp32 and scores_in_fp32 and (self.score_func == "sigmoid" or self.after_topk),
             weights_fp32=low and dtype(self.experts.args[2]) == torch.float32)
         E, H = example_value(self.weight).shape
+        if self.expert_scale is not None and example_value(self.expert_scale).numel() != E:
+            raise NotARouter("the weights are scaled by a per-expert tensor of another size than the experts")
         slots = ["router_weight"] + ["router_bias"] * (self.router_bias is not None) + ["score_bias"] * (
-            self.score_bias is not None)
+            self.score_bias is not None) + ["expert_scale"] * (self.expert_scale is not None)
         return MoESpec(name="router", num_experts=E, top_k=self.top_k, hidden=H, intermediate=0, routing=routing,
                        slots=tuple(slots))
 
+    @property
+    def source(self) -> fx.Node:
+        """The route's input: the experts' input, or the router's own."""
+        return self.x if self.router_input is None else self.router_input
+
     def params(self) -> list[fx.Node]:
-        return [n for n in (self.weight, self.router_bias, self.score_bias) if n is not None]
+        return [n for n in (self.weight, self.router_bias, self.score_bias, self.expert_scale) if n is not None]
 
 
 # ---- reading the pattern ---------------------------------------------------------------------------
@@ -192,25 +204,35 @@ def _router_head(experts, x, choice, k) -> _Router:
     c = _strip(c) if c is not None else None
     if weight.op != "placeholder" or (c is not None and c.op != "placeholder"):
         raise NotARouter("the router's weight is computed in the graph")
-    if not _reads(linear.args[0], x) or example_value(x).dim() != 2:
-        raise NotARouter("the router reads another tensor than the experts' input")
+    router_input = None
+    if not _reads(linear.args[0], x):  # Gemma-4: a norm of the residual; the route takes it as its input
+        router_input = _strip(linear.args[0])
+        value = example_value(router_input)
+        if value is None or value.dim() != 2 or value.shape[-1] != example_value(x).shape[-1]:
+            raise NotARouter("the router reads a tensor of another shape than the experts' input")
+    if example_value(x).dim() != 2:
+        raise NotARouter("the experts' input is not [tokens, hidden]")
     E = example_value(weight).shape[0]
     if bias is not None and example_value(bias).numel() != E:
         raise NotARouter("a selection bias with another size than the experts")
     return _Router(experts=experts, x=x, linear=linear, weight=weight, top_k=k, score_func=score_func or "softmax",
                    score_node=None if after else scores, after_topk=after, router_bias=c, score_bias=bias,
-                   visited=[scores, linear])
+                   router_input=router_input, visited=[scores, linear])
 
 
 def _read_weights(router: _Router, weights, topk) -> None:
     """scale, renormalisation and the gathered scores behind the experts' weights."""
     w = _strip(weights)
-    if _call(w, (operator.mul, operator.imul, torch.mul), ("mul",)):
+    while _call(w, (operator.mul, operator.imul, torch.mul), ("mul",)):  # a constant, or a per-expert tensor
         a, b = w.args[:2]
-        value, w = (a, b) if _number(a) else (b, a)
-        if not _number(value):
-            raise NotARouter("the weights are scaled by a tensor, not a constant")
-        router.scale = float(value)
+        factor, w = (a, b) if _number(a) or _per_expert(a, topk) is not None else (b, a)
+        if _number(factor) and router.scale == 1.0:
+            router.scale = float(factor)
+        elif _per_expert(factor, topk) is not None and router.expert_scale is None:
+            router.expert_scale = _per_expert(factor, topk)
+            router.visited.append(factor)
+        else:
+            raise NotARouter("the weights are scaled by a tensor other than one value per expert")
         w = _strip(w)
     if _call(w, _DIVS, ("div", "div_", "true_divide")):
         w = _read_renormalisation(router, w)
@@ -221,6 +243,17 @@ def _read_weights(router: _Router, weights, topk) -> None:
         raise NotARouter("the weights are not the selected scores")
     if not _last_dim(w, 1) or _topk_of(_strip(_arg(w, 2, "index"), _VIEWS), 1) is not topk:
         raise NotARouter("the weights gather other positions than the top-k's")
+
+
+def _per_expert(node, topk) -> fx.Node | None:
+    """The graph input t of ``t[index]`` (one value per expert, at the top-k's experts), else None."""
+    node = _strip(node)
+    if not _call(node, (operator.getitem,)) or not isinstance(node.args[0], fx.Node):
+        return None
+    table, index = _strip(node.args[0], _VIEWS), node.args[1]
+    if table.op != "placeholder" or not isinstance(index, fx.Node) or _topk_of(_strip(index, _VIEWS), 1) is not topk:
+        return None
+    return table
 
 
 def _read_renormalisation(router: _Router, div: fx.Node) -> fx.Node:
@@ -257,7 +290,7 @@ def _read_after_topk_weights(router: _Router, weights, topk) -> None:
 # ---- checking and rewriting ------------------------------------------------------------------------
 def _reproduces(router: _Router, spec: MoESpec, values, value_of) -> bool:
     """The spec's index sets equal the graph's on every example token, and its weights match them."""
-    x = values[router.x]
+    x = values[router.source]
     _, weights, index = reference.route(x, [value_of[p] for p in router.params()], spec)
     got_index, got_weights = values[router.experts.args[1]], values[router.experts.args[2]]
     if got_index.shape != index.shape or x.shape[0] == 0:
@@ -280,7 +313,9 @@ def _rewrite(gm: fx.GraphModule, router: _Router, spec: MoESpec) -> None:
             params.append(router.router_bias)
         if router.score_bias is not None:  # Ernie keeps it as [1, E]
             params.append(gm.graph.call_method("reshape", (router.score_bias, -1)))
-        route = gm.graph.call_function(ROUTE, (router.x, params, spec.to_json()))
+        if router.expert_scale is not None:
+            params.append(router.expert_scale)
+        route = gm.graph.call_function(ROUTE, (router.source, params, spec.to_json()))
         weights = gm.graph.call_function(operator.getitem, (route, 1))
         index = gm.graph.call_function(operator.getitem, (route, 2))
     region = _region(router)
@@ -315,7 +350,7 @@ def capture_plain_routers(gm: fx.GraphModule, example_inputs) -> int:
     if not found:
         return 0
     value_of = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
-    wanted = {n for r, _ in found for n in (r.x, *r.experts.args[1:3])}
+    wanted = {n for r, _ in found for n in (r.source, *r.experts.args[1:3])}
     values = recorded_values(gm, example_inputs, wanted)
     done = 0
     for router, spec in found:
