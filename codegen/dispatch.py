@@ -626,13 +626,18 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     thresholds, stats = (thresholds, stats) if drop_on else (None, None)
     forward = functools.partial(_forward, params=params, spec=spec, plan=plan, keep=keep, thresholds=thresholds,
                                 stats=stats, list_key=list_key, fused=fused)
+    # activations a graph replay copies in; the router's own input (Gemma-4) is one, not a weight
+    acts = (x,) if "router_input" not in spec.slots else (x, reference._param(spec, params, "router_input"))
     if plan.graphable and not torch.cuda.is_current_stream_capturing() and not _hooks_on():  # never with keep given
-        return _graphed(plan, forward, x, (params, thresholds, stats, list_key))
-    return forward(x)
+        return _graphed(plan, forward, acts, (params, thresholds, stats, list_key))
+    return forward(*acts)
 
 
-def _forward(x, params, spec, plan, keep, thresholds, stats, list_key, fused):
+def _forward(x, router_input=None, *, params, spec, plan, keep, thresholds, stats, list_key, fused):
     """Routing (cuBLAS router GEMM + the route kernel, or torch), the plan's launches, shared experts."""
+    if router_input is not None:
+        params = list(params)
+        params[spec.slots.index("router_input")] = router_input
     if fused:
         out = plan(x, params, logits=reference.router_logits(x, params, spec).contiguous(), keep=keep,
                    thresholds=thresholds, stats=stats, list_key=list_key)
@@ -659,12 +664,13 @@ def _addresses(inputs, slots) -> tuple:
     experts ("gate.0", ...) are in list_key already, computed once per call anyway."""
     params, thresholds, stats, list_key = inputs
     ptrs = tuple(None if p is None else p.data_ptr() for name, p in zip(slots, params)
-                 if list_key is None or "." not in name)
+                 if (list_key is None or "." not in name) and name != "router_input")
     return ptrs + tuple(None if t is None else t.data_ptr() for t in (thresholds, stats)) + (list_key,)
 
 
-def _graphed(plan, forward, x, inputs):
-    """The call as one CUDA graph replay (x copied into the graph's own input, the output cloned out).
+def _graphed(plan, forward, acts, inputs):
+    """The call as one CUDA graph replay (the activations ``acts``, x and the router's own input if any, copied
+    into the graph's own inputs, the output cloned out).
 
     Without CUDA graphs a decode step is host-bound: each call of the operator issues the router GEMM
     and six kernel launches, ~0.1-0.2 ms of host time on the H200's host (benchmarks/moe_layer.py,
@@ -677,19 +683,20 @@ def _graphed(plan, forward, x, inputs):
     addresses = _addresses(inputs, plan.spec.slots)
     if plan.graph is None:
         if plan.signature is None:  # first call: compile, autotune, record
-            return forward(x)
+            return forward(*acts)
         if sum(p.graph is not None for p in _PLANS.values()) >= MAX_GRAPHS:
             plan.graphable = False
-            return forward(x)
-        static_x = x.clone()
+            return forward(*acts)
+        static_acts = tuple(a.clone() for a in acts)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls are theirs
-            static_out = forward(static_x)
-        plan.graph = (graph, static_x, static_out, addresses)
-    graph, static_x, static_out, captured = plan.graph
-    if addresses != captured:
+            static_out = forward(*static_acts)
+        plan.graph = (graph, static_acts, static_out, addresses)
+    graph, static_acts, static_out, captured = plan.graph
+    if addresses != captured or any(s.shape != a.shape for s, a in zip(static_acts, acts)):
         plan.graph, plan.graphable = None, False
-        return forward(x)
-    static_x.copy_(x)
+        return forward(*acts)
+    for static, act in zip(static_acts, acts):
+        static.copy_(act)
     graph.replay()
     return static_out.clone()
