@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import cuda_graph, median_ms, rel_err, save_json  # noqa: E402
+from moe_layer import cuda_graph, median_ms, print_markdown, rel_err, save_json  # noqa: E402
 
 import dsmoe_compiler  # noqa: E402,F401  (registers the backend)
 
@@ -71,14 +71,13 @@ def main():
     reference_mlp.load_state_dict({k: v.float() for k, v in mlp.state_dict().items()})
     rows = [run(mlp, int(T), reference_mlp) for T in args.tokens.split(",")]
     save_json(args.json, rows, experts=args.experts)
-    print(f"GPT-OSS MoE block, hidden 2880, intermediate 2880, {args.experts} experts, top-4; ms, median of do_bench")
-    print("| tokens | inductor | dualsparse | inductor, graph | dualsparse, graph | speed-up (graph) | rel. err. inductor / ours |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokens']} | {r['inductor_ms']:.3f} | {r['dualsparse_ms']:.3f} | {r['inductor_graph_ms']:.3f} "
-              f"| {r['dualsparse_graph_ms']:.3f} | {r['inductor_graph_ms'] / r['dualsparse_graph_ms']:.2f}× "
-              f"| {r['inductor_err']:.1e} / {r['dualsparse_err']:.1e} |")
-
+    print_markdown(
+        f"GPT-OSS MoE block, hidden 2880, intermediate 2880, {args.experts} experts, top-4; ms, median of do_bench",
+        ["tokens", "inductor", "dualsparse", "inductor, graph", "dualsparse, graph", "speed-up (graph)",
+         "rel. err. inductor / ours"],
+        [[str(r["tokens"]), f"{r['inductor_ms']:.3f}", f"{r['dualsparse_ms']:.3f}", f"{r['inductor_graph_ms']:.3f}",
+          f"{r['dualsparse_graph_ms']:.3f}", f"{r['inductor_graph_ms'] / r['dualsparse_graph_ms']:.2f}×",
+          f"{r['inductor_err']:.1e} / {r['dualsparse_err']:.1e}"] for r in rows])
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import median_ms, rel_err, save_json  # noqa: E402
+from moe_layer import median_ms, print_markdown, rel_err, save_json  # noqa: E402
 
 import dsmoe_compiler  # noqa: E402,F401  (registers the backend)
 
@@ -79,14 +79,12 @@ def main():
         del block
         gc.collect()
         torch.cuda.empty_cache()
-    print("Llama-4 MoE block (hidden 5120, intermediate 8192, top-1, shared 8192), bf16; ms, median of do_bench")
-    print("| shape | tokens | transformers eager | inductor | dualsparse | vs inductor | rel. err. inductor / ours |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} ({SHAPES[r['shape']]} experts) | {r['tokens']} | {r['eager_ms']:.3f} | {r['inductor_ms']:.3f} "
-              f"| {r['dualsparse_ms']:.3f} | {r['inductor_ms'] / r['dualsparse_ms']:.2f}× "
-              f"| {r['inductor_err']:.1e} / {r['dualsparse_err']:.1e} |")
-
+    print_markdown(
+        "Llama-4 MoE block (hidden 5120, intermediate 8192, top-1, shared 8192), bf16; ms, median of do_bench",
+        ["shape", "tokens", "transformers eager", "inductor", "dualsparse", "vs inductor", "rel. err. inductor / ours"],
+        [[f"{r['shape']} ({SHAPES[r['shape']]} experts)", str(r["tokens"]), f"{r['eager_ms']:.3f}",
+          f"{r['inductor_ms']:.3f}", f"{r['dualsparse_ms']:.3f}", f"{r['inductor_ms'] / r['dualsparse_ms']:.2f}×",
+          f"{r['inductor_err']:.1e} / {r['dualsparse_err']:.1e}"] for r in rows])
 
 if __name__ == "__main__":
     main()

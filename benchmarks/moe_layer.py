@@ -46,6 +46,15 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
     return [(name, int(tokens)) for name, tokens in (case.split(":") for case in text.split(","))]
 
 
+def print_markdown(title: str, header: list[str], lines: list[list[str]]) -> None:
+    """A GPU script's closing table: its title line, then a markdown table."""
+    print(title)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def save_json(path: str, rows: list, **extra) -> None:
     """A GPU script's result file: the machine and versions, the script's extra fields, then its rows."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
