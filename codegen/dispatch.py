@@ -64,7 +64,8 @@ def _fused_routing_ok(spec: MoESpec) -> bool:
     # GPT-OSS takes top-k of raw (bf16) logits, where exact ties are common: torch.topk breaks them the
     # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order).
     # Ernie-4.5's clamped renormalisation and Gemma-4's per-expert scale have no kernel form yet: torch ops.
-    return (r.num_groups == 1 and not complete and not r.score_after_topk and spec.num_experts <= 1024
+    return (r.score_func in ("softmax", "sigmoid") and r.num_groups == 1 and not complete and not r.score_after_topk
+            and spec.num_experts <= 1024
             and r.renorm_min == 0 and not r.expert_scale)
 
 

@@ -57,7 +57,9 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     k = spec.top_k * copies
     if copies > 1:  # complete transformation: router rows repeated P times, expert e -> e*P .. e*P+P-1
         logits = logits.repeat_interleave(copies, dim=-1)
-    if r.score_after_topk:
+    if r.score_func == "sparsemixer":
+        weights, index = sparsemixer(logits, r.jitter_eps)
+    elif r.score_after_topk:
         values, index = torch.topk(logits, k, dim=-1)
         if r.score_func == "softmax":
             weights = torch.softmax(values, dim=-1, dtype=torch.float32 if r.scores_fp32 else values.dtype)
@@ -88,6 +90,20 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     if not r.weights_fp32:
         weights = weights.to(x.dtype)
     return logits, weights, index
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's routing at inference (transformers' ``sparsemixer`` with training off), op for op: two rounds, each
+    picking the best remaining logit and weighting it by a softmax over the logits near it; (weights, index) [T, 2]."""
+    weights, index, scores = [], [], logits
+    for _ in range(2):
+        best_value, best = scores.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=best_value)
+        far = ((best_value - logits) / factor) > (2 * jitter_eps)
+        weights.append(torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(dim=-1, index=best))
+        index.append(best)
+        scores = torch.scatter(logits, -1, best, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(index, dim=-1)
 
 
 def partial_transform(index: torch.Tensor, weights: torch.Tensor, partition: int):

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-ScoreFunc = Literal["softmax", "sigmoid"]
+ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer"]
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
 
 
@@ -23,7 +23,10 @@ class RoutingSpec:
     """How a token picks its experts and their weights (the torchtitan ``TokenChoiceTopKRouter`` fields)."""
 
     score_func: ScoreFunc = "softmax"
-    """softmax or sigmoid of the router logits."""
+    """softmax or sigmoid of the router logits; or PhiMoE's sparsemixer (top-2: each round a softmax over the
+    logits within jitter_eps of the round's best, its best taken; ``reference.sparsemixer``)."""
+    jitter_eps: float = 0.0
+    """sparsemixer only: logits l with (best - l) / max(|l|, best) > 2 jitter_eps are out of the round's softmax."""
     score_after_topk: bool = False
     """Top-k on raw logits first, then the score function over the k selected logits: a softmax over them (GPT-OSS)
     or the sigmoid of each (Llama-4)."""

@@ -78,6 +78,9 @@ def hf_config(arch: str):
                                              layer_types=["sliding_attention", "full_attention"], enable_moe_block=True,
                                              num_experts=8, top_k_experts=2, moe_intermediate_size=24,
                                              hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB))
+    if arch == "phimoe":  # PhiMoE's sparsemixer router (two thresholded softmax rounds)
+        return tf.PhimoeConfig(**_common(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                                         router_jitter_noise=0.3))
     if arch == "llama4":  # experts of its own, weight on the input (captured as a block: transformers_hf._BLOCKS)
         return tf.Llama4TextConfig(**_common(intermediate_size=24, intermediate_size_mlp=64, num_local_experts=8,
                                              num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=1,

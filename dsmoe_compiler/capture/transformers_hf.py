@@ -82,6 +82,8 @@ ROUTERS = {
     "GptOssTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True, router_bias=True),
     "AriaTextTopKRouter": lambda m: RoutingSpec(score_func="softmax", score_after_topk=True),  # GPT-OSS's, no bias
     "Mistral4TopkRouter": _mistral4_router,
+    "PhimoeTopKRouter": lambda m: (RoutingSpec(score_func="sparsemixer", jitter_eps=float(m.router_jitter_noise))
+                                   if m.top_k == 2 else None),  # sparsemixer picks two experts, whatever top_k says
 }
 """Router class name -> function reading its RoutingSpec from the module (None: not expressible)."""
 
@@ -96,14 +98,17 @@ def _router_slots(routing: RoutingSpec) -> tuple[tuple[str, str], ...]:
     return tuple(slots)
 
 
-_ROUTER_FACTS = ("top_k", "norm_topk_prob", "topk_method", "num_group", "topk_group", "routed_scaling_factor")
+_ROUTER_FACTS = ("top_k", "norm_topk_prob", "topk_method", "num_group", "topk_group", "routed_scaling_factor",
+                 "router_jitter_noise")
+_RANDOM_WHEN_TRAINING = {"PhimoeTopKRouter"}
+"""Routers that sample (Gumbel) in training mode: there they keep their own forward."""
 
 
 def _router_facts(module) -> tuple:
     """The attributes the router readers use, as plain constants (read in traced code: no graph break)."""
     return (module.top_k, getattr(module, "norm_topk_prob", None), getattr(module, "topk_method", None),
             getattr(module, "num_group", None), getattr(module, "topk_group", None),
-            getattr(module, "routed_scaling_factor", None))
+            getattr(module, "routed_scaling_factor", None), getattr(module, "router_jitter_noise", None))
 
 
 @torch._dynamo.assume_constant_result
@@ -128,7 +133,8 @@ def router_plan(class_name: str, weight_shape: tuple, facts: tuple) -> tuple[str
 def route_forward(self, hidden_states, kind: str):
     """The router's forward as one ``dualsparse.route`` call; ``kind``: the ``ROUTERS`` class whose reader describes
     this class (its own name, or the known router whose code it copies: ``_router_classes``)."""
-    plan = router_plan(kind, tuple(self.weight.shape), _router_facts(self))
+    plan = None if self.training and kind in _RANDOM_WHEN_TRAINING else router_plan(
+        kind, tuple(self.weight.shape), _router_facts(self))
     if plan is None:
         return _ORIGINAL_FORWARDS[type(self)](self, hidden_states)
     spec_json, attributes = plan
@@ -310,7 +316,7 @@ _depth = 0
 
 
 _ROUTER_HOMES = ("olmoe", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                 "aria", "mistral4")
+                 "aria", "mistral4", "phimoe")
 """The model folders of the ``ROUTERS`` classes."""
 
 
