@@ -214,12 +214,13 @@ def test_route_kernel_matches_reference_indices():
 @pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("P, routing", [
-    (1, RoutingSpec(score_func="sigmoid", score_after_topk=True, scores_fp32=True)),  # Llama-4's router (torch)
-    (2, RoutingSpec(renormalize=True)),  # the fused route kernel; nested halves
+    (1, dict(score_func="sigmoid", score_after_topk=True, scores_fp32=True)),  # Llama-4's router (torch)
+    (2, dict(renormalize=True)),  # the fused route kernel; nested halves
 ])
 def test_weight_on_input_partition(dtype, P, routing):
     """Llama-4's experts see w x: the gate/up epilogue scales both products by the pair's weight before the
     activation and the down GEMM leaves its rows unscaled (a scale after the SwiGLU would differ: not homogeneous)."""
+    routing = RoutingSpec(**routing)
     x, params, spec = make_case(dtype, T=21, E=8, K=2, P=P, I=32, routing=routing, transposed=True,
                                 weight_on_input=True, seed=15)
     check(x, params, spec)
