@@ -63,10 +63,8 @@ def _fused_routing_ok(spec: MoESpec) -> bool:
     complete = spec.transform == "complete" and spec.partition > 1
     # GPT-OSS takes top-k of raw (bf16) logits, where exact ties are common: torch.topk breaks them the
     # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order).
-    # Ernie-4.5's clamped renormalisation and Gemma-4's per-expert scale have no kernel form yet: torch ops.
     return (r.score_func in ("softmax", "sigmoid") and r.num_groups == 1 and not complete and not r.score_after_topk
-            and spec.num_experts <= 1024
-            and r.renorm_min == 0 and not r.expert_scale)
+            and spec.num_experts <= 1024)
 
 
 def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
@@ -75,7 +73,7 @@ def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
     # 16 tokens per program: 256 programs at 4096 tokens (64 gave 0.009 ms against 0.004 ms for OLMoE 4096 and
     # 0.015 against 0.006 ms for Qwen3-30B-A3B on the H200, results/h200/layer_ab_split_atomic.*, variant rt16)
     return dict(TOPK=spec.top_k, SIGMOID=r.score_func == "sigmoid", AFTER_TOPK=r.score_after_topk,
-                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, ROUND_SCORES=logits_dtype != torch.float32 and not r.scores_fp32,
+                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, HAS_EXPERT_SCALE=r.expert_scale, ROUND_SCORES=logits_dtype != torch.float32 and not r.scores_fp32,
                 BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e,
                 BLOCK_K=triton.next_power_of_2(spec.top_k))
 
@@ -145,6 +143,7 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
     weights = _empty((T, K), torch.float32 if r.weights_fp32 else x.dtype, x.device)
     index = _empty((T, K), torch.int32, x.device)
     score_bias = reference._param(spec, params, "score_bias")
+    expert_scale = reference._param(spec, params, "expert_scale")
     meta = _route_constexprs(spec, logits.dtype)
     meta.update(ZERO_COUNTS=False, BLOCK_SUBS=1, DROP=0, COPIES=1, HAS_STATS=False)
     keep, (per_slot, units) = None, _drop_units(spec)
@@ -152,10 +151,10 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
         keep = _empty((T, K * _copies(spec)), torch.uint8, x.device)
         meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=_copies(spec), HAS_STATS=stats is not None)
     launch(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
-           (logits, score_bias if score_bias is not None else logits, weights, index, index,
-            logits if thresholds is None else thresholds, index if keep is None else keep,
+           (logits, score_bias if score_bias is not None else logits, expert_scale if expert_scale is not None else logits,
+            weights, index, index, logits if thresholds is None else thresholds, index if keep is None else keep,
             logits if stats is None else stats),
-           (T, E, 0, logits.stride(0), r.renorm_eps, r.scale, per_slot, units), meta)
+           (T, E, 0, logits.stride(0), r.renorm_eps, r.renorm_min, r.scale, per_slot, units), meta)
     return weights, index, keep
 
 
@@ -389,7 +388,7 @@ class _Plan:
                         DROP=DROP_CODES[spec.drop.mode] if self.fused_drop else 0, COPIES=expand,
                         HAS_STATS=self.fused_drop and stats_on)
             self.route = _Kernel(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
-                                 (T, E, counts_len, E, r.renorm_eps, r.scale, *_drop_units(spec)), meta)
+                                 (T, E, counts_len, E, r.renorm_eps, r.renorm_min, r.scale, *_drop_units(spec)), meta)
         align_grid = (triton.cdiv(rows, BLOCK_PAIRS),)
         has_keep = self.has_keep
         block_subs = triton.next_power_of_2(self.groups)
@@ -459,13 +458,14 @@ class _Plan:
         w, u, dn = wts.w, wts.u, wts.dn
         gub, db = reference._param(spec, params, "gate_up_bias"), reference._param(spec, params, "down_bias")
         score_bias = reference._param(spec, params, "score_bias") if self.fused_route else None
+        expert_scale = reference._param(spec, params, "expert_scale") if self.fused_route else None
         if self.torch_drop:  # routing or layout the route kernel does not cover: keep mask in torch
             keep = reference.keep_mask(weights, spec, thresholds)
             if stats is not None:
                 reference.record_drops(stats, keep, spec)
         if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
             keep = keep.contiguous().view(torch.uint8)
-        inputs = (x, w, u, dn, gub, db, score_bias, logits, weights, index, keep, thresholds, stats)
+        inputs = (x, w, u, dn, gub, db, score_bias, expert_scale, logits, weights, index, keep, thresholds, stats)
         signature = _signature(inputs)
         fast = FAST_LAUNCH and self.signature is not None and signature == self.signature and not _hooks_on()
         _ensure_allocator()
@@ -475,7 +475,7 @@ class _Plan:
             base = ws.data_ptr()
             buf = {name: base + o for name, (o, _, _, _) in self.layout.items()}
             ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-            x, w, u, dn, gub, db, score_bias, logits, weights, index, keep, thresholds, stats, out_ptr = (
+            x, w, u, dn, gub, db, score_bias, expert_scale, logits, weights, index, keep, thresholds, stats, out_ptr = (
                 ptr(t) for t in inputs + (out,))
         else:
             buf = {name: ws[o:o + n].view(dt).view(shape) for name, (o, n, dt, shape) in self.layout.items()}
@@ -492,7 +492,8 @@ class _Plan:
         any_ = logits if self.fused_route else index
         launches = []
         if self.fused_route:
-            launches.append((self.route, (logits, score_bias if score_bias is not None else logits, weights, index,
+            launches.append((self.route, (logits, score_bias if score_bias is not None else logits,
+                                          expert_scale if expert_scale is not None else logits, weights, index,
                                           counts, thresholds if thresholds is not None else logits,
                                           keep if self.fused_drop else index, stats if stats is not None else any_)))
         keep_arg = keep if keep is not None else index

@@ -2,7 +2,8 @@
 
 Replaces reference.route's chain of softmax / topk / gather / sum / div / mul / cast (about ten
 launches) after the router GEMM. Covers score_func softmax or sigmoid, score_after_topk (GPT-OSS),
-score_bias (selection only), renormalize with eps, scale; group-limited routing and the complete
+score_bias (selection only), renormalize with eps (and a floor, renorm_min), scale, a per-expert scale
+(expert_scale); group-limited routing and the complete
 transformation stay on reference.route (``dispatch.py`` decides). Top-k is k rounds of argmax;
 ties go to the lowest expert id.
 
@@ -23,13 +24,13 @@ import triton.language as tl
 
 @triton.jit
 def topk_route_kernel(
-    logits_ptr, score_bias_ptr, weights_ptr, index_ptr, counts_ptr, thresholds_ptr, keep_ptr, stats_ptr,
-    T, E, num_subs, stride_lt, renorm_eps, scale, per_slot, units_per_token,
+    logits_ptr, score_bias_ptr, expert_scale_ptr, weights_ptr, index_ptr, counts_ptr, thresholds_ptr, keep_ptr,
+    stats_ptr, T, E, num_subs, stride_lt, renorm_eps, renorm_min, scale, per_slot, units_per_token,
     TOPK: tl.constexpr, SIGMOID: tl.constexpr, AFTER_TOPK: tl.constexpr, RENORM: tl.constexpr,
     HAS_SCORE_BIAS: tl.constexpr, ROUND_SCORES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     ZERO_COUNTS: tl.constexpr = False, BLOCK_SUBS: tl.constexpr = 1, DROP: tl.constexpr = 0,
-    COPIES: tl.constexpr = 1, HAS_STATS: tl.constexpr = False,
+    COPIES: tl.constexpr = 1, HAS_STATS: tl.constexpr = False, HAS_EXPERT_SCALE: tl.constexpr = False,
 ):
     if ZERO_COUNTS:
         if tl.program_id(0) == 0:
@@ -74,8 +75,11 @@ def topk_route_kernel(
     else:
         if RENORM:
             total = tl.sum(tl.where(live_k, picked, 0.0), axis=1)
-            picked = picked / (total + renorm_eps)[:, None]
+            picked = picked / tl.maximum(total + renorm_eps, renorm_min)[:, None]  # renorm_min: Ernie-4.5's clamp
         picked = picked * scale
+        if HAS_EXPERT_SCALE:  # Gemma-4: a per-expert factor at the selected experts
+            scale_mask = mask_t[:, None] & live_k
+            picked *= tl.load(expert_scale_ptr + picked_idx, mask=scale_mask, other=0.0).to(tl.float32)
     out = rows[:, None] * TOPK + ks[None, :]
     store_mask = mask_t[:, None] & live_k
     tl.store(weights_ptr + out, picked.to(weights_ptr.dtype.element_ty), mask=store_mask)

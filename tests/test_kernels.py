@@ -234,20 +234,28 @@ def test_weight_on_input_partition(dtype, P, routing):
 @pytestmark_case
 def test_route_kernel_sigmoid_in_fp32_and_clamped_renorm():
     """fp16 logits. scores_fp32 (MiniMax-M2): the kernel keeps its fp32 sigmoid unrounded, like the reference
-    (rounding it to fp16 is off by up to 5e-4); renorm_min (Ernie-4.5, binding on some tokens) runs on
-    reference.route, and the whole block matches."""
+    (rounding it to fp16 is off by up to 5e-4). renorm_min (Ernie-4.5, binding on some tokens) and expert_scale
+    (Gemma-4) in the same kernel; the whole block matches."""
     routing = RoutingSpec(score_func="sigmoid", renormalize=True, score_bias=True, scores_fp32=True, weights_fp32=True)
     x, params, spec = make_case(torch.float16, T=33, E=16, K=4, routing=routing, seed=13)
     w, idx = dispatch.route(x, params, spec)
     _, w_ref, idx_ref = reference.route(x, params, spec)
     assert torch.equal(idx.long(), idx_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
-    clamped = RoutingSpec(renormalize=True, score_bias=True, renorm_min=0.99, logits_fp32=True)
-    x, params, spec = make_case(torch.float16, T=20, E=8, K=2, routing=clamped, seed=14)
-    _, w_ref, _ = reference.route(x, params, spec)
-    assert (w_ref.float().sum(dim=-1) < 0.98).sum() >= 5  # the clamp binds on these tokens
-    torch.testing.assert_close(dispatch.route(x, params, spec)[0], w_ref, rtol=0, atol=0)
-    check(x, params, spec)
+    for expert_scale in (False, True):
+        clamped = RoutingSpec(renormalize=True, score_bias=True, renorm_min=0.99, logits_fp32=True, weights_fp32=True,
+                              expert_scale=expert_scale)
+        x, params, spec = make_case(torch.float16, T=20, E=8, K=2, routing=clamped, seed=14)
+        if expert_scale:
+            spec = spec.replace(slots=spec.slots + ("expert_scale",))
+            params = params + [1 + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(3))]
+        _, w_ref, idx_ref = reference.route(x, params, spec)
+        unscaled = w_ref if not expert_scale else w_ref / params[-1][idx_ref]
+        assert (unscaled.float().sum(dim=-1) < 0.98).sum() >= 5  # the clamp binds on these tokens
+        w, idx = dispatch.route(x, params, spec)
+        assert torch.equal(idx.long(), idx_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+        check(x, params, spec)
 
 
 @pytestmark_case
