@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -221,6 +222,15 @@ def _main_worker(rank, world, port, seed, out_dir):
             got = torch.compile(model, backend="dualsparse", options={"expert_parallel": True, "partition": 2})(ids).logits
         res["compiled inductor olmoe P=2"] = _max_err(got, want) + (
             dsmoe_compiler.last_report().counters["expert_parallel"],)
+        for arch in ("gemma4", "llama4"):  # a router input of its own (one more operator input); weight on the input
+            torch._dynamo.reset()
+            model = hf_model(arch, None, seed=seed)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # llama4: "runs whole on every rank"
+                want = model(ids).logits
+                got = torch.compile(model, backend="dualsparse", options={"inner": "eager", "expert_parallel": True})(
+                    ids).logits
+            res[f"compiled {arch}"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
     torch.save(res, os.path.join(out_dir, f"main_{rank}.pt"))
 
     # 5) mismatched rank: the last rank compiled a different partition -> every rank raises
@@ -351,6 +361,10 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
             err, ok, fired = res[name]
             assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
             assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
+        if world == 2:  # Gemma-4 runs expert-parallel with its router input; Llama-4's blocks stay whole, still exact
+            for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 0)):
+                err, ok, fired = res[name]
+                assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
 
 
 @pytest.mark.parametrize("mode", ["1t", "2t"])
