@@ -321,16 +321,17 @@ def _rewrite(gm: fx.GraphModule, router: _Router, spec: MoESpec) -> None:
     region = _region(router)
     experts.args = (experts.args[0], index, weights, *experts.args[3:])
     for node in reversed(list(gm.graph.nodes)):  # the old router's ops, where nothing else reads them
-        if node in region and not node.users and not str(node.target).endswith("_"):
+        if node in region and not node.users and not node.is_impure() and not str(node.target).endswith("_"):
             gm.graph.erase_node(node)
 
 
 def _region(router: _Router) -> set:
+    """The router's own ops: from the experts' index and weights back to (not into) the route's input."""
     region, stack = set(), [router.experts.args[1], router.experts.args[2], *router.visited]
     while stack:
         node = stack.pop()
         if (isinstance(node, fx.Node) and node not in region and node.op in ("call_function", "call_method")
-                and not same_base(node, router.x)):
+                and not same_base(node, router.x) and not same_base(node, router.source)):
             region.add(node)
             stack.extend(node.all_input_nodes)
     return region
