@@ -73,7 +73,8 @@ def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
     # 16 tokens per program: 256 programs at 4096 tokens (64 gave 0.009 ms against 0.004 ms for OLMoE 4096 and
     # 0.015 against 0.006 ms for Qwen3-30B-A3B on the H200, results/h200/layer_ab_split_atomic.*, variant rt16)
     return dict(TOPK=spec.top_k, SIGMOID=r.score_func == "sigmoid", AFTER_TOPK=r.score_after_topk,
-                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, HAS_EXPERT_SCALE=r.expert_scale, ROUND_SCORES=logits_dtype != torch.float32 and not r.scores_fp32,
+                RENORM=r.renormalize, HAS_SCORE_BIAS=r.score_bias, HAS_EXPERT_SCALE=r.expert_scale,
+                ROUND_SCORES=logits_dtype != torch.float32 and not r.scores_fp32,
                 BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e,
                 BLOCK_K=triton.next_power_of_2(spec.top_k))
 
@@ -151,8 +152,9 @@ def _route_kernel(x, params, spec: MoESpec, thresholds=None, stats=None):
         keep = _empty((T, K * _copies(spec)), torch.uint8, x.device)
         meta.update(DROP=DROP_CODES[spec.drop.mode], COPIES=_copies(spec), HAS_STATS=stats is not None)
     launch(topk_route_kernel, (triton.cdiv(T, meta["BLOCK_T"]),),
-           (logits, score_bias if score_bias is not None else logits, expert_scale if expert_scale is not None else logits,
-            weights, index, index, logits if thresholds is None else thresholds, index if keep is None else keep,
+           (logits, score_bias if score_bias is not None else logits,
+            expert_scale if expert_scale is not None else logits, weights, index, index,
+            logits if thresholds is None else thresholds, index if keep is None else keep,
             logits if stats is None else stats),
            (T, E, 0, logits.stride(0), r.renorm_eps, r.renorm_min, r.scale, per_slot, units), meta)
     return weights, index, keep

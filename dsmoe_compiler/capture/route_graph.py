@@ -56,7 +56,8 @@ class NotARouter(Exception):
 
 def _call(node, functions=(), methods=()) -> bool:
     return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target in methods))
+        (node.op == "call_function" and node.target in functions)
+        or (node.op == "call_method" and node.target in methods))
 
 
 def _strip(node, also=frozenset()):
@@ -125,7 +126,8 @@ class _Router:
             router_bias=self.router_bias is not None, score_bias=self.score_bias is not None,
             expert_scale=self.expert_scale is not None,
             logits_fp32=logits_fp32,
-            scores_fp32=low and not logits_fp32 and scores_in_fp32 and (self.score_func == "sigmoid" or self.after_topk),
+            scores_fp32=(low and not logits_fp32 and scores_in_fp32
+                         and (self.score_func == "sigmoid" or self.after_topk)),
             weights_fp32=low and dtype(self.experts.args[2]) == torch.float32)
         E, H = example_value(self.weight).shape
         if self.expert_scale is not None and example_value(self.expert_scale).numel() != E:
