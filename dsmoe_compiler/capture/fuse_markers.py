@@ -31,6 +31,8 @@ ROUTE = torch.ops.dualsparse.route.default
 EXPERTS = torch.ops.dualsparse.experts.default
 MOE = torch.ops.dualsparse.moe.default
 LEFT_ALONE = torch.ops.dualsparse.left_alone.default
+ROUTE_REASON = "dualsparse_route_reason"
+"""Meta key of an experts node whose router ``route_graph`` could not read: why (reported with the block)."""
 
 
 def _is(node: fx.Node, target) -> bool:
@@ -64,7 +66,7 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
         x, index, weights, expert_params, experts_json = node.args
         route = _route_output(index, 2)
         if route is None or _route_output(weights, 1) is not route:
-            why = node.meta.get("dualsparse_route_reason")  # set by route_graph: where its router pattern stopped
+            why = node.meta.get(ROUTE_REASON)  # set by route_graph: where its router pattern stopped
             report.left_alone.append(LeftAlone(block_name(node) or node.name, "routing reaches the experts through "
                                                f"other ops{f' ({why})' if why else ''}; markers kept (exact)"))
             continue

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
 import torch.fx as fx
 
 _VIEW_METHODS = {"view", "reshape", "flatten", "contiguous"}
+CASTS = frozenset({"float", "to", "type", "type_as", "half", "bfloat16", "double"})
+VIEWS = frozenset({"view", "reshape", "squeeze", "flatten", "contiguous"})
+"""Tensor methods the router reading of ``route_graph`` looks through (a squeezed [1, E] bias: Ernie-4.5)."""
 _KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+
+
+def is_call(node, functions=(), methods=()) -> bool:
+    """node is an FX call of one of ``functions`` or of one of the tensor ``methods``."""
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in functions)
+        or (node.op == "call_method" and node.target in methods))
+
+
+def strip(node, methods):
+    """Skip the tensor ``methods`` (casts, views) in front of a node."""
+    while is_call(node, methods=methods):
+        node = node.args[0]
+    return node
+
+
+def topk_of(node, item: int):
+    """The ``topk`` node of which node is output ``item`` (0 values, 1 indices), else None."""
+    if is_call(node, (operator.getitem,)) and node.args[1] == item and is_call(node.args[0], (torch.topk,), ("topk",)):
+        return node.args[0]
+    return None
 
 
 def source_path(node: fx.Node) -> str | None:

@@ -38,33 +38,22 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from dsmoe_compiler.capture.fuse_markers import EXPERTS, ROUTE, _is, _route_output
-from dsmoe_compiler.capture.graph_utils import example_value, recorded_values, same_base
+from dsmoe_compiler.capture.fuse_markers import EXPERTS, ROUTE, ROUTE_REASON, _is, _route_output
+from dsmoe_compiler.capture.graph_utils import (CASTS, VIEWS, example_value, is_call, recorded_values, same_base,
+                                                strip, topk_of)
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import MoESpec, RoutingSpec
 
-_CASTS = {"float", "to", "type", "type_as", "half", "bfloat16", "double"}
-_VIEWS = {"view", "reshape", "squeeze", "flatten", "contiguous"}
 _DIVS = (operator.truediv, operator.itruediv, torch.div, torch.true_divide)
-REASON = "dualsparse_route_reason"
-"""Meta key of an experts node whose router this pass could not read: why (``fuse_markers`` reports it)."""
 
 
 class NotARouter(Exception):
     """The ops in front of the experts do not match the pattern; the message says where."""
 
 
-def _call(node, functions=(), methods=()) -> bool:
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target in functions)
-        or (node.op == "call_method" and node.target in methods))
-
-
 def _strip(node, also=frozenset()):
     """Skip casts (and the ``also`` methods) in front of a node."""
-    while _call(node, methods=_CASTS | also):
-        node = node.args[0]
-    return node
+    return strip(node, CASTS | also)
 
 
 def _arg(node: fx.Node, position: int, name: str, default=None):
@@ -77,11 +66,11 @@ def _last_dim(node: fx.Node, position: int) -> bool:
 
 
 def _score_func(node) -> str | None:
-    if _call(node, (torch.softmax, F.softmax), ("softmax",)):
+    if is_call(node, (torch.softmax, F.softmax), ("softmax",)):
         if not _last_dim(node, 1):
             raise NotARouter("softmax over another dimension than the experts")
         return "softmax"
-    if _call(node, (torch.sigmoid, F.sigmoid), ("sigmoid",)):
+    if is_call(node, (torch.sigmoid, F.sigmoid), ("sigmoid",)):
         return "sigmoid"
     return None
 
@@ -150,7 +139,7 @@ class _Router:
 def read_router(experts: fx.Node) -> _Router:
     """The router in front of an experts node, or NotARouter saying which step does not match."""
     x, index, weights = experts.args[:3]
-    topk = _topk_of(_strip(index, _VIEWS), 1)
+    topk = topk_of(_strip(index, VIEWS), 1)
     if topk is None:
         raise NotARouter("the experts' indices are not a top-k")
     k = _arg(topk, 1, "k")
@@ -169,27 +158,21 @@ def read_router(experts: fx.Node) -> _Router:
 def _reads(node, x: fx.Node) -> bool:
     """node is x up to casts and views."""
     while not same_base(node, x):
-        if not _call(node, methods=_CASTS | _VIEWS):
+        if not is_call(node, methods=CASTS | VIEWS):
             return False
         node = node.args[0]
     return True
 
 
-def _topk_of(node, item: int):
-    if _call(node, (operator.getitem,)) and node.args[1] == item and _call(node.args[0], (torch.topk,), ("topk",)):
-        return node.args[0]
-    return None
-
-
 def _router_head(experts, x, choice, k) -> _Router:
     """Scores, selection bias and router linear behind the top-k's input."""
     bias = None
-    if _call(choice, (operator.add, torch.add), ("add",)):
+    if is_call(choice, (operator.add, torch.add), ("add",)):
         a, b = (_strip(v) for v in choice.args[:2])
         scores, bias = (a, b) if _score_func(a) else (b, a)
-        if _score_func(scores) is None and any(_call(v, (F.linear, torch._C._nn.linear)) for v in (a, b)):
+        if _score_func(scores) is None and any(is_call(v, (F.linear, torch._C._nn.linear)) for v in (a, b)):
             raise NotARouter("a selection bias on raw logits")
-        bias = _strip(bias, _VIEWS)
+        bias = _strip(bias, VIEWS)
         if _score_func(scores) is None or not isinstance(bias, fx.Node) or bias.op != "placeholder":
             raise NotARouter("top-k of scores plus something other than a per-expert input tensor")
     else:
@@ -199,7 +182,7 @@ def _router_head(experts, x, choice, k) -> _Router:
     linear = scores if after else _strip(scores.args[0])
     if after and bias is not None:
         raise NotARouter("a selection bias on raw logits")
-    if not _call(linear, (F.linear, torch._C._nn.linear)):
+    if not is_call(linear, (F.linear, torch._C._nn.linear)):
         raise NotARouter("the scores are not of a router linear layer (e.g. soft-capped or rescaled logits)")
     weight = _strip(linear.args[1])
     c = _arg(linear, 2, "bias")
@@ -225,7 +208,7 @@ def _router_head(experts, x, choice, k) -> _Router:
 def _read_weights(router: _Router, weights, topk) -> None:
     """scale, renormalisation and the gathered scores behind the experts' weights."""
     w = _strip(weights)
-    while _call(w, (operator.mul, operator.imul, torch.mul), ("mul",)):  # a constant, or a per-expert tensor
+    while is_call(w, (operator.mul, operator.imul, torch.mul), ("mul",)):  # a constant, or a per-expert tensor
         a, b = w.args[:2]
         factor, w = (a, b) if _number(a) or _per_expert(a, topk) is not None else (b, a)
         if _number(factor) and router.scale == 1.0:
@@ -236,44 +219,44 @@ def _read_weights(router: _Router, weights, topk) -> None:
         else:
             raise NotARouter("the weights are scaled by a tensor other than one value per expert")
         w = _strip(w)
-    if _call(w, _DIVS, ("div", "div_", "true_divide")):
+    if is_call(w, _DIVS, ("div", "div_", "true_divide")):
         w = _read_renormalisation(router, w)
     router.visited.append(w)
-    if _topk_of(w, 0) is topk and router.score_bias is None and _strip(topk.args[0]) is router.score_node:
+    if topk_of(w, 0) is topk and router.score_bias is None and _strip(topk.args[0]) is router.score_node:
         return  # the top-k's values are the gathered scores
-    if not _call(w, (torch.gather,), ("gather",)) or _strip(w.args[0]) is not router.score_node:
+    if not is_call(w, (torch.gather,), ("gather",)) or _strip(w.args[0]) is not router.score_node:
         raise NotARouter("the weights are not the selected scores")
-    if not _last_dim(w, 1) or _topk_of(_strip(_arg(w, 2, "index"), _VIEWS), 1) is not topk:
+    if not _last_dim(w, 1) or topk_of(_strip(_arg(w, 2, "index"), VIEWS), 1) is not topk:
         raise NotARouter("the weights gather other positions than the top-k's")
 
 
 def _per_expert(node, topk) -> fx.Node | None:
     """The graph input t of ``t[index]`` (one value per expert, at the top-k's experts), else None."""
     node = _strip(node)
-    if not _call(node, (operator.getitem,)) or not isinstance(node.args[0], fx.Node):
+    if not is_call(node, (operator.getitem,)) or not isinstance(node.args[0], fx.Node):
         return None
-    table, index = _strip(node.args[0], _VIEWS), node.args[1]
-    if table.op != "placeholder" or not isinstance(index, fx.Node) or _topk_of(_strip(index, _VIEWS), 1) is not topk:
+    table, index = _strip(node.args[0], VIEWS), node.args[1]
+    if table.op != "placeholder" or not isinstance(index, fx.Node) or topk_of(_strip(index, VIEWS), 1) is not topk:
         return None
     return table
 
 
 def _read_renormalisation(router: _Router, div: fx.Node) -> fx.Node:
     numerator, denominator = (_strip(v) for v in div.args[:2])
-    if _call(denominator, (operator.add, torch.add), ("add",)):
+    if is_call(denominator, (operator.add, torch.add), ("add",)):
         a, b = denominator.args[:2]
         eps, denominator = (a, b) if _number(a) else (b, a)
         if not _number(eps) or eps < 0:
             raise NotARouter("a renormalisation denominator plus a tensor")
         router.renorm_eps = float(eps)
         denominator = _strip(denominator)
-    if _call(denominator, (torch.clamp, torch.clamp_min), ("clamp", "clamp_min")):
+    if is_call(denominator, (torch.clamp, torch.clamp_min), ("clamp", "clamp_min")):
         low = _arg(denominator, 1, "min")
         if not _number(low) or _arg(denominator, 2, "max") is not None or router.renorm_eps:
             raise NotARouter("a renormalisation clamped other than from below by a constant")
         router.renorm_min = float(low)
         denominator = _strip(denominator.args[0])
-    if not (_call(denominator, (torch.sum,), ("sum",)) and _strip(denominator.args[0]) is numerator
+    if not (is_call(denominator, (torch.sum,), ("sum",)) and _strip(denominator.args[0]) is numerator
             and _last_dim(denominator, 1) and _arg(denominator, 2, "keepdim", False) is True):
         raise NotARouter("the weights are divided by something other than their sum")
     router.renormalize = True
@@ -283,7 +266,7 @@ def _read_renormalisation(router: _Router, div: fx.Node) -> fx.Node:
 
 def _read_after_topk_weights(router: _Router, weights, topk) -> None:
     w = _strip(weights)
-    if _score_func(w) != "softmax" or _topk_of(_strip(w.args[0]), 0) is not topk:
+    if _score_func(w) != "softmax" or topk_of(_strip(w.args[0]), 0) is not topk:
         raise NotARouter("top-k of logits, but the weights are not the softmax of its values")
     router.score_node = w
     router.visited.append(w)
@@ -349,7 +332,7 @@ def capture_plain_routers(gm: fx.GraphModule, example_inputs) -> int:
             router = read_router(node)
             found.append((router, router.spec()))
         except NotARouter as why:
-            node.meta[REASON] = str(why)
+            node.meta[ROUTE_REASON] = str(why)
     if not found:
         return 0
     value_of = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
@@ -361,5 +344,5 @@ def capture_plain_routers(gm: fx.GraphModule, example_inputs) -> int:
             _rewrite(gm, router, spec)
             done += 1
         else:
-            router.experts.meta[REASON] = f"its router read as {spec.variant} did not reproduce the graph's routing"
+            router.experts.meta[ROUTE_REASON] = f"its router read as {spec.variant} did not reproduce the graph's routing"
     return done

@@ -105,10 +105,9 @@ _RANDOM_WHEN_TRAINING = {"PhimoeTopKRouter"}
 
 
 def _router_facts(module) -> tuple:
-    """The attributes the router readers use, as plain constants (read in traced code: no graph break)."""
-    return (module.top_k, getattr(module, "norm_topk_prob", None), getattr(module, "topk_method", None),
-            getattr(module, "num_group", None), getattr(module, "topk_group", None),
-            getattr(module, "routed_scaling_factor", None), getattr(module, "router_jitter_noise", None))
+    """The attributes the router readers use, as plain constants (read in traced code: no graph break); every
+    router has top_k, the others may be absent (None)."""
+    return (module.top_k, *[getattr(module, name, None) for name in _ROUTER_FACTS[1:]])
 
 
 @torch._dynamo.assume_constant_result
@@ -269,8 +268,12 @@ def llama4_plan(act_name: str, router_bias: bool, gate_up_shape: tuple, top_k: i
     Llama-4 routes by the top-k logits, each weight the fp32 sigmoid of its logit cast back, and runs expert e on
     weight * x (``Llama4TextMoe.forward``: non-selected experts see 0 and, without biases, add exactly 0)."""
     activation = _ACTIVATIONS.get(act_name)
-    if activation is None or router_bias or len(gate_up_shape) != 3:
-        return f"Llama4TextMoe: {'a router bias' if router_bias else f'activation {act_name}'} not supported"
+    if router_bias:
+        return "Llama4TextMoe: a router bias not supported"
+    if activation is None:
+        return f"Llama4TextMoe: activation {act_name} not supported"
+    if len(gate_up_shape) != 3:
+        return "Llama4TextMoe: no 3-D gate_up_proj"
     E, H, inter2 = gate_up_shape
     routing = RoutingSpec(score_func="sigmoid", score_after_topk=True, scores_fp32=True)
     route = MoESpec(name="router", num_experts=E, top_k=top_k, hidden=H, intermediate=0, routing=routing,

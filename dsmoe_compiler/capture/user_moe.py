@@ -26,8 +26,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from dsmoe_compiler.capture.fuse_markers import MOE
-from dsmoe_compiler.capture.graph_utils import block_name, example_value, recorded_values, region_between, source_path
+from dsmoe_compiler.capture.fuse_markers import EXPERTS, MOE
+from dsmoe_compiler.capture.graph_utils import (CASTS, VIEWS, block_name, example_value, is_call, recorded_values,
+                                                region_between, source_path, strip, topk_of)
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
 from dsmoe_compiler.report import BlockEntry, LeftAlone
@@ -38,22 +39,14 @@ _ROLE_NAMES = {"gate": ("w1", "gate_proj", "gate", "wg", "w_gate"), "up": ("w3",
 _ACTIVATION_CALLS = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", torch.sigmoid: None}
 
 
-def _is_call(node: fx.Node, fn, method: str | None = None) -> bool:
-    if node.op == "call_function" and node.target in (fn if isinstance(fn, tuple) else (fn,)):
-        return True
-    return method is not None and node.op == "call_method" and node.target == method
-
-
 def _strip_casts(node: fx.Node) -> fx.Node:
-    while node.op == "call_method" and node.target in _CASTS:
-        node = node.args[0]
-    return node
+    return strip(node, _CASTS)
 
 
 def _softmax_or_sigmoid(node: fx.Node) -> str | None:
-    if _is_call(node, (torch.softmax, F.softmax, torch.nn.functional.softmax), "softmax"):
+    if is_call(node, (torch.softmax, F.softmax, torch.nn.functional.softmax), ("softmax",)):
         return "softmax"
-    if _is_call(node, (torch.sigmoid, F.sigmoid), "sigmoid"):
+    if is_call(node, (torch.sigmoid, F.sigmoid), ("sigmoid",)):
         return "sigmoid"
     return None
 
@@ -67,7 +60,7 @@ def _router(topk: fx.Node):
         after = False
     else:
         linear, score, after = src, "softmax", True
-    if not _is_call(linear, F.linear) or linear.args[1].op != "placeholder":
+    if not is_call(linear, (F.linear,)) or linear.args[1].op != "placeholder":
         return None
     return linear, score, after
 
@@ -199,7 +192,7 @@ def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> lis
     value_of = dict(zip(placeholders, example_inputs))
     blocks = []
     marked = _topks_of_experts_markers(gm)  # transformers blocks: fuse_markers / route_graph report those
-    for topk in [n for n in gm.graph.nodes if _is_call(n, torch.topk, "topk") and n not in marked]:
+    for topk in [n for n in gm.graph.nodes if is_call(n, (torch.topk,), ("topk",)) and n not in marked]:
         block = _guarded(report, topk, lambda: _describe(gm, topk, value_of, report))
         if block is not None:
             blocks.append(block)
@@ -220,13 +213,11 @@ def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> lis
 
 
 def _topks_of_experts_markers(gm: fx.GraphModule) -> set[fx.Node]:
-    """The top-k nodes whose indices feed a ``dualsparse.experts`` marker left in the graph."""
-    from dsmoe_compiler.capture import route_graph
-
+    """The top-k nodes whose indices (up to casts and views) feed a ``dualsparse.experts`` marker left in the graph."""
     found = set()
     for node in gm.graph.nodes:
-        if route_graph._is(node, route_graph.EXPERTS):
-            topk = route_graph._topk_of(route_graph._strip(node.args[1], route_graph._VIEWS), 1)
+        if is_call(node, (EXPERTS, EXPERTS._overloadpacket)):
+            topk = topk_of(strip(node.args[1], CASTS | VIEWS), 1)  # as route_graph reads the indices
             if topk is not None:
                 found.add(topk)
     return found
