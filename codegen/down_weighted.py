@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, prune_by_rows,
-                                             swizzle, tile_of)
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, pair_weight,
+                                             prune_by_rows, swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
@@ -144,9 +144,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
         else:
             acc += bias.to(tl.float32)[None, :]
     pair = tl.load(sorted_ptr + row0 + offs_m, mask=mask_m, other=0)
-    # column col of a token reads routed slot col % TOPK (partial transformation tiles the weights P times)
-    slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
     if OUTPUT_WEIGHT:  # off where the gate/up applied it to the input (Llama-4)
-        acc *= tl.load(route_w_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        acc *= pair_weight(route_w_ptr, pair, mask_m, PAIRS, TOPK)[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
-from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, prune_launch_shape,
-                                             swizzle, tile_of)
+from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, pair_weight,
+                                             prune_launch_shape, swizzle, tile_of)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -155,8 +155,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
                                      W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
     if INPUT_WEIGHT:  # Llama-4: the expert sees w x, so both products scale by w before the activation
-        w_in = tl.load(route_w_ptr + (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK, mask=mask_m, other=0.0)
-        w_in = w_in.to(tl.float32)[:, None]
+        w_in = pair_weight(route_w_ptr, pair, mask_m, PAIRS, TOPK)[:, None]
         acc_g *= w_in
         acc_u *= w_in
     if HAS_BIAS:

@@ -122,6 +122,14 @@ def halves_of(counts_ptr, group, num_subs, rows_left, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def pair_weight(route_w_ptr, pair, mask, PAIRS, TOPK):
+    """The routing weight (fp32) of each row's pair: column col of a token reads routed slot col % TOPK (a partial
+    transformation tiles the weights P times)."""
+    slot = (pair // PAIRS) * TOPK + (pair % PAIRS) % TOPK
+    return tl.load(route_w_ptr + slot, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def swizzle(pid, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
     """Tutorial-style grouped order: GROUP_SIZE_M M-tiles (mostly one expert) sweep N together for L2 reuse."""
     width = GROUP_SIZE_M * num_pid_n
