@@ -107,6 +107,22 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
     return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
 
 
+def random_ids(batch: int = 2, length: int = 13, seed: int = 8) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def eager_and_compiled(model, ids, options=None):
+    """(eager logits, dualsparse logits, report) of one batch, without grad and after a dynamo reset; the non-MoE rest
+    runs eagerly unless ``options`` say otherwise."""
+    import dsmoe_compiler
+
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="dualsparse", options=options or {"inner": "eager"})(ids).logits
+    return expected, got, dsmoe_compiler.last_report()
+
+
 def randomize_(model):
     """Random, non-degenerate weights everywhere, in place: biases, norms and sinks N(0, 0.1), the rest N(0, 0.2), and
     floating bias buffers that start at zero (DeepSeek-V3's score correction) N(0, 0.1). Also used by

@@ -5,13 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import graph_breaks
-from models import VOCAB, hf_model, moe_layer_count
+from models import VOCAB, eager_and_compiled, hf_model, moe_layer_count, random_ids
 
 import dsmoe_compiler
-
-
-def _ids(device="cpu"):
-    return torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8)).to(device)
 
 
 def _rel(a, b):
@@ -20,11 +16,7 @@ def _rel(a, b):
 
 def test_llama4_block_is_captured_exactly():
     model = hf_model("llama4", None)
-    with torch.no_grad():
-        expected = model(_ids()).logits
-        torch._dynamo.reset()
-        got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids()).logits
-    report = dsmoe_compiler.last_report()
+    expected, got, report = eager_and_compiled(model, random_ids())
     assert len(report.rewritten) == moe_layer_count(model) > 0, str(report)
     assert not report.left_alone and report.graphs == 1 and graph_breaks() == ({}, {}), str(report)
     assert all("weight-on-input" in b.variant and "shared" in b.variant for b in report.rewritten), str(report)
@@ -35,10 +27,10 @@ def test_llama4_bf16_and_a_partition():
     """bf16 (the input scaled in bf16, as Llama-4 does) and P = 2 (weight on the input of both halves)."""
     model = hf_model("llama4", None).to(torch.bfloat16)
     with torch.no_grad():
-        expected = model(_ids()).logits
+        expected = model(random_ids()).logits
         for options in ({"inner": "eager"}, {"inner": "eager", "partition": 2}):
             torch._dynamo.reset()
-            got = torch.compile(model, backend="dualsparse", options=options)(_ids()).logits
+            got = torch.compile(model, backend="dualsparse", options=options)(random_ids()).logits
             assert torch.isfinite(got).all() and _rel(got, expected) < 1e-2, options
 
 
@@ -48,10 +40,10 @@ def test_llama4_unknown_activation_is_left_alone():
         if type(m).__name__ == "Llama4TextExperts":
             m.act_fn = nn.Tanh()
     with torch.no_grad():
-        expected = model(_ids()).logits
+        expected = model(random_ids()).logits
         torch._dynamo.reset()
         with pytest.warns(UserWarning, match="activation Tanh not supported"):
-            got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids()).logits
+            got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(random_ids()).logits
     assert not dsmoe_compiler.last_report().rewritten
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -4,7 +4,7 @@ sparsemixer samples) keeps transformers' own router."""
 
 import pytest
 import torch
-from models import VOCAB, hf_model, moe_layer_count
+from models import VOCAB, eager_and_compiled, hf_model, moe_layer_count, random_ids
 
 import dsmoe_compiler
 from dsmoe_compiler.codegen import reference
@@ -28,17 +28,9 @@ def test_sparsemixer_is_transformers_at_inference(dtype, jitter_eps):
     assert ((expected_w.float() - 1).abs() > 1e-3).float().mean() > 0.1  # the rounds' softmax spans several logits
 
 
-def _ids():
-    return torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
-
-
 def test_phimoe_is_captured_exactly():
     model = hf_model("phimoe", None)
-    with torch.no_grad():
-        expected = model(_ids()).logits
-        torch._dynamo.reset()
-        got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids()).logits
-    report = dsmoe_compiler.last_report()
+    expected, got, report = eager_and_compiled(model, random_ids())
     assert len(report.rewritten) == moe_layer_count(model) > 0 and not report.left_alone, str(report)
     assert all(b.variant.startswith("sparsemixer") for b in report.rewritten)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
@@ -47,10 +39,10 @@ def test_phimoe_is_captured_exactly():
 def test_phimoe_bf16_and_partial_partition():
     model = hf_model("phimoe", None).to(torch.bfloat16)
     with torch.no_grad():
-        expected = model(_ids()).logits.double()
+        expected = model(random_ids()).logits.double()
         for options in ({"inner": "eager"}, {"inner": "eager", "partition": 2, "transform": "partial"}):
             torch._dynamo.reset()
-            got = torch.compile(model, backend="dualsparse", options=options)(_ids()).logits.double()
+            got = torch.compile(model, backend="dualsparse", options=options)(random_ids()).logits.double()
             assert torch.isfinite(got).all() and ((got - expected).norm() / expected.norm()).item() < 1e-2, options
 
 
@@ -58,7 +50,7 @@ def test_training_mode_keeps_the_sampling_router():
     model = hf_model("phimoe", None).train()
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="left to the inner compiler"):
-        torch.compile(model, backend="dualsparse", options={"inner": "eager"})(_ids())
+        torch.compile(model, backend="dualsparse", options={"inner": "eager"})(random_ids())
     assert not dsmoe_compiler.last_report().rewritten
 
 

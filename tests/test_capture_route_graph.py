@@ -278,15 +278,10 @@ def test_plain_router_triton_kernels_bf16_on_gpu(name):
 def test_gemma4_is_captured_exactly():
     """Gemma-4: a router reading a norm of the residual, with a per-expert scale, in front of experts reading
     another norm of it: one operator per MoE layer, eager's logits."""
-    from models import VOCAB, hf_model, moe_layer_count
+    from models import eager_and_compiled, hf_model, moe_layer_count, random_ids
 
     model = hf_model("gemma4", None)
-    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        expected = model(ids).logits
-        torch._dynamo.reset()
-        got = torch.compile(model, backend="dualsparse", options={"inner": "eager"})(ids).logits
-    report = dsmoe_compiler.last_report()
+    expected, got, report = eager_and_compiled(model, random_ids())
     assert len(report.rewritten) == moe_layer_count(model) > 0, str(report)
     assert not report.left_alone and report.graphs == 1, str(report)
     assert all("own-router-input" in b.variant and "expert-scale" in b.variant for b in report.rewritten)
