@@ -4,7 +4,7 @@ sparsemixer samples) keeps transformers' own router."""
 
 import pytest
 import torch
-from models import VOCAB, eager_and_compiled, hf_model, moe_layer_count, random_ids
+from models import eager_and_compiled, hf_model, moe_layer_count, random_ids, triton_bf16_errors
 
 import dsmoe_compiler
 from dsmoe_compiler.codegen import reference
@@ -63,18 +63,4 @@ def test_complete_transformation_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_phimoe_triton_kernels_bf16_on_gpu():
-    from dsmoe_compiler.codegen import dispatch
-
-    model = hf_model("phimoe", None).to("cuda", torch.bfloat16)
-    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(9))
-    with torch.no_grad():
-        expected = model(ids).logits.double()
-        dispatch._PLANS.clear()
-        torch._dynamo.reset()
-        got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids)
-    assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
-    assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
-    got = got.logits.double()
-    err = ((got - expected).norm() / expected.norm()).item()
-    print(f"phimoe: ours-vs-eager-bf16 {err:.2e}")
-    assert torch.isfinite(got).all() and err < 1e-2
+    assert max(triton_bf16_errors("phimoe")) < 1e-2
