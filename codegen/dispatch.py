@@ -440,7 +440,7 @@ class _Plan:
                  STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
-                 GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input))
+                 GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input, CLAMP=ex.clamp))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,

@@ -51,20 +51,33 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
 
 
 @triton.jit
-def _glu(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
+def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, alpha, limit):
+    """``reference.glu`` on fp32 products (so ``glu_fp32`` needs nothing here)."""
     if ACTIVATION == "gptoss":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-    elif ACTIVATION == "silu":
-        return gate * tl.sigmoid(gate) * up
+    if CLAMP != "none":
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    if CLAMP == "before":
+        gate = tl.minimum(gate, limit)
+    act = _activation(gate, ACTIVATION)
+    if CLAMP == "after":
+        act = tl.minimum(act, limit)
+    return act * up
+
+
+@triton.jit
+def _activation(gate, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        return gate * tl.sigmoid(gate)
     elif ACTIVATION == "relu":
-        return tl.maximum(gate, 0.0) * up
+        return tl.maximum(gate, 0.0)
     elif ACTIVATION == "gelu":
-        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+        return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
     else:  # gelu_tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 2 sigmoid(2z) - 1
         z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        return gate * tl.sigmoid(2.0 * z) * up
+        return gate * tl.sigmoid(2.0 * z)
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED"],
@@ -79,7 +92,7 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr, W_NMAJOR: tl.constexpr,
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    INPUT_WEIGHT: tl.constexpr = False,
+    INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -104,7 +117,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -113,7 +126,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -122,7 +135,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
           stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm, alpha, limit, W_ROWS,
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
-          W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr,
+          W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr, CLAMP: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
@@ -162,7 +175,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
         b_base = b_ptr + expert * stride_be
         acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    h = _glu(acc_g, acc_u, ACTIVATION, alpha, limit)
+    h = _glu(acc_g, acc_u, ACTIVATION, CLAMP, alpha, limit)
     h_cols = offs_n
     if GROUPS == "halves":
         h_cols += first_neuron

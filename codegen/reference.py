@@ -52,6 +52,9 @@ def _group_mask(choice: torch.Tensor, spec: MoESpec, copies: int) -> torch.Tenso
 def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router: returns (logits [T, E'], weights [T, K'], sub-expert indices [T, K'])."""
     r = spec.routing
+    if r.score_func == "given":  # computed by the graph: no logits here (an empty [T, 0])
+        weights, index = (_param(spec, params, n).reshape(-1, spec.top_k) for n in ("topk_weights", "topk_index"))
+        return x.new_empty(x.shape[0], 0), weights, index
     logits = router_logits(x, params, spec)
     copies = spec.partition if spec.transform == "complete" else 1
     k = spec.top_k * copies
@@ -150,14 +153,26 @@ def sub_expert_weights(params, spec: MoESpec, sub: int):
     return gate, up, dn, gb, ub, (db[e] if db is not None and p == 0 else None)
 
 
-def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0):
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0,
+        clamp: str = "none", in_fp32: bool = False):
+    """The experts' GLU (``ExpertsSpec.activation``, ``clamp``, ``glu_fp32``)."""
+    if in_fp32:
+        return glu(gate.float(), up.float(), activation, alpha, limit, clamp).to(gate.dtype)
     if activation == "gptoss":
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     act = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
            "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
-    return act(gate) * up
+    if clamp == "none":
+        return act(gate) * up
+    up = up.clamp(min=-limit, max=limit)
+    return (act(gate.clamp(max=limit)) if clamp == "before" else act(gate).clamp(max=limit)) * up
+
+
+def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
+    """``glu`` as the ExpertsSpec ``ex`` describes it."""
+    return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32)
 
 
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
@@ -175,7 +190,7 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         xs, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:
             xs = (xs * w).to(xs.dtype)
-        h = glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex.activation, ex.alpha, ex.limit)
+        h = expert_glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex)
         y = F.linear(h, down, db)
         out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
     return out.to(x.dtype)

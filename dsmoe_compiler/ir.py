@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer"]
+ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer", "given"]
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
 
 
@@ -24,7 +24,10 @@ class RoutingSpec:
 
     score_func: ScoreFunc = "softmax"
     """softmax or sigmoid of the router logits; or PhiMoE's sparsemixer (top-2: each round a softmax over the
-    logits within jitter_eps of the round's best, its best taken; ``reference.sparsemixer``)."""
+    logits within jitter_eps of the round's best, its best taken; ``reference.sparsemixer``); or "given": the graph
+    computes the routing with ops of its own (a router the other fields cannot express) and the operator takes its
+    result, the expert ids and weights [T, K] (slots topk_index, topk_weights), as they are. No other routing field
+    applies to "given"."""
     jitter_eps: float = 0.0
     """sparsemixer only: logits l with (best - l) / max(|l|, best) > 2 jitter_eps are out of the round's softmax."""
     score_after_topk: bool = False
@@ -80,6 +83,12 @@ class ExpertsSpec:
     """Gate activation of the GLU; "gptoss" is GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
     alpha: float = 1.702
     limit: float = 7.0
+    clamp: Literal["none", "before", "after"] = "none"
+    """A GLU clamped at ``limit``: "before": the gate to at most limit before the activation (DeepSeek-V4, HY-V4);
+    "after": the activation's output to at most limit (Step-3.7); both clamp up to [-limit, limit]. ("gptoss"
+    clamps on its own.)"""
+    glu_fp32: bool = False
+    """The GLU computed in fp32 and cast back (Beam); else in the weights' dtype."""
     weight_on_input: bool = False
     """Llama-4: a routed expert sees its routing weight times x, and its output is not scaled
     (sum of expert(w x) instead of sum of w expert(x))."""
@@ -157,6 +166,8 @@ class MoESpec:
             parts.append("shared" + ("+gate" if self.shared.gated else ""))
         if self.experts.activation == "gptoss":
             parts.append("clamped-swiglu")
+        elif self.experts.clamp != "none":
+            parts.append(f"{self.experts.activation}-glu-clamped-{self.experts.clamp}")
         if self.experts.weight_on_input:
             parts.append("weight-on-input")
         if self.partition > 1:

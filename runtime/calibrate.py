@@ -118,7 +118,8 @@ def gate_activation(gate: torch.Tensor, ex: ExpertsSpec) -> torch.Tensor:
     if ex.activation == "gptoss":
         gate = gate.clamp(max=ex.limit)
         return gate * torch.sigmoid(gate * ex.alpha)
-    return reference.glu(gate, torch.ones_like(gate), ex.activation)
+    act = reference.glu(gate.clamp(max=ex.limit) if ex.clamp == "before" else gate, torch.ones_like(gate), ex.activation)
+    return act.clamp(max=ex.limit) if ex.clamp == "after" else act
 
 
 def neuron_statistics(x: torch.Tensor, params, spec: MoESpec, expert: int) -> dict[str, torch.Tensor]:
@@ -129,7 +130,7 @@ def neuron_statistics(x: torch.Tensor, params, spec: MoESpec, expert: int) -> di
     g, u = F.linear(x, f32(gate), f32(gb)), F.linear(x, f32(up), f32(ub))
     ex = spec.experts
     act = gate_activation(g, ex)
-    gu = reference.glu(g, u, ex.activation, ex.alpha, ex.limit)
+    gu = reference.expert_glu(g, u, ex)
     return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
 
 

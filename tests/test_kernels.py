@@ -232,6 +232,47 @@ def test_weight_on_input_partition(dtype, P, routing):
 
 
 @pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clamp, activation", [("before", "silu"), ("after", "silu"), ("before", "gelu_tanh")])
+def test_clamped_glu(dtype, clamp, activation):
+    """A GLU clamped at limit (DeepSeek-V4, HY-V4: the gate before the activation; Step-3.7: after it; up to
+    [-limit, limit] in both), in the gate/up epilogue. The limit sits inside the products' range, and the clamp is
+    shown to matter: the unclamped operator is far off."""
+    x, params, spec = make_case(dtype, T=19, E=4, K=2, P=2, activation=activation, seed=17)
+    x = x * 4  # products of a few units: the limit below cuts many of them
+    spec = spec.replace(experts=dataclasses.replace(spec.experts, clamp=clamp, limit=0.75))
+    check(x, params, spec)
+    if dtype == torch.float32:
+        unclamped = spec.replace(experts=dataclasses.replace(spec.experts, clamp="none"))
+        ref = reference.moe(x.double(), [p.double() for p in params], unclamped)
+        out = dispatch.moe_triton(x, params, spec).double()
+        assert ((out - ref).norm() / ref.norm()).item() > 1e-2
+
+
+def given_routing_case(dtype, *, T=23, E=6, K=3, P=1, seed=21):
+    """A block whose routing the graph computed: random distinct expert ids and positive weights per token as the
+    first two slots (``RoutingSpec(score_func="given")``), int64 ids as transformers makes them."""
+    x, params, spec = make_case(dtype, T=T, E=E, K=K, P=P, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = torch.rand(T, E, generator=g).argsort(dim=-1)[:, :K]
+    weights = torch.rand(T, K, generator=g).to(dtype) + 0.1
+    spec = spec.replace(routing=RoutingSpec(score_func="given"), slots=("topk_index", "topk_weights") + spec.slots[1:])
+    return x, [index, weights, *params[1:]], spec
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P", [1, 2])
+def test_given_routing(dtype, P):
+    """The ids and weights the graph computed go straight to the grouping: no router here, and P = 2 (partial)
+    remaps the given ids e -> 2e, 2e + 1."""
+    x, params, spec = given_routing_case(dtype, P=P)
+    check(x, params, spec)
+    keep = torch.rand(x.shape[0], spec.top_k * P, generator=torch.Generator().manual_seed(3)) > 0.4
+    check(x, params, spec, keep=keep)
+
+
+@pytestmark_case
 def test_route_kernel_sigmoid_in_fp32_and_clamped_renorm():
     """fp16 logits. scores_fp32 (MiniMax-M2): the kernel keeps its fp32 sigmoid unrounded, like the reference
     (rounding it to fp16 is off by up to 5e-4). renorm_min (Ernie-4.5, binding on some tokens) and expert_scale
@@ -308,8 +349,7 @@ def test_labelled_rows_match_the_reference_per_row(dtype, P):
         ref = torch.empty_like(xd)
         for i in range(n):
             gate, up, down, gb, ub, db = reference.sub_expert_weights(pd, spec, int(sub[i]))
-            h = reference.glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts.activation,
-                              spec.experts.alpha, spec.experts.limit)
+            h = reference.expert_glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts)
             ref[i] = (h @ down.t())[0]
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < TOL[dtype], f"n={n}: relative error {err:.2e}"
@@ -335,8 +375,7 @@ def test_labelled_rows_with_neuron_halves(dtype):
             for half in (0, 1):
                 if halves[i, half]:
                     gate, up, down, gb, ub, db = reference.sub_expert_weights(pd, spec, int(expert[i]) * 2 + half)
-                    h = reference.glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts.activation,
-                                      spec.experts.alpha, spec.experts.limit)
+                    h = reference.expert_glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts)
                     ref[i] += (h @ down.t())[0]
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < TOL[dtype], f"n={n}: relative error {err:.2e}"
