@@ -44,7 +44,7 @@ from dsmoe_compiler.codegen.launch import signature as _signature
 from dsmoe_compiler.codegen.received_rows import MAX_SEGMENTS, received_rows_kernel, received_rows_reference
 from dsmoe_compiler.codegen.schedule import launch_grid, rows_bucket
 from dsmoe_compiler.codegen.topk_route import keep_per_destination_kernel, topk_route_kernel
-from dsmoe_compiler.ir import MoESpec
+from dsmoe_compiler.ir import ACTIVATION_SLOTS, MoESpec
 
 BLOCK_PAIRS = 256  # pairs per program of the alignment kernels (1024 left 32 programs for 4096 tokens x 8)
 FAST_LAUNCH = not INTERPRETED
@@ -628,20 +628,23 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
                                               keep_given=keep is not None, drop_on=drop_on,
                                               stats_on=stats is not None))
     thresholds, stats = (thresholds, stats) if drop_on else (None, None)
-    forward = functools.partial(_forward, params=params, spec=spec, plan=plan, keep=keep, thresholds=thresholds,
-                                stats=stats, list_key=list_key, fused=fused)
-    # activations a graph replay copies in; the router's own input (Gemma-4) is one, not a weight
-    acts = (x,) if "router_input" not in spec.slots else (x, reference._param(spec, params, "router_input"))
+    # activations a graph replay copies in: x, and the router's own input (Gemma-4) or the given routing if any
+    act_slots = tuple(name for name in spec.slots if name in ACTIVATION_SLOTS)
+    acts = (x, *(reference._param(spec, params, name) for name in act_slots))
+    forward = functools.partial(_forward, act_slots=act_slots, params=params, spec=spec, plan=plan, keep=keep,
+                                thresholds=thresholds, stats=stats, list_key=list_key, fused=fused)
     if plan.graphable and not torch.cuda.is_current_stream_capturing() and not _hooks_on():  # never with keep given
         return _graphed(plan, forward, acts, (params, thresholds, stats, list_key))
     return forward(*acts)
 
 
-def _forward(x, router_input=None, *, params, spec, plan, keep, thresholds, stats, list_key, fused):
-    """Routing (cuBLAS router GEMM + the route kernel, or torch), the plan's launches, shared experts."""
-    if router_input is not None:
+def _forward(x, *acts, act_slots, params, spec, plan, keep, thresholds, stats, list_key, fused):
+    """Routing (cuBLAS router GEMM + the route kernel, or torch), the plan's launches, shared experts. ``acts``: the
+    tensors of the activation slots ``act_slots``, in place of those in ``params`` (a graph replay's own copies)."""
+    if acts:
         params = list(params)
-        params[spec.slots.index("router_input")] = router_input
+        for name, act in zip(act_slots, acts):
+            params[spec.slots.index(name)] = act
     if fused:
         out = plan(x, params, logits=reference.router_logits(x, params, spec).contiguous(), keep=keep,
                    thresholds=thresholds, stats=stats, list_key=list_key)
@@ -668,7 +671,7 @@ def _addresses(inputs, slots) -> tuple:
     experts ("gate.0", ...) are in list_key already, computed once per call anyway."""
     params, thresholds, stats, list_key = inputs
     ptrs = tuple(None if p is None else p.data_ptr() for name, p in zip(slots, params)
-                 if (list_key is None or "." not in name) and name != "router_input")
+                 if (list_key is None or "." not in name) and name not in ACTIVATION_SLOTS)
     return ptrs + tuple(None if t is None else t.data_ptr() for t in (thresholds, stats)) + (list_key,)
 
 

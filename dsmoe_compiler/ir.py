@@ -16,6 +16,8 @@ from typing import Literal
 
 ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer", "given"]
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
+ACTIVATION_SLOTS = ("router_input", "topk_index", "topk_weights")
+"""Slots that hold a call's activations rather than weights: the router's own input (Gemma-4) and a given routing."""
 
 
 @dataclass(frozen=True, kw_only=True)

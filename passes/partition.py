@@ -129,9 +129,11 @@ def partition_spec(spec: MoESpec, P: int, transform: str) -> MoESpec:
     if transform == "partial":
         return spec.replace(partition=P, transform="partial", complete_scale=1.0)
     r = spec.routing
-    if r.score_func == "sparsemixer":  # its rounds are not a function of repeated router rows we can rescale
+    unrepeatable = {"sparsemixer": "its router is PhiMoE's sparsemixer",  # rounds we cannot rescale on repeated rows
+                    "given": "its routing is computed by the graph, not by a router the operator can repeat"}
+    if r.score_func in unrepeatable:
         raise ValueError(f"dualsparse: option 'transform'='complete' cannot partition MoE block {spec.name!r}: "
-                         "its router is PhiMoE's sparsemixer; use transform='partial'")
+                         f"{unrepeatable[r.score_func]}; use transform='partial'")
     scale, eps_factor = derive_complete_scale(r.score_func, r.renormalize, r.score_after_topk, P)
     # the denominator scales by eps_factor, so its floor does too: max(f*D, f*m) = f*max(D, m)
     routing = dataclasses.replace(r, renorm_eps=r.renorm_eps * eps_factor, renorm_min=r.renorm_min * eps_factor)

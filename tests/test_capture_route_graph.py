@@ -3,6 +3,7 @@ pass reads is captured with eager's answer and the dtypes read off the graph, an
 left alone, exact, with the step that did not match."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def _own_input(m, x):  # the router reads another tensor of the same shape than 
     return index, w
 
 
-# routers the operator cannot express: each must be left alone, exact, saying which step differs
+# routers the operator cannot express: the experts take the routing the graph computes (score_func "given"), exact,
+# and the log names the step route_graph could not read
 def _softcapped(m, x):
     logits = torch.tanh(F.linear(x, m.weight) / 3.0) * 3.0
     scores = logits.sigmoid()
@@ -101,10 +103,11 @@ def _half_input(m, x):  # a router of half the channels: not a [tokens, hidden] 
 
 CAPTURED = {"hy_v3": _hy_v3, "minimax_m2": _minimax_m2, "ernie": _ernie, "lfm2": _lfm2, "flint": _flint,
             "gemma4": _gemma4, "own_input": _own_input}
-LEFT_ALONE = {"softcapped": (_softcapped, "router linear"), "tensor_scale": (_tensor_scale, "scaled by a tensor"),
+GIVEN = {"softcapped": (_softcapped, "router linear"), "tensor_scale": (_tensor_scale, "scaled by a tensor"),
               "bias_on_logits": (_bias_on_logits, "selection bias on raw logits"),
               "divided_by_max": (_divided_by_max, "other than their sum"),
               "half_input": (_half_input, "another shape than the experts' input")}
+ROUTERS = {**CAPTURED, **{name: router for name, (router, _) in GIVEN.items()}}
 
 
 class PlainRouterBlock(nn.Module):
@@ -212,18 +215,20 @@ def test_plain_router_bf16(name):
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(LEFT_ALONE))
-def test_inexpressible_router_is_left_alone(name):
-    router, reason = LEFT_ALONE[name]
-    block = _block(router)
+@pytest.mark.parametrize("name", sorted(GIVEN))
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_inexpressible_router_is_given(name, impl, caplog):
+    router, reason = GIVEN[name]
+    block = _block(router, impl=impl)
     h = torch.randn(2, 7, H, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = block(h)
-    with pytest.warns(UserWarning, match="left to the inner compiler"):
+    with caplog.at_level(logging.INFO, logger="dsmoe_compiler"):
         got = _compiled(block, h)
     report = dsmoe_compiler.last_report()
-    assert not report.rewritten and len(report.left_alone) == 1, str(report)
-    assert reason in report.left_alone[0].reason, report.left_alone[0].reason
+    assert len(report.rewritten) == 1 and not report.left_alone, str(report)
+    assert report.rewritten[0].variant.startswith("given") and report.counters["given_routing"] == 1, str(report)
+    assert reason in caplog.text, caplog.text
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -254,25 +259,30 @@ def test_a_spec_that_does_not_reproduce_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
-@pytest.mark.parametrize("name", sorted(CAPTURED))
+@pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_plain_router_triton_kernels_bf16_on_gpu(name):
-    """The route kernel (scores_fp32: an unrounded fp32 sigmoid) or, for the clamped renormalisation, torch routing,
-    then the grouped GEMMs: eager's bf16 answer within 1e-2."""
+    """The route kernel (scores_fp32: an unrounded fp32 sigmoid), torch routing for the clamped renormalisation, or
+    the graph's own routing (``GIVEN``), then the grouped GEMMs: eager's bf16 answer within 1e-2, over three calls
+    (the second captures the operator's CUDA graph, the third replays it with new ids and weights copied in)."""
     from dsmoe_compiler.codegen import dispatch
 
-    block = _block(CAPTURED[name], torch.bfloat16, norm_min=0.9 if name == "ernie" else 1e-12).to("cuda")
-    h = torch.randn(3, 50, H, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).bfloat16()
-    with torch.no_grad():
-        expected = block(h).double()
-        dispatch._PLANS.clear()
-        torch._dynamo.reset()
-        got = torch.compile(block, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(h).double()
+    block = _block(ROUTERS[name], torch.bfloat16, norm_min=0.9 if name == "ernie" else 1e-12).to("cuda")
+    generator = torch.Generator("cuda").manual_seed(7)
+    dispatch._PLANS.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})
+    for call in range(3):
+        h = torch.randn(3, 50, H, device="cuda", generator=generator).bfloat16()
+        with torch.no_grad():
+            expected = block(h).double()
+            got = compiled(h).double()
+        assert torch.isfinite(got).all()
+        err = ((got - expected).norm() / expected.norm()).item()
+        print(f"{name} call {call}: ours-vs-eager-bf16 {err:.2e}")
+        assert err < 1e-2
     assert len(dsmoe_compiler.last_report().rewritten) == 1
     assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
-    assert torch.isfinite(got).all()
-    err = ((got - expected).norm() / expected.norm()).item()
-    print(f"{name}: ours-vs-eager-bf16 {err:.2e}")
-    assert err < 1e-2
+    assert any(plan.graph is not None for plan in dispatch._PLANS.values()), "no graph replay"
 
 
 def test_gemma4_is_captured_exactly():

@@ -12,19 +12,28 @@ Replacement::
 
 Equivalence: ``reference.moe = reference.experts(x, *reference.route(x_r)[2:0:-1])`` (``router_logits`` reads
 the router_input slot where there is one), so the rewrite is exact by construction (tested on every transformers
-architecture). A pair whose routing outputs pass
-through other ops on their way to the experts is not fused; both markers stay and remain exact.
+architecture).
+
+An experts marker whose ids and weights do not come straight from a route marker (a router written as ops that
+``route_graph`` could not read, or routing outputs changed on their way) takes the graph's routing as it is::
+
+    y = dualsparse.moe(x, [index, weights] + expert_params, spec)   # spec.routing.score_func == "given"
+
+exact by construction as well (``reference.route`` hands the two slots to ``reference.experts`` unchanged); the
+routing ops stay in the graph for the inner compiler. Tests: ``tests/test_capture_route_graph.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
 import torch.fx as fx
 
 from dsmoe_compiler.codegen.reference import parse_spec
-from dsmoe_compiler.capture.graph_utils import block_name, same_base
+from dsmoe_compiler.capture.graph_utils import block_name, example_value, same_base
+from dsmoe_compiler.ir import RoutingSpec
 from dsmoe_compiler.report import BlockEntry, LeftAlone, Report
 
 ROUTE = torch.ops.dualsparse.route.default
@@ -32,7 +41,8 @@ EXPERTS = torch.ops.dualsparse.experts.default
 MOE = torch.ops.dualsparse.moe.default
 LEFT_ALONE = torch.ops.dualsparse.left_alone.default
 ROUTE_REASON = "dualsparse_route_reason"
-"""Meta key of an experts node whose router ``route_graph`` could not read: why (reported with the block)."""
+"""Meta key of an experts node whose router ``route_graph`` could not read: why (logged with the block)."""
+log = logging.getLogger("dsmoe_compiler")
 
 
 def _is(node: fx.Node, target) -> bool:
@@ -66,9 +76,7 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
         x, index, weights, expert_params, experts_json = node.args
         route = _route_output(index, 2)
         if route is None or _route_output(weights, 1) is not route:
-            why = node.meta.get(ROUTE_REASON)  # set by route_graph: where its router pattern stopped
-            report.left_alone.append(LeftAlone(block_name(node) or node.name, "routing reaches the experts through "
-                                               f"other ops{f' ({why})' if why else ''}; markers kept (exact)"))
+            fused.append(_given_routing(gm, node, report))
             continue
         route_params, route_json = list(route.args[1]), route.args[2]
         r, e = parse_spec(route_json), parse_spec(experts_json)
@@ -88,8 +96,30 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
                 gm.graph.erase_node(user)
         if not route.users:
             gm.graph.erase_node(route)
-        report.rewritten.append(BlockEntry(name, spec.variant, spec.hidden, spec.intermediate, spec.num_experts,
-                                           spec.top_k, "transformers"))
-        report.counters["fuse_markers"] += 1
+        _report(report, spec, "fuse_markers")
         fused.append(moe)
     return fused
+
+
+def _given_routing(gm: fx.GraphModule, node: fx.Node, report: Report) -> fx.Node:
+    """One ``moe`` node for an experts marker fed by routing ops of the graph: its ids and weights become slots."""
+    x, index, weights, expert_params, experts_json = node.args
+    e = parse_spec(experts_json)
+    value = example_value(weights)
+    routing = RoutingSpec(score_func="given", weights_fp32=value is not None and value.dtype == torch.float32)
+    spec = e.replace(name=block_name(node) or node.name, routing=routing, slots=("topk_index", "topk_weights") + e.slots)
+    with gm.graph.inserting_before(node):
+        moe = gm.graph.call_function(MOE, (x, [index, weights, *expert_params], spec.to_json()))
+    moe.meta.update(node.meta)
+    node.replace_all_uses_with(moe)
+    gm.graph.erase_node(node)
+    why = node.meta.get(ROUTE_REASON)  # set by route_graph: where its router pattern stopped
+    log.info("dualsparse: %s takes the routing its graph computes%s", spec.name, f" ({why})" if why else "")
+    _report(report, spec, "given_routing")
+    return moe
+
+
+def _report(report: Report, spec, counter: str) -> None:
+    report.rewritten.append(BlockEntry(spec.name, spec.variant, spec.hidden, spec.intermediate, spec.num_experts,
+                                       spec.top_k, "transformers"))
+    report.counters[counter] += 1

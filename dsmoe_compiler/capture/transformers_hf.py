@@ -157,11 +157,87 @@ _EXPERTS_FACTS = ("gate_kind", "act_name", "has_gate", "has_post_expert_norm", "
 """The last two are set by ``runtime.dist.shard_experts_`` (global E, first expert held); None, 0 otherwise."""
 
 
+@dataclasses.dataclass(frozen=True)
+class GateForm:
+    """What an experts class's own ``_apply_gate`` computes, in ``ExpertsSpec`` terms."""
+
+    activation: str | None = None
+    """None: the module's ``act_fn`` (as the default gate)."""
+    clamp: str = "none"
+    limit: str = "limit"
+    """The module attribute holding the clamp limit ..."""
+    alpha: str = "alpha"
+    """... and GPT-OSS's alpha."""
+    glu_fp32: bool = False
+
+
+_GATES = {
+    ("gpt_oss", "GptOssExperts"): GateForm(activation="gptoss"),
+    ("openai_privacy_filter", "OpenAIPrivacyFilterExperts"): GateForm(activation="gptoss"),  # not interleaved
+    ("minimax_m3_vl", "MiniMaxM3VLExperts"): GateForm(activation="gptoss", limit="swiglu_limit", alpha="swiglu_alpha"),
+    ("deepseek_v4", "DeepseekV4Experts"): GateForm(clamp="before"),
+    ("hy_v4", "HYV4Experts"): GateForm(activation="silu", clamp="before", limit="swiglu_limit"),
+    ("step3p7", "Step3p7Experts"): GateForm(clamp="after"),
+    ("beam", "BeamExperts"): GateForm(glu_fp32=True),
+}
+"""(model folder, experts class) -> what its ``_apply_gate`` computes. A class of another loaded modeling module whose
+``_apply_gate`` has the same code (``_gate_key``) is read the same way (GLM-5-Next and HY-V4-VL copy HY-V4's)."""
+_GATE_OF_CLASS: dict[str, tuple[str, str]] = {}
+"""``module.qualname`` of a loaded experts class with its own gate -> its ``_GATES`` key; filled outside tracing."""
+
+
 def _gate_kind(module) -> str:
-    apply_gate = type(module)._apply_gate
-    if apply_gate is _default_apply_gate():
+    cls = type(module)
+    if cls._apply_gate is _default_apply_gate():
         return "default"
-    return "gptoss" if type(module).__name__ == "GptOssExperts" else "custom:" + type(module).__name__
+    known = _GATE_OF_CLASS.get(f"{cls.__module__}.{cls.__qualname__}")
+    return "/".join(known) if known is not None else "custom:" + cls.__name__
+
+
+def _gate_form(kind: str) -> GateForm | None:
+    return GateForm() if kind == "default" else _GATES.get(tuple(kind.split("/")))
+
+
+def refresh_gates() -> None:
+    """Find the experts classes of the loaded transformers modeling modules whose ``_apply_gate`` is a known one
+    (``_GATES``), by their code. Entered before tracing and describing: cached on the number of loaded modules."""
+    _GATE_OF_CLASS.update(_gates_with_modules(len(sys.modules)))
+
+
+@functools.lru_cache(maxsize=8)
+def _gates_with_modules(count: int) -> dict[str, tuple[str, str]]:
+    found = {}
+    for module_name in [m for m in list(sys.modules) if m.startswith("transformers.models.") and ".modeling_" in m]:
+        for cls in list(vars(sys.modules[module_name]).values()):
+            if isinstance(cls, type) and cls.__module__ == module_name and "_apply_gate" in vars(cls):
+                folder = module_name.split(".")[2]
+                # a _GATES class itself, else (importing the _GATES modules once) one with the same code
+                key = (folder, cls.__name__) if (folder, cls.__name__) in _GATES else _known_gate_keys().get(
+                    _gate_key(cls))
+                if key is not None:
+                    found[f"{module_name}.{cls.__qualname__}"] = key
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _known_gate_keys() -> dict[str, tuple[str, str]]:
+    """``_gate_key`` of each ``_GATES`` class this transformers version has -> its ``_GATES`` key."""
+    keys = {}
+    for folder, name in _GATES:
+        try:
+            cls = getattr(__import__(f"transformers.models.{folder}.modeling_{folder}", fromlist=[name]), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and _gate_key(cls) is not None:
+            keys.setdefault(_gate_key(cls), (folder, name))
+    return keys
+
+
+def _gate_key(cls) -> str | None:
+    try:
+        return _normalised(inspect.getsource(vars(cls)["_apply_gate"]), cls.__name__)
+    except (OSError, TypeError):
+        return None
 
 
 def _activation_name(act) -> str:
@@ -179,10 +255,12 @@ def _activation_name(act) -> str:
 
 def _experts_facts(module) -> tuple:
     """What ``describe_experts`` needs, as plain constants (read in traced code: no graph break)."""
-    return (_gate_kind(module), _activation_name(getattr(module, "act_fn", None)), getattr(module, "has_gate", True),
+    kind = _gate_kind(module)
+    form = _gate_form(kind) or GateForm()
+    return (kind, _activation_name(getattr(module, "act_fn", None)), getattr(module, "has_gate", True),
             getattr(module, "has_post_expert_norm", False), getattr(module, "_is_expert_parallel", False),
             module.is_concatenated, module.is_transposed, module.has_bias,
-            float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0)),
+            float(getattr(module, form.alpha, 1.702)), float(getattr(module, form.limit, 7.0)),
             getattr(module, "dualsparse_num_experts", None), int(getattr(module, "dualsparse_expert_offset", 0)))
 
 
@@ -201,6 +279,7 @@ def _default_apply_gate():
 
 def describe_experts(module) -> ExpertsSpec | str:
     """The ExpertsSpec of a transformers experts module, or the reason it cannot be described."""
+    refresh_gates()
     return describe_facts(dict(zip(_EXPERTS_FACTS, _experts_facts(module))))
 
 
@@ -211,16 +290,15 @@ def describe_facts(f: dict) -> ExpertsSpec | str:
         return "experts with a post-expert norm"
     if f["_is_expert_parallel"]:
         return "experts already sharded for expert parallelism"
-    if f["gate_kind"] == "gptoss":
-        activation = "gptoss"
-    elif f["gate_kind"] == "default":
-        activation = _ACTIVATIONS.get(f["act_name"])
-        if activation is None:
-            return f"activation {f['act_name']} not supported"
-    else:
+    form = _gate_form(f["gate_kind"])
+    if form is None:
         return f"custom gate function ({f['gate_kind']})"
+    activation = form.activation or _ACTIVATIONS.get(f["act_name"])
+    if activation is None:
+        return f"activation {f['act_name']} not supported"
     return ExpertsSpec(layout="fused", interleaved=not f["is_concatenated"], transposed=f["is_transposed"],
-                       has_bias=f["has_bias"], activation=activation, alpha=f["alpha"], limit=f["limit"])
+                       has_bias=f["has_bias"], activation=activation, alpha=f["alpha"], limit=f["limit"],
+                       clamp=form.clamp, glu_fp32=form.glu_fp32)
 
 
 @torch._dynamo.assume_constant_result
@@ -452,6 +530,7 @@ def _install():
     if moe is None:
         return
     _default_apply_gate()
+    refresh_gates()
     _ORIGINAL_FORWARDS["get_interface"] = moe.ExpertsInterface.get_interface
     moe.ExpertsInterface.get_interface = _patched_get_interface(moe.ExpertsInterface.get_interface)
     for cls, kind in _router_classes():

@@ -213,13 +213,19 @@ def capture_user_moe(gm: fx.GraphModule, example_inputs, options, report) -> lis
 
 
 def _topks_of_experts_markers(gm: fx.GraphModule) -> set[fx.Node]:
-    """The top-k nodes whose indices (up to casts and views) feed a ``dualsparse.experts`` marker left in the graph."""
+    """The top-k nodes whose indices (up to casts and views) feed a ``dualsparse.experts`` marker left in the graph,
+    or a ``dualsparse.moe`` node that takes its routing from the graph (``fuse_markers._given_routing``)."""
     found = set()
     for node in gm.graph.nodes:
         if is_call(node, (EXPERTS, EXPERTS._overloadpacket)):
-            topk = topk_of(strip(node.args[1], CASTS | VIEWS), 1)  # as route_graph reads the indices
-            if topk is not None:
-                found.add(topk)
+            index = node.args[1]
+        elif is_call(node, (MOE,)) and "topk_index" in reference.parse_spec(node.args[2]).slots:
+            index = node.args[1][reference.parse_spec(node.args[2]).slot("topk_index")]
+        else:
+            continue
+        topk = topk_of(strip(index, CASTS | VIEWS), 1)  # as route_graph reads the indices
+        if topk is not None:
+            found.add(topk)
     return found
 
 
