@@ -86,6 +86,13 @@ def hf_config(arch: str):
                                              num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=1,
                                              attention_chunk_size=16, no_rope_layers=[1, 1],
                                              layer_types=["chunked_attention", "full_attention"]))
+    if arch == "deepseek_v4":  # hash routing, then sqrt-softplus top-k (routing given), a GLU clamped at 0.1
+        return tf.DeepseekV4Config(**_common(moe_intermediate_size=24, num_key_value_heads=1, head_dim=16,
+                                             q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=8,
+                                             n_shared_experts=1, swiglu_limit=0.1, o_groups=2, o_lora_rank=8,
+                                             index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=16,
+                                             mlp_layer_types=["hash_moe", "moe"],
+                                             layer_types=["sliding_attention", "compressed_sparse_attention"]))
     raise ValueError(arch)
 
 
@@ -104,7 +111,11 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
         return randomize_(tf.Mistral4ForCausalLM(config).eval())
     if arch == "llama4":  # its text model alone (the mapping builds the multimodal one from a text config)
         return randomize_(tf.Llama4ForCausalLM(config).eval())
-    return randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
+    model = randomize_(tf.AutoModelForCausalLM.from_config(config).eval())
+    for name, table in model.named_buffers():
+        if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct random experts per token id (not all 0)
+            table.copy_(torch.rand(table.shape[0], config.n_routed_experts).argsort(dim=-1)[:, : table.shape[1]])
+    return model
 
 
 def random_ids(batch: int = 2, length: int = 13, seed: int = 8) -> torch.Tensor:

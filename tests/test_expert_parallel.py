@@ -222,7 +222,8 @@ def _main_worker(rank, world, port, seed, out_dir):
             got = torch.compile(model, backend="dualsparse", options={"expert_parallel": True, "partition": 2})(ids).logits
         res["compiled inductor olmoe P=2"] = _max_err(got, want) + (
             dsmoe_compiler.last_report().counters["expert_parallel"],)
-        for arch in ("gemma4", "llama4"):  # a router input of its own (one more operator input); weight on the input
+        # a router input of its own (one more operator input); weight on the input; routing given by the graph
+        for arch in ("gemma4", "llama4", "deepseek_v4"):
             torch._dynamo.reset()
             model = hf_model(arch, None, seed=seed)
             with torch.no_grad(), warnings.catch_warnings():
@@ -361,8 +362,9 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
             err, ok, fired = res[name]
             assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
             assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
-        if world == 2:  # Gemma-4 runs expert-parallel with its router input; Llama-4's blocks stay whole, still exact
-            for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 0)):
+        if world == 2:  # Gemma-4 runs expert-parallel with its router input and DeepSeek-V4 with the ids and weights
+            # its graph computed on each rank's rows; Llama-4's blocks stay whole, still exact
+            for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 0), ("compiled deepseek_v4", 2)):
                 err, ok, fired = res[name]
                 assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
 

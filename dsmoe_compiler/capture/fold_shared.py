@@ -12,7 +12,9 @@ Replacement::
 
 Equivalence: ``reference.moe`` adds ``reference.shared_experts`` to the routed output, the same sum.
 The shared weights are found by their parameter names (``shared_expert(s).gate_proj/up_proj/down_proj``,
-``shared_expert_gate``); a fold is accepted only if the reference reproduces ``out`` on the graph's own
+``shared_expert_gate``) and the other operand may hold no op but those of that MLP (``_PLAIN_MLP_OPS``: linear,
+SiLU, products, the gate's sigmoid, views and casts), so that an op the example inputs leave idle (DeepSeek-V4's
+clamp) cannot pass unseen; a fold is accepted only if the reference then reproduces ``out`` on the graph's own
 example inputs (rtol 1e-4), otherwise the block keeps its shared experts as plain ops (exact either
 way). Tests: ``tests/test_capture_hf.py`` (Qwen2-MoE, DeepSeek-V2/V3 report "shared").
 """
@@ -23,9 +25,11 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from dsmoe_compiler.capture.fuse_markers import MOE
-from dsmoe_compiler.capture.graph_utils import example_value, recorded_values, region_between, source_path, strip_views
+from dsmoe_compiler.capture.graph_utils import (CASTS, VIEWS, example_value, is_call, recorded_values, region_between,
+                                                source_path, strip_views)
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import SharedSpec
@@ -46,6 +50,14 @@ def _add_after(moe: fx.Node) -> tuple[fx.Node, fx.Node] | None:
             return None
         node = user
     return None
+
+
+_PLAIN_MLP_OPS = (F.linear, torch._C._nn.linear, F.silu, torch.sigmoid, F.sigmoid, operator.mul, torch.mul)
+
+
+def _plain_mlp(region: list[fx.Node]) -> bool:
+    """Every op of ``region`` is one of the SwiGLU MLP's (``SharedSpec``: SiLU, optional sigmoid gate)."""
+    return all(n.op in ("placeholder", "get_attr") or is_call(n, _PLAIN_MLP_OPS, CASTS | VIEWS) for n in region)
 
 
 def _shared_params(region: list[fx.Node], block: str) -> dict[str, fx.Node] | None:
@@ -75,13 +87,15 @@ def fold_shared_experts(gm: fx.GraphModule, example_inputs, report) -> int:
         base = strip_views(moe.args[0])
         region = region_between(other, base)
         params = _shared_params(region, spec.name)
-        if params is not None:
+        if params is not None and _plain_mlp(region):
             candidates.append((moe, add, base, spec, params, region))
     if not candidates:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value_of = dict(zip(placeholders, example_inputs))
-    values = recorded_values(gm, example_inputs, {n for c in candidates for n in (c[0].args[0], c[1])})
+    # x, the sum, and any operand the graph computes (a given routing's ids and weights)
+    wanted = {n for c in candidates for n in (c[0].args[0], c[1], *c[0].args[1]) if n.op != "placeholder"}
+    values = recorded_values(gm, example_inputs, wanted)
     folded = 0
     for moe, add, base, spec, params, region in candidates:
         x_in = moe.args[0] if example_value(moe.args[0]).shape == example_value(add).shape else base
@@ -93,7 +107,8 @@ def fold_shared_experts(gm: fx.GraphModule, example_inputs, report) -> int:
                                 slots=spec.slots + tuple(names))
         new_params = [*moe.args[1], *(params[n] for n in names)]
         x_val = values[moe.args[0]]
-        got = reference.moe(x_val.reshape(-1, spec.hidden), [value_of.get(p) for p in new_params], new_spec)
+        got = reference.moe(x_val.reshape(-1, spec.hidden), [value_of.get(p, values.get(p)) for p in new_params],
+                            new_spec)
         want = values[add].reshape(-1, spec.hidden)
         if not torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item())):
             continue

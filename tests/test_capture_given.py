@@ -1,0 +1,115 @@
+"""Blocks whose routing the operator cannot express take it as the graph computes it (``fuse_markers._given_routing``),
+and experts with a known GLU gate of their own (``transformers_hf._GATES``) are described by it.
+
+DeepSeek-V4 has both: hash routing by token id in its first layers and a sqrt-softplus top-k after them (neither is a
+``RoutingSpec``), and a GLU clamped before the activation. It compiles to one operator per MoE layer, shared expert
+folded, with eager's answer; a partial partition and dropping act on the given routing; a complete partition, which
+would repeat a router, is refused naming the option."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import eager_and_compiled, hf_model, moe_layer_count, random_ids, triton_bf16_errors
+
+import dsmoe_compiler
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _close(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_deepseek_v4_is_captured_exactly():
+    model = hf_model("deepseek_v4", None)
+    ids = random_ids()
+    expected, got, report = eager_and_compiled(model, ids)
+    assert len(report.rewritten) == moe_layer_count(model) == 2 and not report.left_alone, str(report)
+    assert all(b.variant.split()[0] == "given" and "silu-glu-clamped-before" in b.variant for b in report.rewritten)
+    assert "shared" not in str(report), str(report)  # its shared MLP clamps too: it stays plain ops (next test)
+    _close(got, expected)
+    for module in model.modules():  # the clamp is not idle here: without it eager moves far past the tolerance
+        if hasattr(module, "gate_up_proj"):
+            module.limit = math.inf
+    with torch.no_grad():
+        assert _rel(model(ids).logits, expected) > 1e-3
+
+
+def test_a_shared_mlp_with_an_idle_clamp_is_not_folded():
+    """DeepSeek-V4's shared MLP clamps like its experts. With a limit its products never reach, the numbers alone
+    cannot tell it from a plain SwiGLU (the unclamped model gives the same logits), so ``fold_shared`` reads the ops:
+    a clamp is not one of the plain MLP's, and the shared expert stays out of the operator."""
+    model = hf_model("deepseek_v4", None)
+    for module in model.modules():
+        if hasattr(module, "limit"):
+            module.limit = 1e3
+    ids = random_ids()
+    expected, got, report = eager_and_compiled(model, ids)
+    for module in model.modules():
+        if hasattr(module, "limit"):
+            module.limit = math.inf
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # the clamp is idle on these inputs
+    assert report.counters["fold_shared"] == 0 and "shared" not in str(report), str(report)
+    _close(got, expected)
+
+
+def test_deepseek_v4_partial_partition_and_dropping():
+    model = hf_model("deepseek_v4", None)
+    ids = random_ids()
+    expected, got, report = eager_and_compiled(model, ids, {"inner": "eager", "partition": 2})
+    assert all("P=2(partial)" in b.variant for b in report.rewritten), str(report)
+    _close(got, expected)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager", "drop": "1t", "threshold": 0.0,
+                                                                    "stats": True})
+    with torch.no_grad():
+        _close(compiled(ids).logits, expected)  # T = 0 drops nothing
+        dsmoe_compiler.set_thresholds(0.5, band=0.0)  # top-2 renormalised: each token's second choice goes
+        dsmoe_compiler.reset_drop_stats()
+        dropped = compiled(ids).logits
+    # one of two routed experts dropped; the shared expert beside the operator counts in the total
+    routed = 2 * model.config.moe_intermediate_size
+    shared = model.model.layers[0].mlp.shared_experts.gate_proj.weight.shape[0]
+    assert dsmoe_compiler.drop_stats()["overall"]["drop_rate"] == pytest.approx(routed / 2 / (routed + shared))
+    assert _rel(dropped, expected) > 1e-3
+
+
+def test_complete_partition_of_a_given_routing_is_refused():
+    model = hf_model("deepseek_v4", None)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager", "partition": 2,
+                                                                    "transform": "complete"})
+    with torch.no_grad(), pytest.raises(Exception, match="'transform'='complete'.*computed by the graph"):
+        compiled(random_ids())
+
+
+@pytest.mark.parametrize("arch, variant", [
+    ("hy_v4", "silu-glu-clamped-before"),  # HY-V4: F.silu, limit in swiglu_limit
+    ("minimax_m3_vl", "clamped-swiglu"),  # GPT-OSS's gate on concatenated gate/up, swiglu_limit and swiglu_alpha
+    ("beam", "given"),  # the GLU in fp32 (and a router the operator cannot express)
+])
+def test_known_gates_are_captured_exactly(arch, variant):
+    """Built as the capture survey builds them (``benchmarks/capture_survey.py``: tiny config, random weights)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import capture_survey
+
+    model_type = dict(capture_survey.discover()[0])[arch]
+    model, _ = capture_survey.build_model(arch, model_type, "grouped_mm")
+    expected, got, report = eager_and_compiled(model, random_ids())
+    assert len(report.rewritten) == 2 and not report.left_alone, str(report)
+    assert all(variant in b.variant for b in report.rewritten), str(report)
+    _close(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_deepseek_v4_triton_kernels_bf16_on_gpu():
+    """Given ids and weights, the clamped GLU in the gate/up epilogue; calls 2 and 3 capture and replay the
+    operator's CUDA graph with the next batch's routing copied in."""
+    assert max(triton_bf16_errors("deepseek_v4", calls=3)) < 1e-2
