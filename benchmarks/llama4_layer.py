@@ -22,9 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import median_ms, print_markdown, rel_err, save_json  # noqa: E402
-
-import dsmoe_compiler  # noqa: E402,F401  (registers the backend)
+from hf_block import HEADER, randomize_bf16_, table_lines, time_block  # noqa: E402
+from moe_layer import print_markdown, save_json  # noqa: E402
 
 SHAPES = {"Scout": 16, "Maverick": 128}  # experts; hidden 5120, intermediate 8192, top-1, shared 8192 in both
 
@@ -37,31 +36,8 @@ def llama4_block(experts: int, hidden: int = 5120, inter: int = 8192):
                                  num_local_experts=experts, num_experts_per_tok=1)
     with torch.device("cuda"):
         block = Llama4TextMoe(config).to(torch.bfloat16).eval()
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            fan_in = p.shape[-2] if name.startswith("experts.") else p.shape[-1]  # experts store [E, in, out]
-            for part in p.view(-1, *p.shape[-2:]) if p.dim() == 3 else [p]:  # per expert: no fp32 copy of it all
-                part.normal_(0, fan_in ** -0.5, generator=generator)
-    return block
-
-
-def run(block, shape: str, T: int) -> dict:
-    x = torch.randn(1, T, block.hidden_dim, device="cuda", dtype=torch.bfloat16)
-    row = {"shape": shape, "tokens": T}
-    with torch.no_grad():
-        ref = block(x)[0]
-        row["eager_ms"] = median_ms(lambda: block(x))
-        ours = torch.compile(block, backend="dualsparse", options={"kernels": "triton"})
-        for name, compiled in (("inductor", torch.compile(block)), ("dualsparse", ours)):
-            row[f"{name}_err"] = rel_err(compiled(x)[0], ref)
-            row[f"{name}_ms"] = median_ms(lambda c=compiled: c(x))
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    if shape == "Scout" and T == 256:
-        report = dsmoe_compiler.last_report()
-        row["captured"] = [b.variant for b in report.rewritten]
-    torch._dynamo.reset()
-    return row
+    # experts store [E, in, out]
+    return randomize_bf16_(block, lambda name, p: p.shape[-2] if name.startswith("experts.") else p.shape[-1])
 
 
 def main():
@@ -74,17 +50,15 @@ def main():
     for shape in args.shapes.split(","):
         block = llama4_block(SHAPES[shape])
         for T in args.tokens.split(","):
-            rows.append(run(block, shape, int(T)))
+            rows.append(time_block(block, lambda m, x: m(x)[0], shape, int(T), block.hidden_dim))
             save_json(args.json, rows)  # a run that ends early keeps its rows
         del block
         gc.collect()
         torch.cuda.empty_cache()
     print_markdown(
         "Llama-4 MoE block (hidden 5120, intermediate 8192, top-1, shared 8192), bf16; ms, median of do_bench",
-        ["shape", "tokens", "transformers eager", "inductor", "dualsparse", "vs inductor", "rel. err. inductor / ours"],
-        [[f"{r['shape']} ({SHAPES[r['shape']]} experts)", str(r["tokens"]), f"{r['eager_ms']:.3f}",
-          f"{r['inductor_ms']:.3f}", f"{r['dualsparse_ms']:.3f}", f"{r['inductor_ms'] / r['dualsparse_ms']:.2f}×",
-          f"{r['inductor_err']:.1e} / {r['dualsparse_err']:.1e}"] for r in rows])
+        HEADER, table_lines(rows, lambda r: f"{r['shape']} ({SHAPES[r['shape']]} experts)"))
+
 
 if __name__ == "__main__":
     main()

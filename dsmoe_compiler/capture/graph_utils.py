@@ -143,7 +143,9 @@ def region_between(end: fx.Node, x: fx.Node) -> list[fx.Node]:
 
 
 def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``."""
+    """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``. The run draws from
+    forked random generators, so a graph with random ops (dropout, PhiMoE's sampling in training) leaves the user's
+    random state as it found it."""
     values = {}
 
     class Recorder(fx.Interpreter):
@@ -156,6 +158,7 @@ def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) ->
     def concrete(v):  # dynamic-shape graphs take sizes as SymInt inputs: run with their hints
         return int(v.node.hint) if isinstance(v, torch.SymInt) and v.node.hint is not None else v
 
-    with torch.no_grad():
+    devices = sorted({v.device.index or 0 for v in example_inputs if isinstance(v, torch.Tensor) and v.is_cuda})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         Recorder(gm).run(*[concrete(v) for v in example_inputs])
     return values
