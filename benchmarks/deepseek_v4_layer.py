@@ -5,7 +5,8 @@
 DeepSeek-V4 routes with a sqrt-softplus top-k (or, in its first layers, a fixed token-id -> experts table) that no
 ``RoutingSpec`` describes, and clamps its SwiGLU at ``swiglu_limit``. dualsparse takes the routing its graph computes
 as given (the routing ops go to inductor) and runs the experts as one MoE operator with the clamp in the gate/up
-epilogue; the clamped shared expert stays plain ops. Shape: transformers' default DeepSeek-V4 config (hidden 4096,
+epilogue; the clamped shared expert stays plain ops. Transformers runs its experts through
+``grouped_mm``. Shape: transformers' default DeepSeek-V4 config (hidden 4096,
 expert intermediate 2048, 256 experts, top-6, one shared expert), one "moe" (top-k) layer and one "hash_moe" layer,
 random bf16 weights and hash table. Median ms of triton.testing.do_bench; relative error of inductor and dualsparse
 against transformers' own bf16 output. Prints a table last and writes JSON.
@@ -32,6 +33,7 @@ def deepseek_v4_block(kind: str):
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
 
     config = tf.DeepseekV4Config(num_hidden_layers=1, mlp_layer_types=[kind])
+    config._experts_implementation = "grouped_mm"  # a standalone block gets none, and would loop over its experts
     with torch.device("cuda"):
         block = DeepseekV4SparseMoeBlock(config, layer_idx=0).to(torch.bfloat16).eval()
     block = randomize_bf16_(block, lambda name, p: p.shape[-1])  # every weight here stores [.., out, in]

@@ -100,7 +100,9 @@ def test_known_gates_are_captured_exactly(arch, variant):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import capture_survey
 
-    model_type = dict(capture_survey.discover()[0])[arch]
+    model_type = dict(capture_survey.discover()[0]).get(arch)
+    if model_type is None:
+        pytest.skip(f"{arch} is not in this transformers")
     model, _ = capture_survey.build_model(arch, model_type, "grouped_mm")
     expected, got, report = eager_and_compiled(model, random_ids())
     assert len(report.rewritten) == 2 and not report.left_alone, str(report)
