@@ -29,16 +29,15 @@ x: dropping off, up to the summation order (each pair's expert output is compute
 owner, shipped back, and weighted and summed on the token's rank in fp32 like the reference);
 dropping on with uniform thresholds, the same pairs are kept (``keep_per_destination`` equals
 ``reference.keep_mask``). With a load-aware policy (``runtime/load_aware.py``) each pair is judged
-with its destination rank's thresholds. Dropped pairs are removed before the dispatch. With P = 2 (partial)
-a (token, slot) is sent once per rank with the neuron halves it kept (``EPSpec.nested``), which sums the
-same sub-expert outputs.
-Tests: ``tests/test_expert_parallel.py`` (gloo, 2 and 4 processes).
-"""
+with its destination rank's thresholds. Dropped pairs are removed before the dispatch. A block that weights
+the expert *input* (Llama-4's ``weight_on_input``) sends each row already scaled by its pair's weight, and its
+combine only sums. With P = 2 (partial) a (token, slot) is sent once per rank with the neuron halves it kept
+(``EPSpec.nested``), which sums the same sub-expert outputs. Tests: ``tests/test_expert_parallel.py`` (gloo, 2
+and 4 processes). """
 
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 import torch.fx as fx
@@ -83,14 +82,6 @@ def expert_parallel_pass(gm: fx.GraphModule, options, report) -> bool:
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is MOE]:
         x, params, spec_json = node.args[:3]
         spec = parse_spec(spec_json)
-        if spec.experts.weight_on_input:  # the EP step runs unweighted rows and weights them at the combine
-            from dsmoe_compiler.ops import refuse_sharded
-
-            refuse_sharded(spec)
-            warnings.warn(f"dualsparse: MoE block {spec.name!r} takes its routing weight on the expert input "
-                          "(Llama-4), which expert parallelism does not support yet: it runs whole on every rank",
-                          stacklevel=2)
-            continue
         ep_spec = ep.ep_spec_for(spec, group, stats=bool(options.stats))
         ep.check_local_weights(spec, ep_spec)  # a sharded model must hold this rank's sub-experts
         ep_json = ep_spec.to_json()

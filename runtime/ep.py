@@ -515,6 +515,17 @@ def _send_order(x, group_of: torch.Tensor, ep: EPSpec, fused: bool):
     return x[order // width], row.view(T, width), post  # rows past the sent ones: copies of unsent entries' tokens
 
 
+def _weighted_rows(send: torch.Tensor, row: torch.Tensor, weights: torch.Tensor):
+    """(send rows times their pair's weight, cast back to the rows' dtype as ``reference.experts`` scales an expert's
+    input; unit combine weights). ``row`` [T, width] names each (token, column)'s send row (-1: none), ``weights``
+    the same columns' weights (under nesting both halves of a slot may name one row: they carry the same weight).
+    No host synchronisation: unsent entries scatter into a spare last slot."""
+    bound = send.shape[0]
+    per_row = torch.zeros(bound + 1, dtype=weights.dtype, device=send.device)
+    per_row.scatter_(0, torch.where(row >= 0, row, bound).reshape(-1).long(), weights.reshape(-1))
+    return (send * per_row[:bound, None]).to(send.dtype), torch.ones_like(weights)
+
+
 def sent_rows(send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
     """The rows of the send buffer that the exchange sends: the first sum(send_splits) (a view)."""
     n = sum(send_splits)
@@ -563,6 +574,8 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
                                    fused)
     group_of = _groups(experts, sub_experts, keep, ep, fused)
     send, row, post = _send_order(x, group_of, ep, fused)
+    if spec.experts.weight_on_input:  # Llama-4: the sender scales each row; the combine then only sums
+        send, weights = _weighted_rows(send, row, weights)
     clock.mark("gather2")
     counts = _exchange_counts(pre, post, keep, gathered_pre, ep, group)
     sizes = _exchange_sizes(counts, ep, fused and SIZES_KERNEL)

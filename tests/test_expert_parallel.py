@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import time
-import warnings
 
 import pytest
 import torch
@@ -226,12 +225,18 @@ def _main_worker(rank, world, port, seed, out_dir):
         for arch in ("gemma4", "llama4", "deepseek_v4"):
             torch._dynamo.reset()
             model = hf_model(arch, None, seed=seed)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # llama4: "runs whole on every rank"
+            with torch.no_grad():
                 want = model(ids).logits
                 got = torch.compile(model, backend="dualsparse", options={"inner": "eager", "expert_parallel": True})(
                     ids).logits
             res[f"compiled {arch}"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
+        torch._dynamo.reset()  # Llama-4 with P = 2: one row per (token, slot) with its halves, scaled once
+        model = hf_model("llama4", None, seed=seed)
+        with torch.no_grad():
+            want = model(ids).logits
+            got = torch.compile(model, backend="dualsparse", options={"inner": "eager", "expert_parallel": True,
+                                                                       "partition": 2})(ids).logits
+        res["compiled llama4 P=2"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
     torch.save(res, os.path.join(out_dir, f"main_{rank}.pt"))
 
     # 5) mismatched rank: the last rank compiled a different partition -> every rank raises
@@ -362,9 +367,10 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
             err, ok, fired = res[name]
             assert ok, f"world={world} rank={rank} seed={seed} {name}: max abs err {err:.3g}"
             assert fired == 2, f"{name}: expert_parallel fired {fired} times, expected 2 blocks"
-        if world == 2:  # Gemma-4 runs expert-parallel with its router input and DeepSeek-V4 with the ids and weights
-            # its graph computed on each rank's rows; Llama-4's blocks stay whole, still exact
-            for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 0), ("compiled deepseek_v4", 2)):
+        if world == 2:  # Gemma-4 runs expert-parallel with its router input, DeepSeek-V4 with the ids and weights
+            # its graph computed on each rank's rows, Llama-4 with each sent row scaled by its weight
+            for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 2), ("compiled llama4 P=2", 2),
+                                         ("compiled deepseek_v4", 2)):
                 err, ok, fired = res[name]
                 assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
 
