@@ -232,7 +232,8 @@ class _Weights:
             self.w = self.u = reference._param(spec, params, "gate_up")
             self.up_offset = 1 if ex.interleaved else I
         elif ex.layout == "separate":
-            self.w, self.u = reference._param(spec, params, "gate"), reference._param(spec, params, "up")
+            self.u = reference._param(spec, params, "up")
+            self.w = reference._param(spec, params, "gate") if ex.gated else self.u  # no gate: up is the one operand
             self.up_offset = 0
         if not self.table:
             self.dn = reference._param(spec, params, "down")
@@ -440,7 +441,8 @@ class _Plan:
                  STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
-                 GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input, CLAMP=ex.clamp))
+                 GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input, CLAMP=ex.clamp,
+                 GATED=ex.gated))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,

@@ -51,8 +51,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
 
 
 @triton.jit
-def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, alpha, limit):
-    """``reference.glu`` on fp32 products (so ``glu_fp32`` needs nothing here)."""
+def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    """``reference.expert_glu`` on fp32 products (so ``glu_fp32`` needs nothing here); not GATED: act of the one
+    product (``gate`` holds x·W_up)."""
+    if not GATED:
+        return _activation(gate, ACTIVATION)
     if ACTIVATION == "gptoss":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -73,6 +76,9 @@ def _activation(gate, ACTIVATION: tl.constexpr):
         return gate * tl.sigmoid(gate)
     elif ACTIVATION == "relu":
         return tl.maximum(gate, 0.0)
+    elif ACTIVATION == "relu2":
+        r = tl.maximum(gate, 0.0)
+        return r * r
     elif ACTIVATION == "gelu":
         return 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
     else:  # gelu_tanh: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 2 sigmoid(2z) - 1
@@ -80,7 +86,7 @@ def _activation(gate, ACTIVATION: tl.constexpr):
         return gate * tl.sigmoid(2.0 * z)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED"],
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED"],
                  prune_configs_by={"early_config_prune": prune_launch_shape})
 @triton.jit
 def gate_up_glu_kernel(
@@ -92,7 +98,7 @@ def gate_up_glu_kernel(
     W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr, W_NMAJOR: tl.constexpr,
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none",
+    INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none", GATED: tl.constexpr = True,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -117,7 +123,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -126,7 +132,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -136,7 +142,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
           W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr, CLAMP: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          GATED: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -165,7 +171,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
                                      neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
-                                     W_DESC, W_TABLE, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                                     W_DESC, W_TABLE, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
     if INPUT_WEIGHT:  # Llama-4: the expert sees w x, so both products scale by w before the activation
         w_in = pair_weight(route_w_ptr, pair, mask_m, PAIRS, TOPK)[:, None]
@@ -175,7 +181,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
         b_base = b_ptr + expert * stride_be
         acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    h = _glu(acc_g, acc_u, ACTIVATION, CLAMP, alpha, limit)
+    h = _glu(acc_g, acc_u, ACTIVATION, CLAMP, GATED, alpha, limit)
     h_cols = offs_n
     if GROUPS == "halves":
         h_cols += first_neuron
@@ -186,10 +192,10 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
 @triton.jit
 def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert, neuron0,
                   K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
-                  W_DESC: tl.constexpr, W_TABLE: tl.constexpr,
+                  W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GATED: tl.constexpr,
                   BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators from two weight operands per K step: pointers (any strides), a descriptor per
-    expert (W_TABLE), or the descriptor over all experts."""
+    expert (W_TABLE), or the descriptor over all experts. Not GATED: the first operand only (up stays zero)."""
     if W_TABLE:  # one 2-D tensor per expert: their addresses come from a table
         g_base = tl.load(w_ptr + expert).to(tl.pointer_type(x_ptrs.dtype.element_ty))
         u_base = tl.load(u_ptr + expert).to(tl.pointer_type(x_ptrs.dtype.element_ty))
@@ -216,12 +222,15 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if W_DESC:
             wg = g_all.load([g_row, k * BLOCK_SIZE_K]).T
-            wu = u_all.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
         else:
             wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc_g = tl.dot(a, wg, acc_g)
-        acc_u = tl.dot(a, wu, acc_u)
+        if GATED:
+            if W_DESC:
+                wu = u_all.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
+            else:
+                wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            acc_u = tl.dot(a, wu, acc_u)
         x_ptrs += BLOCK_SIZE_K
         g_ptrs += BLOCK_SIZE_K * stride_wk
         u_ptrs += BLOCK_SIZE_K * stride_wk

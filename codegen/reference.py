@@ -132,12 +132,12 @@ def sub_expert_weights(params, spec: MoESpec, sub: int):
     if ex.layout in ("list", "separate"):
         pick = (lambda n: _param(spec, params, f"{n}.{e}")) if ex.layout == "list" else (
             lambda n: None if n not in spec.slots else _param(spec, params, n)[e])
-        gate, up, down = pick("gate"), pick("up"), pick("down")
+        gate, up, down = pick("gate"), pick("up"), pick("down")  # no gate: None (ExpertsSpec.gated)
         if ex.layout == "separate" and ex.transposed:
-            gate, up, down = gate.t(), up.t(), down.t()
+            gate, up, down = (None if w is None else w.t() for w in (gate, up, down))
         gb, ub, db = (pick(n) for n in ("gate_bias", "up_bias", "down_bias"))
         cut = lambda b: None if b is None else b[lo:hi]  # noqa: E731
-        return gate[lo:hi], up[lo:hi], down[:, lo:hi], cut(gb), cut(ub), (db if p == 0 else None)
+        return cut(gate), up[lo:hi], down[:, lo:hi], cut(gb), cut(ub), (db if p == 0 else None)
     gate_up, down = _param(spec, params, "gate_up")[e], _param(spec, params, "down")[e]
     gub, db = _param(spec, params, "gate_up_bias"), _param(spec, params, "down_bias")
     I = spec.intermediate
@@ -153,6 +153,11 @@ def sub_expert_weights(params, spec: MoESpec, sub: int):
     return gate, up, dn, gb, ub, (db[e] if db is not None and p == 0 else None)
 
 
+ACT = {"silu": F.silu, "relu": F.relu, "relu2": lambda t: torch.square(F.relu(t)), "gelu": F.gelu,
+       "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+"""The activations an expert may use, by ``ExpertsSpec.activation`` name."""
+
+
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0,
         clamp: str = "none", in_fp32: bool = False):
     """The experts' GLU (``ExpertsSpec.activation``, ``clamp``, ``glu_fp32``)."""
@@ -162,8 +167,7 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    act = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
-           "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
+    act = ACT[activation]
     if clamp == "none":
         return act(gate) * up
     up = up.clamp(min=-limit, max=limit)
@@ -171,7 +175,9 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.
 
 
 def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
-    """``glu`` as the ExpertsSpec ``ex`` describes it."""
+    """``glu`` as the ExpertsSpec ``ex`` describes it; without a gate (``gated`` False, ``gate`` None), act(up)."""
+    if not ex.gated:
+        return ACT[ex.activation](up)
     return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32)
 
 
@@ -190,7 +196,7 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         xs, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:
             xs = (xs * w).to(xs.dtype)
-        h = expert_glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex)
+        h = expert_glu(None if gate is None else F.linear(xs, gate, gb), F.linear(xs, up, ub), ex)
         y = F.linear(h, down, db)
         out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
     return out.to(x.dtype)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ScoreFunc = Literal["softmax", "sigmoid", "sparsemixer", "given"]
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gptoss")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gptoss")
 ACTIVATION_SLOTS = ("router_input", "topk_index", "topk_weights")
 """Slots that hold a call's activations rather than weights: the router's own input (Gemma-4) and a given routing."""
 
@@ -82,7 +82,8 @@ class ExpertsSpec:
     has_bias: bool = False
     """Per-expert biases for gate_up and down."""
     activation: str = "silu"
-    """Gate activation of the GLU; "gptoss" is GPT-OSS's clamped (up + 1) * gate * sigmoid(alpha * gate)."""
+    """Gate activation of the GLU (silu, gelu, gelu_tanh, relu, relu2 = relu squared); "gptoss" is GPT-OSS's clamped
+    (up + 1) * gate * sigmoid(alpha * gate)."""
     alpha: float = 1.702
     limit: float = 7.0
     clamp: Literal["none", "before", "after"] = "none"
@@ -91,6 +92,9 @@ class ExpertsSpec:
     clamps on its own.)"""
     glu_fp32: bool = False
     """The GLU computed in fp32 and cast back (Beam); else in the weights' dtype."""
+    gated: bool = True
+    """False: an expert is down(act(up x)), no gate (NemotronH's relu2 experts); layout "separate" without the gate
+    slot (and without biases)."""
     weight_on_input: bool = False
     """Llama-4: a routed expert sees its routing weight times x, and its output is not scaled
     (sum of expert(w x) instead of sum of w expert(x))."""
@@ -170,6 +174,8 @@ class MoESpec:
             parts.append("clamped-swiglu")
         elif self.experts.clamp != "none":
             parts.append(f"{self.experts.activation}-glu-clamped-{self.experts.clamp}")
+        if not self.experts.gated:
+            parts.append(f"{self.experts.activation}-no-gate")
         if self.experts.weight_on_input:
             parts.append("weight-on-input")
         if self.partition > 1:

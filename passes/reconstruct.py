@@ -39,7 +39,7 @@ import contextlib
 import torch
 import torch.fx as fx
 
-from dsmoe_compiler.ir import ExpertsSpec, MoESpec
+from dsmoe_compiler.ir import ExpertsSpec
 from dsmoe_compiler.runtime.plan import Plan, check_layer_fingerprint, layer_fingerprint, resolve_plan
 
 ORDER_ATTR = "_dualsparse_neuron_order"

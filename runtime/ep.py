@@ -658,7 +658,7 @@ def _local_loop(recv, label, halves, params, spec, held, offset, ep):
             continue
         gate, up, down, gb, ub, db = reference.sub_expert_weights(params, held, local)
         xs = recv[rows]
-        h = reference.expert_glu(F.linear(xs, gate, gb), F.linear(xs, up, ub), ex)
+        h = reference.expert_glu(None if gate is None else F.linear(xs, gate, gb), F.linear(xs, up, ub), ex)
         y[rows] += F.linear(h, down, db).float()
     return y.to(recv.dtype)
 

@@ -97,12 +97,20 @@ def hf_config(arch: str):
 
 
 def moe_layer_count(model) -> int:
-    return sum(1 for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
+    """Experts modules: a 3-D ``down_proj`` (with ``gate_up_proj``, or ``up_proj`` alone for experts without a gate)."""
+    return sum(1 for m in model.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)
+               and m.down_proj.dim() == 3)
+
+
+SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h")
+"""Built as ``benchmarks/capture_survey.py`` builds them (its tiny config); skipped where transformers lacks them."""
 
 
 def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
     import transformers as tf
 
+    if arch in SURVEY_BUILT:
+        return _survey_model(arch, impl, seed)
     torch.manual_seed(seed)
     config = hf_config(arch)
     if impl is not None:  # None: the model's default (some versions' models take no other)
@@ -116,6 +124,21 @@ def hf_model(arch: str, impl: str = "grouped_mm", seed: int = 0):
         if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing: distinct random experts per token id (not all 0)
             table.copy_(torch.rand(table.shape[0], config.n_routed_experts).argsort(dim=-1)[:, : table.shape[1]])
     return model
+
+
+def _survey_model(arch: str, impl: str | None, seed: int):
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import capture_survey
+
+    model_type = dict(capture_survey.discover()[0]).get(arch)
+    if model_type is None:
+        pytest.skip(f"{arch} is not in this transformers")
+    return capture_survey.build_model(arch, model_type, impl, seed)[0]
 
 
 def random_ids(batch: int = 2, length: int = 13, seed: int = 8) -> torch.Tensor:

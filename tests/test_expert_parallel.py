@@ -221,8 +221,9 @@ def _main_worker(rank, world, port, seed, out_dir):
             got = torch.compile(model, backend="dualsparse", options={"expert_parallel": True, "partition": 2})(ids).logits
         res["compiled inductor olmoe P=2"] = _max_err(got, want) + (
             dsmoe_compiler.last_report().counters["expert_parallel"],)
-        # a router input of its own (one more operator input); weight on the input; routing given by the graph
-        for arch in ("gemma4", "llama4", "deepseek_v4"):
+        # a router input of its own (one more operator input); weight on the input; routing given by the graph;
+        # experts without a gate
+        for arch in ("gemma4", "llama4", "deepseek_v4", "nemotron_h"):
             torch._dynamo.reset()
             model = hf_model(arch, None, seed=seed)
             with torch.no_grad():
@@ -370,7 +371,7 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
         if world == 2:  # Gemma-4 runs expert-parallel with its router input, DeepSeek-V4 with the ids and weights
             # its graph computed on each rank's rows, Llama-4 with each sent row scaled by its weight
             for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 2), ("compiled llama4 P=2", 2),
-                                         ("compiled deepseek_v4", 2)):
+                                         ("compiled deepseek_v4", 2), ("compiled nemotron_h", 1)):
                 err, ok, fired = res[name]
                 assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
 

@@ -29,8 +29,9 @@ def test_kernels_under_interpreter(variant):
     partition, drop and empty-expert cases."""
     env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
                DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
-    select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty"],
-              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask"]}
+    select = {"descriptors": [], "pointers": ["-k", "user_layouts or partition or basic or empty or without_a_gate"],
+              "persistent": ["-k", "user_layouts or partition or basic or empty or one_token or gptoss or drop_mask "
+                                   "or without_a_gate"]}
     run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", __file__, *select[variant]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
@@ -247,6 +248,23 @@ def test_clamped_glu(dtype, clamp, activation):
         ref = reference.moe(x.double(), [p.double() for p in params], unclamped)
         out = dispatch.moe_triton(x, params, spec).double()
         assert ((out - ref).norm() / ref.norm()).item() > 1e-2
+
+
+@pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P, transposed", [(1, False), (2, False), (1, True)])
+def test_experts_without_a_gate(dtype, P, transposed):
+    """NemotronH's experts, down(relu(up x)^2): one operand in the gate/up GEMM (``GATED`` off), separate 3-D up and
+    down weights, sub-expert views of both for P = 2, either orientation."""
+    x, params, spec = make_case(dtype, T=17, E=4, K=2, P=P, seed=23)
+    g = torch.Generator().manual_seed(24)
+    E, H, I = spec.num_experts, spec.hidden, spec.intermediate
+    up, down = torch.randn(E, I, H, generator=g) * H ** -0.5, torch.randn(E, H, I, generator=g) * I ** -0.5
+    if transposed:
+        up, down = up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    experts = ExpertsSpec(layout="separate", gated=False, activation="relu2", transposed=transposed)
+    spec = spec.replace(experts=experts, slots=("router_weight", "up", "down"))
+    check(x, [params[0], up.to(dtype), down.to(dtype)], spec)
 
 
 def given_routing_case(dtype, *, T=23, E=6, K=3, P=1, seed=21):

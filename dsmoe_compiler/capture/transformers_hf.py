@@ -18,9 +18,9 @@ the block in dozens of ops. While a model compiled with ``dualsparse`` runs (our
 The backend then fuses each route/experts pair into one ``dualsparse.moe`` node. Everything is
 restored when the call returns, so other compiles in the process never see these patches.
 
-Limits: routers are recognised by class or by identical code (any other router is left as plain ops, exact
-but not fused); experts need a known activation or GPT-OSS's ``_apply_gate``; ``has_gate=False``,
-post-expert norms and expert-parallel sentinels fall back. Calls of the model from several threads
+Limits: routers are recognised by class or by identical code (any other router stays plain ops and the experts take
+its routing as given); experts need a known activation and, where they have one of their own, a known
+``_apply_gate`` (``_GATES``); post-expert norms and expert-parallel sentinels fall back. Calls of the model from several threads
 at once, one compiled with dualsparse and one not, would see the patches too.
 """
 
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
 
-_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTanh": "gelu_tanh",
+_ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "ReLUSquaredActivation": "relu2",
+                "GELUTanh": "gelu_tanh",
                 "GELUActivation": "gelu", "PytorchGELUTanh": "gelu_tanh"}
 
 
@@ -284,12 +285,17 @@ def describe_experts(module) -> ExpertsSpec | str:
 
 
 def describe_facts(f: dict) -> ExpertsSpec | str:
-    if not f["has_gate"]:
-        return "experts without a gate projection (has_gate=False)"
     if f["has_post_expert_norm"]:
         return "experts with a post-expert norm"
     if f["_is_expert_parallel"]:
         return "experts already sharded for expert parallelism"
+    if not f["has_gate"]:  # NemotronH: down(act(up x)); the gate function is never called
+        activation = _ACTIVATIONS.get(f["act_name"])
+        if f["has_bias"]:
+            return "experts without a gate, with biases"
+        if activation is None:
+            return f"experts without a gate, activation {f['act_name']} not supported"
+        return ExpertsSpec(layout="separate", gated=False, transposed=f["is_transposed"], activation=activation)
     form = _gate_form(f["gate_kind"])
     if form is None:
         return f"custom gate function ({f['gate_kind']})"
@@ -312,23 +318,26 @@ def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int
                                f"({described}); only the expert-parallel operators can run a sharded model")
         return f"{class_name}: {described}"
     if len(gate_up_shape) != 3:
-        return f"{class_name}: no 3-D gate_up_proj"
+        return f"{class_name}: no 3-D {'gate_up_proj' if described.gated else 'up_proj'}"
     held = gate_up_shape[0]
     num_experts = held if f["dualsparse_num_experts"] is None else int(f["dualsparse_num_experts"])
     if num_experts != held:  # sharded: E is the global count, the weights hold experts offset .. offset + held - 1
         described = dataclasses.replace(described, expert_offset=f["dualsparse_expert_offset"], local_experts=held)
-    slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")]
+    slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")] if described.gated else [("up", "up_proj"),
+                                                                                             ("down", "down_proj")]
     if described.has_bias:
         slots += [("gate_up_bias", "gate_up_proj_bias"), ("down_bias", "down_proj_bias")]
     hidden, inter2 = (gate_up_shape[1], gate_up_shape[2]) if described.transposed else (gate_up_shape[2], gate_up_shape[1])
-    spec = MoESpec(name="experts", num_experts=num_experts, top_k=top_k, hidden=hidden, intermediate=inter2 // 2,
+    spec = MoESpec(name="experts", num_experts=num_experts, top_k=top_k, hidden=hidden,
+                   intermediate=inter2 // 2 if described.gated else inter2,
                    experts=described, slots=tuple(s for s, _ in slots))
     return spec.to_json(), tuple(a for _, a in slots)
 
 
 def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback):
-    gate_up = getattr(self, "gate_up_proj", None)  # absent without a gate (has_gate=False): left alone below
-    plan = experts_plan(type(self).__name__, _experts_facts(self), tuple(gate_up.shape) if gate_up is not None else (),
+    # the first projection: gate_up_proj, or up_proj alone without a gate (has_gate=False)
+    first = getattr(self, "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj", None)
+    plan = experts_plan(type(self).__name__, _experts_facts(self), tuple(first.shape) if first is not None else (),
                         top_k_index.shape[-1])
     if isinstance(plan, str):
         out = fallback(self, hidden_states, top_k_index, top_k_weights)
