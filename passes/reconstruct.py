@@ -39,7 +39,7 @@ import contextlib
 import torch
 import torch.fx as fx
 
-from dsmoe_compiler.ir import ExpertsSpec
+from dsmoe_compiler.ir import ACTIVATION_SLOTS, ExpertsSpec
 from dsmoe_compiler.runtime.plan import Plan, check_layer_fingerprint, layer_fingerprint, resolve_plan
 
 ORDER_ATTR = "_dualsparse_neuron_order"
@@ -162,8 +162,12 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
             raise ValueError(f"dualsparse: option 'plan': the plan has no layer for MoE block {spec.name!r} "
                              f"(plan layers: {sorted(plan.layers)[:4]}...)")
         plan_name, layer = hit
-        tensors = {s: _real_tensor(gm, p, f"{spec.name}:{s}") for s, p in zip(spec.slots, node.args[1])}
-        check_layer_fingerprint(spec.name, layer.fingerprint, layer_fingerprint(spec, tensors.get("router_weight")))
+        tensors = {s: _real_tensor(gm, p, f"{spec.name}:{s}") for s, p in zip(spec.slots, node.args[1])
+                   if s not in ACTIVATION_SLOTS}  # a router input or a given routing: activations, not the model's
+        planned, actual = layer.fingerprint, layer_fingerprint(spec, tensors.get("router_weight"))
+        if spec.routing.score_func == "given":  # the operator holds no router to compare: the experts' facts must do
+            planned, actual = ({k: v for k, v in fp.items() if k != "router_sketch"} for fp in (planned, actual))
+        check_layer_fingerprint(spec.name, planned, actual)
         experts_tensors = {s: tensors[s] for s in ("gate_up", "down", "gate_up_bias", "down_bias") if s in tensors}
         report.counters["reconstruct_experts_moved"] += permute_experts_(experts_tensors, spec.experts, layer.order)
         report.counters["reconstruct"] += 1

@@ -64,8 +64,9 @@ def _router_of(parent, experts_module):
             return child
     for name in ("gate", "router"):
         child = getattr(parent, name, None)
-        if isinstance(getattr(child, "weight", None), torch.Tensor):
-            return child
+        for holder in (child, getattr(child, "proj", None)):  # Gemma-4's router keeps its linear as .proj
+            if isinstance(getattr(holder, "weight", None), torch.Tensor):
+                return holder
     return None
 
 
