@@ -54,7 +54,10 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     r = spec.routing
     if r.score_func == "given":  # computed by the graph: no logits here (an empty [T, 0])
         weights, index = (_param(spec, params, n).reshape(-1, spec.top_k) for n in ("topk_weights", "topk_index"))
-        return x.new_empty(x.shape[0], 0), weights, index
+        # an id outside the experts (a "no expert" sentinel) adds nothing, as transformers' loops skip it; it becomes
+        # expert 0 at weight 0, so that no kernel indexes past the experts
+        inside = (index >= 0) & (index < spec.num_experts)
+        return x.new_empty(x.shape[0], 0), torch.where(inside, weights, 0), torch.where(inside, index, 0)
     logits = router_logits(x, params, spec)
     copies = spec.partition if spec.transform == "complete" else 1
     k = spec.top_k * copies

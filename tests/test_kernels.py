@@ -291,6 +291,24 @@ def test_given_routing(dtype, P):
 
 
 @pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_given_ids_outside_the_experts_add_nothing(dtype):
+    """A given id of E or -1 (a "no expert" sentinel) adds nothing, as transformers' loops skip it: the kernels
+    equal the reference experts on the other pairs alone, and nothing indexes past the experts (outputs finite)."""
+    x, params, spec = given_routing_case(dtype)
+    index = params[0].clone()
+    index[::3, 0] = spec.num_experts
+    index[1::4, -1] = -1
+    out = dispatch.moe_triton(x, [index, *params[1:]], spec)
+    assert torch.isfinite(out).all()
+    others = (index >= 0) & (index < spec.num_experts)
+    ref = reference.experts(x.double(), index.clamp(0, spec.num_experts - 1), params[1].double(),
+                            [p.double() for p in params], spec, keep=others)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytestmark_case
 def test_route_kernel_sigmoid_in_fp32_and_clamped_renorm():
     """fp16 logits. scores_fp32 (MiniMax-M2): the kernel keeps its fp32 sigmoid unrounded, like the reference
     (rounding it to fp16 is off by up to 5e-4). renorm_min (Ernie-4.5, binding on some tokens) and expert_scale
