@@ -28,15 +28,17 @@ def randomize_bf16_(block: torch.nn.Module, fan_in_of) -> torch.nn.Module:
     return block
 
 
-def time_block(block, call, shape: str, T: int, hidden: int) -> dict:
-    """``call(module, x)`` runs the block on x [1, T, hidden] and returns its output tensor."""
+def time_block(block, call, shape: str, T: int, hidden: int, mode: str | None = None) -> dict:
+    """``call(module, x)`` runs the block on x [1, T, hidden] and returns its output tensor; ``mode``: torch.compile's
+    (e.g. "reduce-overhead": CUDA graphs of the whole compiled block, for both inductor and dualsparse)."""
     x = torch.randn(1, T, hidden, device="cuda", dtype=torch.bfloat16)
     row = {"shape": shape, "tokens": T}
     with torch.no_grad():
         ref = call(block, x)
         row["eager_ms"] = median_ms(lambda: call(block, x))
-        ours = torch.compile(block, backend="dualsparse", options={"kernels": "triton"})
-        for name, compiled in (("inductor", torch.compile(block)), ("dualsparse", ours)):
+        # torch.compile takes a mode or options, not both: ours takes the mode as one of its options
+        ours = torch.compile(block, backend="dualsparse", options={"kernels": "triton", **({"mode": mode} if mode else {})})
+        for name, compiled in (("inductor", torch.compile(block, mode=mode)), ("dualsparse", ours)):
             row[f"{name}_err"] = rel_err(call(compiled, x), ref)
             row[f"{name}_ms"] = median_ms(lambda c=compiled: call(c, x))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
