@@ -418,6 +418,8 @@ class _Plan:
         self.graph = None  # (graph, its x, its output, the addresses it reads): see _graphed
         self.graphable = FAST_LAUNCH and device.type == "cuda" and 0 < T * topk <= GRAPH_MAX_PAIRS and not keep_given
         self.rows_only, self.ones = False, None  # labelled_rows: return y (a row per pair), no combine; unit weights
+        # what a captured graph of this plan keeps: its workspace, the activations copied in, the output
+        self.graph_bytes = self.ws_bytes + 2 * T * H * dtype.itemsize
 
     def _gemms(self, x, params, wts: _Weights):
         spec, ex = self.spec, self.spec.experts
@@ -660,12 +662,14 @@ def _forward(x, *acts, act_slots, params, spec, plan, keep, thresholds, stats, l
 
 
 # ---- small calls as one CUDA graph ------------------------------------------------------------------
-GRAPH_MAX_PAIRS = int(os.environ.get("DSMOE_GRAPH_MAX_PAIRS", "1024"))
-"""Calls with at most this many (token, slot) pairs (decode: up to 128 tokens at top-8) replay the operator's
-own launches as one CUDA graph when called outside any capture; 0 turns it off. ``_graphed`` says why. Each
-captured graph keeps its buffers (1024 pairs: ~6 MB at OLMoE's sizes, ~40 MB at Mixtral's), at most
-MAX_GRAPHS of them."""
+GRAPH_MAX_PAIRS = int(os.environ.get("DSMOE_GRAPH_MAX_PAIRS", "4096"))
+"""Calls with at most this many (token, slot) pairs (up to 512 tokens at top-8) replay the operator's own launches as
+one CUDA graph when called outside any capture; 0 turns it off. ``_graphed`` says why. Each captured graph keeps its
+buffers (``_Plan.graph_bytes``; 4096 pairs: ~25 MB at OLMoE's sizes, ~150 MB at Mixtral's), at most MAX_GRAPHS of
+them and GRAPH_MAX_BYTES together. (1024 until the thirteenth session: 256 tokens at top-6, NemotronH-sized, ran
+host-bound above it, 0.83-0.99 ms against 0.55 ms replayed; README, "NemotronH's block".)"""
 MAX_GRAPHS = 64
+GRAPH_MAX_BYTES = int(float(os.environ.get("DSMOE_GRAPH_MAX_MB", "2048")) * 2**20)
 
 
 def _addresses(inputs, slots) -> tuple:
@@ -693,7 +697,8 @@ def _graphed(plan, forward, acts, inputs):
     if plan.graph is None:
         if plan.signature is None:  # first call: compile, autotune, record
             return forward(*acts)
-        if sum(p.graph is not None for p in _PLANS.values()) >= MAX_GRAPHS:
+        held = [p for p in _PLANS.values() if p.graph is not None]
+        if len(held) >= MAX_GRAPHS or sum(p.graph_bytes for p in held) + plan.graph_bytes > GRAPH_MAX_BYTES:
             plan.graphable = False
             return forward(*acts)
         static_acts = tuple(a.clone() for a in acts)
