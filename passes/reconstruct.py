@@ -15,7 +15,8 @@ p = 0 is the Major half and p = 1 the Minor half, which the drop passes treat di
 In place, no copies: each expert is rewritten in place on the model's own parameters, using one
 expert's temporary at a time (``index_select`` then ``copy_``); no view or extra weight tensor stays
 behind. Every layout of the transformers experts modules is handled: gate/up concatenated [gate; up]
-or interleaved (g0, u0, g1, u1, ...), stored [E, out, in] or transposed [E, in, out], with biases.
+or interleaved (g0, u0, g1, u1, ...), stored [E, out, in] or transposed [E, in, out], with biases, and experts
+without a gate (NemotronH: the rows of ``up_proj``).
 
 Applied once: the order applied is recorded on each parameter tensor as the attribute
 ``_dualsparse_neuron_order`` ([E, I] int64, position j of expert e holds original neuron
@@ -65,10 +66,10 @@ def _permute_(w: torch.Tensor, dim: int, index: torch.Tensor) -> None:
 def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: torch.Tensor) -> int:
     """Put the experts of one fused block in neuron order ``target`` ([E, I], original indices), in place.
 
-    ``tensors`` maps slot names (gate_up, down[, gate_up_bias, down_bias]) to the block's parameters.
-    Returns how many experts were moved (0 when they already are in that order).
+    ``tensors`` maps slot names (gate_up, down[, gate_up_bias, down_bias]; experts without a gate: up, down) to the
+    block's parameters. Returns how many experts were moved (0 when they already are in that order).
     """
-    gate_up, down = tensors["gate_up"], tensors["down"]
+    gate_up, down = tensors["gate_up" if ex.gated else "up"], tensors["down"]
     E, I = target.shape
     records = [applied_order(t) for t in tensors.values()]
     if any((r is None) != (records[0] is None) or (r is not None and not torch.equal(r, records[0]))
@@ -85,7 +86,7 @@ def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: 
             if torch.equal(perm[e], identity):
                 continue
             p = perm[e].to(gate_up.device)
-            rows = _gate_up_index(p, ex, I)
+            rows = _gate_up_index(p, ex, I) if ex.gated else p  # no gate: up's rows are the neurons
             _permute_(gate_up[e], 1 if ex.transposed else 0, rows)
             _permute_(down[e], 0 if ex.transposed else 1, p)
             if "gate_up_bias" in tensors:
@@ -154,9 +155,9 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
         if spec.experts.local_experts:  # a plan is per global expert: permuting local weights would misplace it
             raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} is sharded (shard_experts_); "
                              "apply the plan with reconstruct_(model, plan) before sharding")
-        if spec.experts.layout != "fused":
+        if spec.experts.layout != "fused" and spec.experts.gated:
             raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} has separate per-expert weights; "
-                             f"reconstruction supports fused (transformers) experts only")
+                             f"reconstruction supports transformers' experts only")
         hit = plan.layer(spec.name)
         if hit is None:
             raise ValueError(f"dualsparse: option 'plan': the plan has no layer for MoE block {spec.name!r} "
@@ -168,7 +169,8 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
         if spec.routing.score_func == "given":  # the operator holds no router to compare: the experts' facts must do
             planned, actual = ({k: v for k, v in fp.items() if k != "router_sketch"} for fp in (planned, actual))
         check_layer_fingerprint(spec.name, planned, actual)
-        experts_tensors = {s: tensors[s] for s in ("gate_up", "down", "gate_up_bias", "down_bias") if s in tensors}
+        experts_tensors = {s: tensors[s] for s in ("gate_up", "up", "down", "gate_up_bias", "down_bias")
+                           if s in tensors}
         report.counters["reconstruct_experts_moved"] += permute_experts_(experts_tensors, spec.experts, layer.order)
         report.counters["reconstruct"] += 1
     return False

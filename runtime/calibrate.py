@@ -3,8 +3,9 @@
     plan = dsmoe_compiler.calibrate(model, batches, metric="abs_gate")
 
 The model runs eagerly under ``torch.no_grad`` (and in eval mode, restored afterwards) with a forward
-pre-hook on every transformers experts module (a module with ``gate_up_proj`` and ``down_proj`` that
-``capture.transformers_hf.describe_experts`` can describe). Each hook sees the experts' inputs
+pre-hook on every transformers experts module (a module with ``gate_up_proj``, or ``up_proj`` alone for experts
+without a gate, and ``down_proj`` that ``capture.transformers_hf.describe_experts`` can describe; without a gate all
+four metrics below read act(x·W_up)). Each hook sees the experts' inputs
 (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) and, for every expert e and the tokens
 routed to it, accumulates in fp32 per neuron
 
@@ -82,7 +83,7 @@ def find_experts(model):
     modules = dict(model.named_modules())
     found = []
     for path, module in modules.items():
-        if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
+        if first_projection(module) is None or not hasattr(module, "down_proj"):
             continue
         if not isinstance(describe_experts(module), ExpertsSpec):
             continue
@@ -91,22 +92,32 @@ def find_experts(model):
     return found
 
 
+def first_projection(module) -> torch.Tensor | None:
+    """An experts module's 3-D gate_up_proj, or its up_proj when it has no gate (NemotronH); None otherwise."""
+    w = getattr(module, "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", None)
+    return w if isinstance(w, torch.Tensor) and w.dim() == 3 else None
+
+
 def experts_spec(module, name: str = "experts") -> MoESpec:
-    """A partition-1 MoESpec of a transformers experts module, slots gate_up, down[, biases]."""
+    """A partition-1 MoESpec of a transformers experts module, slots gate_up, down[, biases] (no gate: up, down)."""
     from dsmoe_compiler.capture.transformers_hf import describe_experts
 
     ex = describe_experts(module)
-    shape = module.gate_up_proj.shape
-    hidden, inter2 = (shape[1], shape[2]) if ex.transposed else (shape[2], shape[1])
-    slots = ("gate_up", "down") + (("gate_up_bias", "down_bias") if ex.has_bias else ())
-    return MoESpec(name=name, num_experts=shape[0], top_k=1, hidden=hidden, intermediate=inter2 // 2,
-                   experts=ex, slots=slots)
+    shape = first_projection(module).shape
+    hidden, inter = (shape[1], shape[2]) if ex.transposed else (shape[2], shape[1])
+    slots = ("gate_up", "down") if ex.gated else ("up", "down")
+    slots += ("gate_up_bias", "down_bias") if ex.has_bias else ()
+    return MoESpec(name=name, num_experts=shape[0], top_k=1, hidden=hidden,
+                   intermediate=inter // 2 if ex.gated else inter, experts=ex, slots=slots)
 
 
 def experts_params(module, spec: MoESpec) -> list[torch.Tensor]:
-    attrs = {"gate_up": "gate_up_proj", "down": "down_proj", "gate_up_bias": "gate_up_proj_bias",
-             "down_bias": "down_proj_bias"}
-    return [getattr(module, attrs[s]) for s in spec.slots]
+    return [getattr(module, _ATTRIBUTES[s]) for s in spec.slots]
+
+
+_ATTRIBUTES = {"gate_up": "gate_up_proj", "up": "up_proj", "down": "down_proj", "gate_up_bias": "gate_up_proj_bias",
+               "down_bias": "down_proj_bias"}
+"""Slot name -> the transformers experts module's attribute."""
 
 
 def layer_fingerprint(module, router) -> dict:
@@ -128,8 +139,12 @@ def neuron_statistics(x: torch.Tensor, params, spec: MoESpec, expert: int) -> di
     gate, up, _, gb, ub, _ = reference.sub_expert_weights(params, spec, expert)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
     x = x.float()
-    g, u = F.linear(x, f32(gate), f32(gb)), F.linear(x, f32(up), f32(ub))
+    u = F.linear(x, f32(up), f32(ub))
     ex = spec.experts
+    if not ex.gated:  # one product: its activation is both the "gate" and the whole expert's hidden value
+        act = gu = reference.expert_glu(None, u, ex)
+        return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
+    g = F.linear(x, f32(gate), f32(gb))
     act = gate_activation(g, ex)
     gu = reference.expert_glu(g, u, ex)
     return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
@@ -140,7 +155,7 @@ class _LayerStats:
         self.name, self.module, self.router = name, module, router
         self.spec = experts_spec(module, name)
         E, I = self.spec.num_experts, self.spec.intermediate
-        device = module.gate_up_proj.device
+        device = first_projection(module).device
         self.sums = {m: torch.zeros(E, I, dtype=torch.float32, device=device) for m in METRICS}
         self.tokens = torch.zeros(E, dtype=torch.int64, device=device)
         self.sample_size, self.generator = sample_size, generator
@@ -177,7 +192,7 @@ class _LayerStats:
         from dsmoe_compiler.passes.reconstruct import applied_order
 
         metrics = {m: v.cpu() for m, v in self.sums.items()}
-        current = applied_order(self.module.gate_up_proj)
+        current = applied_order(first_projection(self.module))
         if current is not None:  # statistics of position j belong to original neuron current[e, j]
             metrics = {m: torch.zeros_like(v).scatter_(1, current.cpu(), v) for m, v in metrics.items()}
         scores = self.scores if self.scores.numel() else torch.zeros(0, 1)
@@ -219,7 +234,7 @@ def calibrate(model, batches: Iterable, metric: str = "abs_gate", *, sample_size
         raise ValueError("dualsparse: calibrate found no transformers experts module it can describe in the model")
     generator = torch.Generator().manual_seed(seed)
     stats = [_LayerStats(name, module, router, sample_size, generator) for name, module, router in layers]
-    device = layers[0][1].gate_up_proj.device
+    device = first_projection(layers[0][1]).device
     was_training = model.training
     with contextlib.ExitStack() as stack:
         for s in stats:

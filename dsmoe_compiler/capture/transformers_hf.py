@@ -20,8 +20,8 @@ restored when the call returns, so other compiles in the process never see these
 
 Limits: routers are recognised by class or by identical code (any other router stays plain ops and the experts take
 its routing as given); experts need a known activation and, where they have one of their own, a known
-``_apply_gate`` (``_GATES``); post-expert norms and expert-parallel sentinels fall back. Calls of the model from several threads
-at once, one compiled with dualsparse and one not, would see the patches too.
+``_apply_gate`` (``_GATES``); post-expert norms and expert-parallel sentinels fall back. Calls of the model from
+several threads at once, one compiled with dualsparse and one not, would see the patches too.
 """
 
 from __future__ import annotations
