@@ -93,20 +93,32 @@ class _NoGateExperts(torch.nn.Module):
         self.act_fn = torch.nn.ReLU()
 
 
-def test_experts_without_gate_fall_back_with_their_reason():
+def test_experts_without_gate_are_described_or_fall_back_with_their_reason():
+    """Gate-less experts (NemotronH) with a known activation become one experts call computing
+    sum_k w_k down_e(act(up_e x)); with an activation we do not know they keep their own forward and say why."""
     experts, h = _NoGateExperts(), torch.randn(5, 8)
-    index, weights = torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    index, weights = torch.rand(5, 4).argsort(dim=-1)[:, :2], torch.rand(5, 2)
     calls = []
 
     def fallback(module, hidden, top_k_index, top_k_weights):
         calls.append(module)
         return hidden * 2
 
+    with torch.no_grad():
+        out = hf.experts_forward(experts, h, index, weights, fallback=fallback)
+        expected = torch.zeros_like(h)
+        for t in range(5):
+            for k in range(2):
+                e = index[t, k]
+                expected[t] += weights[t, k] * (experts.down_proj[e] @ torch.relu(experts.up_proj[e] @ h[t]))
+    assert calls == []
+    torch.testing.assert_close(out, expected)
+    experts.act_fn = torch.nn.Tanh()
     out = hf.experts_forward(experts, h, index, weights, fallback=fallback)
     assert calls == [experts]
     torch.testing.assert_close(out, h * 2)
-    plan = hf.experts_plan("_NoGateExperts", hf._experts_facts(experts), (), 2)
-    assert isinstance(plan, str) and "has_gate=False" in plan
+    plan = hf.experts_plan("_NoGateExperts", hf._experts_facts(experts), (4, 6, 8), 2)
+    assert isinstance(plan, str) and "without a gate, activation Tanh" in plan
 
 
 @pytest.mark.parametrize("fn, name", [(F.silu, "silu"), (F.relu, "relu"), (torch.relu, "relu"), (F.gelu, "gelu")])
