@@ -95,8 +95,7 @@ def _copies(spec: MoESpec) -> int:
 
 def _drop_units(spec: MoESpec) -> tuple[float, int]:
     """``reference.record_drops``' units: (neurons of one (token, column) slot, routed + shared neurons a token)."""
-    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
-    return spec.intermediate / _copies(spec), reference.routed_units(spec) + shared
+    return spec.intermediate / _copies(spec), reference.routed_units(spec) + reference.shared_units(spec)
 
 
 def drop_in_route_ok(spec: MoESpec) -> bool:

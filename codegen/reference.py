@@ -208,7 +208,7 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
 def shared_experts(x: torch.Tensor, params, spec: MoESpec) -> torch.Tensor:
     s = spec.shared
     gate, up, down = (_param(spec, params, f"shared_{n}") for n in ("gate", "up", "down"))
-    y = F.linear(glu(F.linear(x, gate), F.linear(x, up), s.activation), down)
+    y = F.linear(glu(F.linear(x, gate), F.linear(x, up), s.activation, limit=s.limit, clamp=s.clamp), down)
     if s.gated:
         y = torch.sigmoid(F.linear(x, _param(spec, params, "shared_gate_weight"))) * y
     return y
@@ -250,10 +250,15 @@ def routed_units(spec: MoESpec) -> int:
     return spec.top_k * spec.intermediate
 
 
+def shared_units(spec: MoESpec) -> int:
+    """Neurons one token runs through in shared experts: folded into the operator, or beside it in the graph."""
+    return spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+
+
 def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec) -> None:
     """stats[0] += dropped routed neurons, stats[1] += routed + shared neurons (compute-weighted, on device)."""
     per_slot = spec.intermediate * spec.top_k / keep.shape[1]
-    shared = spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
+    shared = shared_units(spec)
     stats[0].add_((~keep).sum() * per_slot)
     stats[1].add_(keep.shape[0] * (routed_units(spec) + shared))
 

@@ -113,6 +113,9 @@ class SharedSpec:
     gated: bool = False
     """Qwen2-MoE: output scaled by sigmoid(x @ w_gate.T)."""
     activation: str = "silu"
+    clamp: Literal["none", "before"] = "none"
+    """DeepSeek-V4: its gate clamped to at most limit before the activation, its up to [-limit, limit]."""
+    limit: float = 7.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,7 +172,8 @@ class MoESpec:
         if r.num_groups > 1:
             parts.append(f"groups={r.num_groups}/{r.topk_groups}({r.group_score})")
         if self.shared is not None:
-            parts.append("shared" + ("+gate" if self.shared.gated else ""))
+            clamped = self.shared.clamp != "none"
+            parts.append("shared" + ("+gate" if self.shared.gated else "") + ("+clamp" if clamped else ""))
         if self.experts.activation == "gptoss":
             parts.append("clamped-swiglu")
         elif self.experts.clamp != "none":

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from dsmoe_compiler.capture.fuse_markers import MOE
 from dsmoe_compiler.capture.graph_utils import example_value, source_path
-from dsmoe_compiler.codegen.reference import parse_spec, routed_units
+from dsmoe_compiler.codegen.reference import parse_spec, routed_units, shared_units
 from dsmoe_compiler.ir import DropSpec, MoESpec
 from dsmoe_compiler.runtime import state, thresholds
 
@@ -67,8 +67,8 @@ def _fitted_thresholds(specs: list[MoESpec], options) -> dict[str, tuple[float, 
         found = plan.layer(spec.name)
         if found is None:
             raise ValueError(f"dualsparse: option 'drop_rate': the plan has no calibration scores for block {spec.name!r}")
-        routed = routed_units(spec)
-        layers[spec.name] = (found[1].scores, routed / (routed + spec.drop.shared_outside))
+        routed = routed_units(spec)  # the shared experts' neurons, folded or beside, cannot drop
+        layers[spec.name] = (found[1].scores, routed / (routed + shared_units(spec)))
     return thresholds.fit_thresholds(layers, options.drop_rate, options.drop, options.band, options.threshold_policy)
 
 

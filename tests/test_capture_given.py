@@ -29,7 +29,7 @@ def test_deepseek_v4_is_captured_exactly():
     expected, got, report = eager_and_compiled(model, ids)
     assert len(report.rewritten) == moe_layer_count(model) == 2 and not report.left_alone, str(report)
     assert all(b.variant.split()[0] == "given" and "silu-glu-clamped-before" in b.variant for b in report.rewritten)
-    assert "shared" not in str(report), str(report)  # its shared MLP clamps too: it stays plain ops (next test)
+    assert all("shared+clamp" in b.variant for b in report.rewritten)  # its shared MLP clamps too (next test)
     _close(got, expected)
     for module in model.modules():  # the clamp is not idle here: without it eager moves far past the tolerance
         if hasattr(module, "gate_up_proj"):
@@ -38,21 +38,41 @@ def test_deepseek_v4_is_captured_exactly():
         assert _rel(model(ids).logits, expected) > 1e-3
 
 
-def test_a_shared_mlp_with_an_idle_clamp_is_not_folded():
+def test_a_shared_mlp_clamp_is_read_off_its_ops():
     """DeepSeek-V4's shared MLP clamps like its experts. With a limit its products never reach, the numbers alone
-    cannot tell it from a plain SwiGLU (the unclamped model gives the same logits), so ``fold_shared`` reads the ops:
-    a clamp is not one of the plain MLP's, and the shared expert stays out of the operator."""
+    cannot tell it from a plain SwiGLU, so ``fold_shared`` reads the clamps from the ops: folded with that limit, the
+    operator still matches eager once the shared weights are scaled so far that the clamps act (weights are graph
+    inputs: no recompile)."""
     model = hf_model("deepseek_v4", None)
     for module in model.modules():
         if hasattr(module, "limit"):
             module.limit = 1e3
     ids = random_ids()
     expected, got, report = eager_and_compiled(model, ids)
-    for module in model.modules():
-        if hasattr(module, "limit"):
-            module.limit = math.inf
+    assert report.counters["fold_shared"] == 2 and all("shared+clamp" in b.variant for b in report.rewritten)
+    _close(got, expected)
+    compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager"})
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, expected)  # the clamp is idle on these inputs
+        for layer in model.model.layers:
+            layer.mlp.shared_experts.gate_proj.weight.mul_(1e4)
+            layer.mlp.shared_experts.up_proj.weight.mul_(1e4)
+        expected = model(ids).logits
+        got = compiled(ids).logits
+    assert dsmoe_compiler.last_report().graphs == 1
+    _close(got, expected)
+
+
+def test_a_shared_mlp_clamped_elsewhere_is_not_folded(monkeypatch):
+    """A clamp after the activation (Step-3.7's form) is not DeepSeek-V4's: the shared MLP stays plain ops."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as dsv4
+
+    def clamped_after(self, x):
+        gate = self.act_fn(self.gate_proj(x)).clamp(max=self.limit)
+        return self.down_proj(gate * self.up_proj(x).clamp(min=-self.limit, max=self.limit))
+
+    monkeypatch.setattr(dsv4.DeepseekV4MLP, "forward", clamped_after)
+    model = hf_model("deepseek_v4", None)
+    expected, got, report = eager_and_compiled(model, random_ids())
     assert report.counters["fold_shared"] == 0 and "shared" not in str(report), str(report)
     _close(got, expected)
 
