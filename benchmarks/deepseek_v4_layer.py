@@ -5,7 +5,7 @@
 DeepSeek-V4 routes with a sqrt-softplus top-k (or, in its first layers, a fixed token-id -> experts table) that no
 ``RoutingSpec`` describes, and clamps its SwiGLU at ``swiglu_limit``. dualsparse takes the routing its graph computes
 as given (the routing ops go to inductor) and runs the experts as one MoE operator with the clamp in the gate/up
-epilogue; the clamped shared expert stays plain ops. Transformers runs its experts through
+epilogue; its clamped shared expert folds into the operator (plain ops when the README's table was measured). Transformers runs its experts through
 ``grouped_mm``. Shape: transformers' default DeepSeek-V4 config (hidden 4096,
 expert intermediate 2048, 256 experts, top-6, one shared expert), one "moe" (top-k) layer and one "hash_moe" layer,
 random bf16 weights and hash table. Median ms of triton.testing.do_bench; relative error of inductor and dualsparse
