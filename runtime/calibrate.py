@@ -130,7 +130,7 @@ def gate_activation(gate: torch.Tensor, ex: ExpertsSpec) -> torch.Tensor:
     if ex.activation == "gptoss":
         gate = gate.clamp(max=ex.limit)
         return gate * torch.sigmoid(gate * ex.alpha)
-    act = reference.glu(gate.clamp(max=ex.limit) if ex.clamp == "before" else gate, torch.ones_like(gate), ex.activation)
+    act = reference.ACT[ex.activation](gate.clamp(max=ex.limit) if ex.clamp == "before" else gate)
     return act.clamp(max=ex.limit) if ex.clamp == "after" else act
 
 
@@ -141,12 +141,11 @@ def neuron_statistics(x: torch.Tensor, params, spec: MoESpec, expert: int) -> di
     x = x.float()
     u = F.linear(x, f32(up), f32(ub))
     ex = spec.experts
-    if not ex.gated:  # one product: its activation is both the "gate" and the whole expert's hidden value
+    if ex.gated:
+        g = F.linear(x, f32(gate), f32(gb))
+        act, gu = gate_activation(g, ex), reference.expert_glu(g, u, ex)
+    else:  # one product: its activation is both the "gate" and the whole expert's hidden value
         act = gu = reference.expert_glu(None, u, ex)
-        return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
-    g = F.linear(x, f32(gate), f32(gb))
-    act = gate_activation(g, ex)
-    gu = reference.expert_glu(g, u, ex)
     return {"gate": act.sum(0), "abs_gate": act.abs().sum(0), "gate_up": gu.sum(0), "abs_gate_up": gu.abs().sum(0)}
 
 

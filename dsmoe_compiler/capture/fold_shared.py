@@ -17,7 +17,8 @@ SiLU, products, the gate's sigmoid, views and casts), so that an op the example 
 DeepSeek-V4's clamps are read off the ops (``_clamp``): the gate projection's output clamped to at most L and fed to
 the SiLU, the up projection's to [-L, L], nothing else (``SharedSpec.clamp``, ``limit``). A fold is accepted only if
 the reference then reproduces ``out`` on the graph's own example inputs (rtol 1e-4), otherwise the block keeps its
-shared experts as plain ops (exact either way). Tests: ``tests/test_capture_hf.py`` (Qwen2-MoE, DeepSeek-V2/V3 report "shared").
+shared experts as plain ops (exact either way). Tests: ``tests/test_capture_hf.py`` (Qwen2-MoE, DeepSeek-V2/V3 report
+"shared"), ``tests/test_capture_given.py`` (DeepSeek-V4's clamps: read off the ops, or not folded).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from dsmoe_compiler.capture.fuse_markers import MOE
-from dsmoe_compiler.capture.graph_utils import (CASTS, VIEWS, example_value, is_call, recorded_values, region_between,
-                                                source_path, strip, strip_views)
+from dsmoe_compiler.capture.graph_utils import (CASTS, LINEARS, VIEWS, example_value, is_call, recorded_values,
+                                                region_between, source_path, strip, strip_views)
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import SharedSpec
@@ -53,7 +54,7 @@ def _add_after(moe: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-_PLAIN_MLP_OPS = (F.linear, torch._C._nn.linear, F.silu, torch.sigmoid, F.sigmoid, operator.mul, torch.mul)
+_PLAIN_MLP_OPS = (*LINEARS, F.silu, torch.sigmoid, F.sigmoid, operator.mul, torch.mul)
 
 
 _CLAMPS = (torch.clamp, torch.clamp_max, torch.clamp_min)
@@ -78,7 +79,7 @@ def _clamp_bounds(node: fx.Node) -> tuple | None:
 def _projection(node, params: dict[str, fx.Node]) -> str | None:
     """The role (shared_gate, shared_up) of the linear that ``node`` is, up to casts and views; else None."""
     node = strip(node, CASTS | VIEWS)
-    if not is_call(node, (F.linear, torch._C._nn.linear)):
+    if not is_call(node, LINEARS):
         return None
     weight = strip(node.args[1], CASTS | VIEWS)
     return next((role for role, p in params.items() if p is weight), None)

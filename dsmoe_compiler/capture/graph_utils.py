@@ -12,6 +12,8 @@ _VIEW_METHODS = {"view", "reshape", "flatten", "contiguous"}
 CASTS = frozenset({"float", "to", "type", "type_as", "half", "bfloat16", "double"})
 VIEWS = frozenset({"view", "reshape", "squeeze", "flatten", "contiguous"})
 """Tensor methods the router reading of ``route_graph`` looks through (a squeezed [1, E] bias: Ernie-4.5)."""
+LINEARS = (torch.nn.functional.linear, torch._C._nn.linear)
+"""How a ``linear`` appears in dynamo's graphs."""
 _KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 

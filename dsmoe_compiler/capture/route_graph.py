@@ -39,8 +39,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from dsmoe_compiler.capture.fuse_markers import EXPERTS, ROUTE, ROUTE_REASON, _is, _route_output
-from dsmoe_compiler.capture.graph_utils import (CASTS, VIEWS, example_value, is_call, recorded_values, same_base,
-                                                strip, topk_of)
+from dsmoe_compiler.capture.graph_utils import (CASTS, LINEARS, VIEWS, example_value, is_call, recorded_values,
+                                                same_base, strip, topk_of)
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import MoESpec, RoutingSpec
 
@@ -170,7 +170,7 @@ def _router_head(experts, x, choice, k) -> _Router:
     if is_call(choice, (operator.add, torch.add), ("add",)):
         a, b = (_strip(v) for v in choice.args[:2])
         scores, bias = (a, b) if _score_func(a) else (b, a)
-        if _score_func(scores) is None and any(is_call(v, (F.linear, torch._C._nn.linear)) for v in (a, b)):
+        if _score_func(scores) is None and any(is_call(v, LINEARS) for v in (a, b)):
             raise NotARouter("a selection bias on raw logits")
         bias = _strip(bias, VIEWS)
         if _score_func(scores) is None or not isinstance(bias, fx.Node) or bias.op != "placeholder":
@@ -182,7 +182,7 @@ def _router_head(experts, x, choice, k) -> _Router:
     linear = scores if after else _strip(scores.args[0])
     if after and bias is not None:
         raise NotARouter("a selection bias on raw logits")
-    if not is_call(linear, (F.linear, torch._C._nn.linear)):
+    if not is_call(linear, LINEARS):
         raise NotARouter("the scores are not of a router linear layer (e.g. soft-capped or rescaled logits)")
     weight = _strip(linear.args[1])
     c = _arg(linear, 2, "bias")

@@ -219,8 +219,8 @@ def _topks_of_experts_markers(gm: fx.GraphModule) -> set[fx.Node]:
     for node in gm.graph.nodes:
         if is_call(node, (EXPERTS, EXPERTS._overloadpacket)):
             index = node.args[1]
-        elif is_call(node, (MOE,)) and "topk_index" in reference.parse_spec(node.args[2]).slots:
-            index = node.args[1][reference.parse_spec(node.args[2]).slot("topk_index")]
+        elif is_call(node, (MOE,)) and "topk_index" in (slots := reference.parse_spec(node.args[2]).slots):
+            index = node.args[1][slots.index("topk_index")]
         else:
             continue
         topk = topk_of(strip(index, CASTS | VIEWS), 1)  # as route_graph reads the indices
