@@ -436,7 +436,7 @@ class _Plan:
             gate_up_glu_kernel, lambda meta: launch_grid(meta, gu_rows, gu_groups, c, programs),
             (c, H, gu_groups, gu_rows, self.rows_per_token, P, wts.up_offset, self.topk,
              x.stride(0), *wts.gu_strides, gub.stride(0) if gub is not None else 0, I if self.nested else c,
-             ex.alpha, ex.limit, bucket, wts.rows, programs),
+             ex.gate_limit if ex.clamp == "softcap" else ex.alpha, ex.limit, bucket, wts.rows, programs),
             dict(GATE_STEP=2 if ex.interleaved else 1, HAS_BIAS=gub is not None, ACTIVATION=ex.activation,
                  BLOCK_SUBS=triton.next_power_of_2(gu_groups), W_DESC=w_desc, W_TABLE=wts.table,
                  STACKED=w_desc and ex.layout == "fused" and not ex.interleaved and STACK_GATE_UP,

@@ -56,6 +56,8 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.cons
     product (``gate`` holds x·W_up)."""
     if not GATED:
         return _activation(gate, ACTIVATION)
+    if CLAMP == "softcap":  # alpha holds the gate's cap, limit up's (ExpertsSpec.gate_limit, limit)
+        return _softcap(gate, alpha) * tl.sigmoid(gate) * _softcap(up, limit)
     if ACTIVATION == "gptoss":
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -68,6 +70,12 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.cons
     if CLAMP == "after":
         act = tl.minimum(act, limit)
     return act * up
+
+
+@triton.jit
+def _softcap(v, cap):
+    """cap tanh(v / cap), with tanh(z) = 2 sigmoid(2z) - 1."""
+    return cap * (2.0 * tl.sigmoid(2.0 * v / cap) - 1.0)
 
 
 @triton.jit

@@ -161,11 +161,17 @@ ACT = {"silu": F.silu, "relu": F.relu, "relu2": lambda t: torch.square(F.relu(t)
 """The activations an expert may use, by ``ExpertsSpec.activation`` name."""
 
 
+def softcap(v: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(v / cap) * cap
+
+
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0,
-        clamp: str = "none", in_fp32: bool = False):
-    """The experts' GLU (``ExpertsSpec.activation``, ``clamp``, ``glu_fp32``)."""
+        clamp: str = "none", in_fp32: bool = False, gate_limit: float = 0.0):
+    """The experts' GLU (``ExpertsSpec.activation``, ``clamp``, ``glu_fp32``, ``gate_limit``)."""
     if in_fp32:
-        return glu(gate.float(), up.float(), activation, alpha, limit, clamp).to(gate.dtype)
+        return glu(gate.float(), up.float(), activation, alpha, limit, clamp, gate_limit=gate_limit).to(gate.dtype)
+    if clamp == "softcap":  # Inkling-2: the sigmoid sees the raw gate
+        return softcap(gate, gate_limit) * torch.sigmoid(gate) * softcap(up, limit)
     if activation == "gptoss":
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
@@ -181,7 +187,7 @@ def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
     """``glu`` as the ExpertsSpec ``ex`` describes it; without a gate (``gated`` False, ``gate`` None), act(up)."""
     if not ex.gated:
         return ACT[ex.activation](up)
-    return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32)
+    return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32, ex.gate_limit)
 
 
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,

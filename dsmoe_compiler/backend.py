@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from dsmoe_compiler import dump, ops  # noqa: F401  (ops registers torch.ops.dualsparse.*)
 from dsmoe_compiler import report as report_mod
-from dsmoe_compiler.capture import fold_shared, fuse_markers, route_graph, transformers_hf, user_moe
+from dsmoe_compiler.capture import fold_shared, fuse_markers, route_graph, transformers_hf, unmatched, user_moe
 from dsmoe_compiler.capture.graph_utils import ssa_inplace
 from dsmoe_compiler.options import Options
 
@@ -88,6 +88,7 @@ def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options
     except Exception as error:  # folding is an optimisation: the shared experts stay plain ops (exact)
         log.warning("dualsparse: shared experts not folded: %r", error)
         report.counters["fold_shared_failed"] += 1
+    unmatched.report_unmatched(gm, report, [entry.name for entry in report.left_alone[already_left:]])
     for entry in report.left_alone[already_left:]:
         warnings.warn(f"dualsparse: MoE block {entry.name} left to the inner compiler: {entry.reason}", stacklevel=2)
     gm.recompile()

@@ -86,10 +86,13 @@ class ExpertsSpec:
     (up + 1) * gate * sigmoid(alpha * gate)."""
     alpha: float = 1.702
     limit: float = 7.0
-    clamp: Literal["none", "before", "after"] = "none"
+    clamp: Literal["none", "before", "after", "softcap"] = "none"
     """A GLU clamped at ``limit``: "before": the gate to at most limit before the activation (DeepSeek-V4, HY-V4);
     "after": the activation's output to at most limit (Step-3.7); both clamp up to [-limit, limit]. ("gptoss"
-    clamps on its own.)"""
+    clamps on its own.) "softcap" (Inkling-2, activation silu): the SiLU's linear factor and up bounded smoothly,
+    softcap(gate, gate_limit) * sigmoid(gate) * softcap(up, limit), where softcap(v, c) = c tanh(v / c)."""
+    gate_limit: float = 0.0
+    """softcap only: the cap of the gate's linear factor."""
     glu_fp32: bool = False
     """The GLU computed in fp32 and cast back (Beam); else in the weights' dtype."""
     gated: bool = True

@@ -130,6 +130,8 @@ def gate_activation(gate: torch.Tensor, ex: ExpertsSpec) -> torch.Tensor:
     if ex.activation == "gptoss":
         gate = gate.clamp(max=ex.limit)
         return gate * torch.sigmoid(gate * ex.alpha)
+    if ex.clamp == "softcap":
+        return reference.softcap(gate, ex.gate_limit) * torch.sigmoid(gate)
     act = reference.ACT[ex.activation](gate.clamp(max=ex.limit) if ex.clamp == "before" else gate)
     return act.clamp(max=ex.limit) if ex.clamp == "after" else act
 

@@ -138,6 +138,8 @@ def test_complete_partition_of_a_given_routing_is_refused():
     ("minimax_m3_vl", "clamped-swiglu"),  # GPT-OSS's gate on concatenated gate/up, swiglu_limit and swiglu_alpha
     ("beam", "given"),  # the GLU in fp32 (and a router the operator cannot express)
     ("nemotron_h", "relu2-no-gate"),  # experts without a gate: down(relu(up x)^2)
+    ("inkling2", "silu-glu-clamped-softcap"),  # softcapped gate factor and up, in fp32 (act_fn takes both products)
+    ("inkling2_loop", "silu-glu-clamped-softcap"),  # the same gate under another class name: matched by its code
 ])
 def test_known_gates_are_captured_exactly(arch, variant):
     """Built as the capture survey builds them (``models.SURVEY_BUILT``: tiny config, random weights)."""
@@ -146,6 +148,102 @@ def test_known_gates_are_captured_exactly(arch, variant):
     assert len(report.rewritten) == moe_layer_count(model) > 0 and not report.left_alone, str(report)
     assert all(variant in b.variant for b in report.rewritten), str(report)
     _close(got, expected)
+
+
+def _zero_expert_pairs(model, ids) -> int:
+    """Pairs the eager model routes to LongCat-Flash's zero-computation experts on ``ids``."""
+    counts = []
+    first = model.model.layers[0].mlp
+    hook = first.router.register_forward_hook(
+        lambda module, args, out: counts.append(int((out[2] >= first.experts.num_routed_experts).sum())))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    return counts[0]
+
+
+def test_longcat_flash_zero_computation_experts():
+    """LongCat-Flash's block: a router over routed and zero-computation experts, a pair on a zero-computation
+    expert adding weight * x. The routed experts become one operator on the given routing, the identity pairs a
+    weighted sum beside it; a partial partition stays exact."""
+    model = hf_model("longcat_flash", None)
+    ids = random_ids()
+    assert _zero_expert_pairs(model, ids) > 0  # the identity path is exercised
+    expected, got, report = eager_and_compiled(model, ids)
+    assert len(report.rewritten) == 2 and not report.left_alone and report.graphs == 1, str(report)
+    assert all(b.variant.split()[0] == "given" for b in report.rewritten)
+    _close(got, expected)
+    _, got, report = eager_and_compiled(model, ids, {"inner": "eager", "partition": 2})
+    assert all("P=2(partial)" in b.variant for b in report.rewritten), str(report)
+    _close(got, expected)
+
+
+def test_an_unmatched_moe_module_warns_once():
+    """Doge's product-key experts (single-neuron experts looked up in embeddings) match no form we capture. The
+    block runs as plain ops, exact, with one warning for its class although two layers have it."""
+    model = hf_model("doge", None)
+    with pytest.warns(UserWarning, match="DogeCDMoE looks like an MoE block") as caught:
+        expected, got, report = eager_and_compiled(model, random_ids())
+    assert sum("DogeCDMoE" in str(w.message) for w in caught) == 1
+    assert not report.rewritten and len(report.left_alone) == 1, str(report)
+    _close(got, expected)
+
+
+def test_a_captured_block_does_not_warn():
+    """The check behind the warning above (``capture/unmatched.py``) stays quiet where every block was captured."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _, _, report = eager_and_compiled(hf_model("deepseek_v4", None), random_ids())
+    assert len(report.rewritten) == 2 and not report.left_alone
+
+
+def test_inkling2_softcaps_matter():
+    """With caps inside the products' range (the tiny model's own, 4 and 25, barely act on its products), the
+    compiled model is still eager's answer, and without the caps eager moves far past the tolerance."""
+    model = hf_model("inkling2")
+    caps = [m for m in model.modules() if hasattr(m, "softcap")]
+    for module in caps:
+        module.softcap = 0.5
+    ids = random_ids()
+    expected, got, _ = eager_and_compiled(model, ids)
+    _close(got, expected)
+    for module in caps:
+        module.softcap = 1e6  # tanh(v / c) c is v here
+    with torch.no_grad():
+        assert _rel(model(ids).logits, expected) > 1e-2
+
+
+def test_an_unknown_two_product_activation_is_left_alone(monkeypatch):
+    """Inkling-2's gate hands both products to ``act_fn``; the code of the gate says nothing about what ``act_fn``
+    does, so another activation class there is left alone (eager's answer, one warning), not read as softcaps."""
+    from transformers.models.inkling2 import modeling_inkling2 as ink
+
+    class ScaledSwiGLU(torch.nn.Module):
+        def forward(self, gate, up):
+            return torch.nn.functional.silu(gate) * up * 2.0
+
+    model = hf_model("inkling2")
+    for module in model.modules():
+        if isinstance(module, ink.Inkling2Experts):
+            module.act_fn = ScaledSwiGLU()
+    with pytest.warns(UserWarning, match="custom gate function"):
+        expected, got, report = eager_and_compiled(model, random_ids())
+    assert not report.rewritten and report.left_alone, str(report)
+    _close(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_inkling2_triton_kernels_bf16_on_gpu():
+    """The softcapped GLU in the gate/up epilogue, bf16."""
+    assert max(triton_bf16_errors("inkling2", calls=3)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_longcat_flash_triton_kernels_bf16_on_gpu():
+    """Ids of zero-computation experts reach the kernels as given ids outside the routed experts (weight 0 there)."""
+    assert max(triton_bf16_errors("longcat_flash", calls=3)) < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")

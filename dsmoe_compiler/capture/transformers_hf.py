@@ -153,7 +153,7 @@ def _route_forward_as(kind: str):
 
 # ---- experts --------------------------------------------------------------------------------------
 _EXPERTS_FACTS = ("gate_kind", "act_name", "has_gate", "has_post_expert_norm", "_is_expert_parallel",
-                  "is_concatenated", "is_transposed", "has_bias", "alpha", "limit",
+                  "is_concatenated", "is_transposed", "has_bias", "alpha", "limit", "gate_limit",
                   "dualsparse_num_experts", "dualsparse_expert_offset")
 """The last two are set by ``runtime.dist.shard_experts_`` (global E, first expert held); None, 0 otherwise."""
 
@@ -168,8 +168,13 @@ class GateForm:
     limit: str = "limit"
     """The module attribute holding the clamp limit ..."""
     alpha: str = "alpha"
-    """... and GPT-OSS's alpha."""
+    """... and GPT-OSS's alpha (dotted names read through submodules)."""
+    gate_limit: str = ""
+    """The attribute holding a softcapped gate's cap (``ExpertsSpec.gate_limit``)."""
     glu_fp32: bool = False
+    act_names: tuple[str, ...] = ()
+    """Where the gate hands both products to ``act_fn``, the activation classes whose computation this form states
+    (the gate's code alone does not say what ``act_fn`` does); empty: any ``_ACTIVATIONS`` class."""
 
 
 _GATES = {
@@ -180,6 +185,9 @@ _GATES = {
     ("hy_v4", "HYV4Experts"): GateForm(activation="silu", clamp="before", limit="swiglu_limit"),
     ("step3p7", "Step3p7Experts"): GateForm(clamp="after"),
     ("beam", "BeamExperts"): GateForm(glu_fp32=True),
+    ("inkling2", "Inkling2Experts"): GateForm(
+        activation="silu", clamp="softcap", limit="act_fn.up_softcap.softcap", gate_limit="act_fn.gate_softcap.softcap",
+        glu_fp32=True, act_names=("Inkling2SoftcappedSwiGLU", "Inkling2LoopSoftcappedSwiGLU")),
 }
 """(model folder, experts class) -> what its ``_apply_gate`` computes. A class of another loaded modeling module whose
 ``_apply_gate`` has the same code (``_gate_key``) is read the same way (GLM-5-Next and HY-V4-VL copy HY-V4's)."""
@@ -261,8 +269,15 @@ def _experts_facts(module) -> tuple:
     return (kind, _activation_name(getattr(module, "act_fn", None)), getattr(module, "has_gate", True),
             getattr(module, "has_post_expert_norm", False), getattr(module, "_is_expert_parallel", False),
             module.is_concatenated, module.is_transposed, module.has_bias,
-            float(getattr(module, form.alpha, 1.702)), float(getattr(module, form.limit, 7.0)),
+            float(_attribute(module, form.alpha, 1.702)), float(_attribute(module, form.limit, 7.0)),
+            float(_attribute(module, form.gate_limit, 0.0)),
             getattr(module, "dualsparse_num_experts", None), int(getattr(module, "dualsparse_expert_offset", 0)))
+
+
+def _attribute(module, dotted: str, default):
+    for name in dotted.split(".") if dotted else ():
+        module = getattr(module, name, None)
+    return default if module is None or not dotted else module
 
 
 _DEFAULT_GATE = None
@@ -299,12 +314,14 @@ def describe_facts(f: dict) -> ExpertsSpec | str:
     form = _gate_form(f["gate_kind"])
     if form is None:
         return f"custom gate function ({f['gate_kind']})"
+    if form.act_names and f["act_name"] not in form.act_names:
+        return f"custom gate function ({f['gate_kind']} with {f['act_name']})"
     activation = form.activation or _ACTIVATIONS.get(f["act_name"])
     if activation is None:
         return f"activation {f['act_name']} not supported"
     return ExpertsSpec(layout="fused", interleaved=not f["is_concatenated"], transposed=f["is_transposed"],
                        has_bias=f["has_bias"], activation=activation, alpha=f["alpha"], limit=f["limit"],
-                       clamp=form.clamp, glu_fp32=form.glu_fp32)
+                       clamp=form.clamp, gate_limit=f["gate_limit"], glu_fp32=form.glu_fp32)
 
 
 @torch._dynamo.assume_constant_result
@@ -387,7 +404,42 @@ def llama4_moe_forward(self, hidden_states):
     return self.shared_expert(x) + routed, logits
 
 
-_BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward}
+@torch._dynamo.assume_constant_result
+def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_shape: tuple,
+                 top_k: int) -> str:
+    """Experts spec JSON of a LongCat-Flash MoE block's routed experts, or why it is left alone (a string starting
+    with "LongcatFlashMoE:"). Its gate_up_proj holds rows for the zero-computation experts too; the operator reads
+    the first ``routed_experts`` of them, as transformers' loop does."""
+    activation = _ACTIVATIONS.get(act_name)
+    if activation is None:
+        return f"LongcatFlashMoE: activation {act_name} not supported"
+    if routed_experts == 0 or len(gate_up_shape) != 3 or len(down_shape) != 3:
+        return "LongcatFlashMoE: no 3-D routed experts"
+    hidden, intermediate = down_shape[1], down_shape[2]
+    spec = MoESpec(name="experts", num_experts=routed_experts, top_k=top_k, hidden=hidden, intermediate=intermediate,
+                   experts=ExpertsSpec(layout="fused", activation=activation), slots=("gate_up", "down"))
+    return spec.to_json()
+
+
+def longcat_moe_forward(self, hidden_states):
+    """``LongcatFlashMoE.forward`` with its routed experts as one operator. A pair routed to a zero-computation
+    expert (id >= n_routed_experts) adds weight * x; the operator takes the ids as given, where such an id adds
+    nothing (``reference.route``), and the identity pairs' weights are summed beside it as plain ops."""
+    experts = self.experts
+    routed_experts = experts.num_routed_experts
+    plan = longcat_plan(_activation_name(experts.act_fn), routed_experts,
+                        tuple(experts.gate_up_proj.shape) if experts.gate_up_proj is not None else (),
+                        tuple(experts.down_proj.shape) if experts.down_proj is not None else (), self.router.top_k)
+    if not plan.startswith("{"):
+        return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
+    _, weights, index = self.router(hidden_states)
+    x = hidden_states.view(-1, hidden_states.shape[-1])
+    routed = torch.ops.dualsparse.experts(x, index, weights, [experts.gate_up_proj, experts.down_proj], plan)
+    identity = (weights * (index >= routed_experts)).sum(dim=-1, keepdim=True)
+    return (routed + (x * identity).to(x.dtype)).view(hidden_states.shape)
+
+
+_BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward}
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
 
 
