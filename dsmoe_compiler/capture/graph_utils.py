@@ -71,11 +71,12 @@ def _module_path(node: fx.Node) -> str | None:
 
 
 def block_name(node: fx.Node) -> str | None:
-    """The MoE block's module path, from the longest common prefix of its parameters' paths."""
-    paths = [p.split(".") for a in node.all_input_nodes for p in [source_path(a)] if p]
+    """The MoE block's module path, from the longest common prefix of its parameters' paths (a dotted path: a bare
+    name is an input of the frame, ``L['x']``, not a module's tensor)."""
+    paths = [p.split(".") for a in node.all_input_nodes for p in [source_path(a)] if p and "." in p]
     for a in node.args:
         if isinstance(a, (list, tuple)):
-            paths += [p.split(".") for n in a if isinstance(n, fx.Node) for p in [source_path(n)] if p]
+            paths += [p.split(".") for n in a if isinstance(n, fx.Node) for p in [source_path(n)] if p and "." in p]
     if not paths:
         return _module_path(node)
     prefix = paths[0][:-1]

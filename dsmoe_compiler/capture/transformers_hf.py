@@ -432,7 +432,7 @@ def longcat_moe_forward(self, hidden_states):
                         tuple(experts.down_proj.shape) if experts.down_proj is not None else (), self.router.top_k)
     if not plan.startswith("{"):
         return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
-    _, weights, index = self.router(hidden_states)
+    weights, index = self.router(hidden_states)[-2:]  # (logits,) weights, ids: transformers 5.17 returns no logits
     x = hidden_states.view(-1, hidden_states.shape[-1])
     routed = torch.ops.dualsparse.experts(x, index, weights, [experts.gate_up_proj, experts.down_proj], plan)
     identity = (weights * (index >= routed_experts)).sum(dim=-1, keepdim=True)

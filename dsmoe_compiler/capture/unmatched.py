@@ -27,12 +27,14 @@ _HELPER = re.compile(r"^Linear$|MLP|Mlp|Shared|Router|Gate$|Gating")
 PRODUCTS = frozenset({torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.addmm, torch.baddbmm,
                       torch.nn.functional.linear, torch._C._nn.linear, operator.matmul,
                       *([torch._grouped_mm] if hasattr(torch, "_grouped_mm") else [])})
-_FRAME_LOCAL = re.compile(r"^L\['self'\]\.?")
+_FRAME_NAME = re.compile(r"^[LG]\['([^']+)'\]")
 
 
 def _path(source: str) -> str:
-    """Dynamo's source of a module (``L['self'].model.layers[0].mlp``) as a dotted path (``model.layers.0.mlp``)."""
-    return _FRAME_LOCAL.sub("", re.sub(r"\[(\d+)\]", r".\1", source))
+    """Dynamo's source of a module (``L['self'].model.layers[0].mlp``, ``G['layers'][0]``) as a dotted path
+    (``model.layers.0.mlp``, ``layers.0``), as ``graph_utils.source_path`` names parameters."""
+    path = _FRAME_NAME.sub(r"\1", re.sub(r"\[(\d+)\]", r".\1", source))
+    return path[len("self."):] if path.startswith("self.") else "" if path == "self" else path
 
 
 def _class_name(cls) -> str:
