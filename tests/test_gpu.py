@@ -162,3 +162,31 @@ def test_expert_parallel_keep_per_destination_kernel(mode, P):
     from ep_checks import check_keep_per_destination
 
     check_keep_per_destination(mode, P, "cuda", T=4096, E=64, K=8, world=3)
+
+
+@pytest.mark.parametrize("clamp", ["softcap", "before", "after"])
+def test_triton_glu_epilogues_in_bf16(clamp, monkeypatch):
+    """The gate/up epilogue's bounded GLUs in bf16 (Inkling-2's softcaps, whose model this GPU's transformers may
+    lack; DeepSeek-V4's and Step-3.7's clamps) against the reference operator in bf16, every kernel output poisoned
+    with NaN first. Caps and limits sit inside the products' range: the unbounded GLU is far off."""
+    import dataclasses
+
+    from dsmoe_compiler.codegen import dispatch, reference
+    from dsmoe_compiler.ir import ExpertsSpec, MoESpec
+
+    monkeypatch.setattr(dispatch, "_empty", lambda shape, dtype, device: torch.full(
+        shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device))
+    E, H, I, K, T = 16, 512, 384, 4, 300
+    spec = MoESpec(name="glu", num_experts=E, top_k=K, hidden=H, intermediate=I,
+                   experts=ExpertsSpec(clamp=clamp, limit=0.8, gate_limit=0.5), slots=("router_weight", "gate_up", "down"))
+    g = torch.Generator("cuda").manual_seed(3)
+    shapes, scales = [(E, H), (E, 2 * I, H), (E, H, I)], [H ** -0.5, H ** -0.5, I ** -0.5]
+    params = [(torch.randn(s, generator=g, device="cuda") * c).to(torch.bfloat16) for s, c in zip(shapes, scales)]
+    x = (2 * torch.randn(T, H, generator=g, device="cuda")).to(torch.bfloat16)
+    dispatch._PLANS.clear()
+    out = dispatch.moe_triton(x, params, spec)
+    expected = reference.moe(x, params, spec)
+    unbounded = reference.moe(x, params, spec.replace(experts=dataclasses.replace(spec.experts, clamp="none")))
+    assert torch.isfinite(out).all()
+    assert _rel(out, expected) < 1e-2
+    assert _rel(unbounded, expected) > 5e-2
