@@ -360,7 +360,7 @@ class _Plan:
         # keep mask written by the route kernel (2t needs exactly the Major and Minor column blocks)
         self.fused_drop = fused_route and drop_on and not keep_given and drop_rules_ok(spec)
         self.torch_drop = drop_on and not keep_given and not self.fused_drop
-        self.has_keep = keep_given or drop_on
+        self.has_keep = keep_given or drop_on or r.score_func == "given"  # given: absent pairs
         self.stats_on = stats_on
         self.weights_dtype = weights_dtype or (torch.float32 if r.weights_fp32 else dtype)
         self.stream_index = device.index if device.index is not None else 0
@@ -454,7 +454,7 @@ class _Plan:
                  GROUPS="nested" if self.nested else "plain", OUTPUT_WEIGHT=not ex.weight_on_input))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
-                 list_key=None):
+                 list_key=None, present=None):
         spec = self.spec
         if index is not None and index.dtype != torch.int32:  # int64 ids broke the count kernel's compile on
             raise TypeError(f"dualsparse: expert ids must be int32, got {index.dtype}")  # Triton 3.6 (README, EP)
@@ -466,8 +466,9 @@ class _Plan:
         expert_scale = reference._param(spec, params, "expert_scale") if self.fused_route else None
         if self.torch_drop:  # routing or layout the route kernel does not cover: keep mask in torch
             keep = reference.keep_mask(weights, spec, thresholds)
-            if stats is not None:
-                reference.record_drops(stats, keep, spec)
+        keep = reference.with_present(keep, present)  # a given routing's absent pairs: grouped by no kernel
+        if self.torch_drop and stats is not None:
+            reference.record_drops(stats, keep, spec, present)
         if keep is not None:  # bytes, not torch.bool: the interpreter rejects masks built from loaded bools
             keep = keep.contiguous().view(torch.uint8)
         inputs = (x, w, u, dn, gub, db, score_bias, expert_scale, logits, weights, index, keep, thresholds, stats)
@@ -654,7 +655,7 @@ def _forward(x, *acts, act_slots, params, spec, plan, keep, thresholds, stats, l
     else:
         _, weights, index = reference.route(x, params, spec)
         out = plan(x, params, weights=weights.contiguous(), index=index.to(torch.int32), keep=keep,
-                   thresholds=thresholds, stats=stats, list_key=list_key)
+                   thresholds=thresholds, stats=stats, list_key=list_key, present=reference.present_pairs(params, spec))
     if spec.shared is not None:
         out = out + reference.shared_experts(x, params, spec)
     return out

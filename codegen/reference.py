@@ -54,8 +54,9 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
     r = spec.routing
     if r.score_func == "given":  # computed by the graph: no logits here (an empty [T, 0])
         weights, index = (_param(spec, params, n).reshape(-1, spec.top_k) for n in ("topk_weights", "topk_index"))
-        # an id outside the experts (a "no expert" sentinel) adds nothing, as transformers' loops skip it; it becomes
-        # expert 0 at weight 0, so that no kernel indexes past the experts
+        # an id outside the experts (a "no expert" sentinel; LongCat-Flash's zero-computation experts) adds nothing,
+        # as transformers' loops skip it: an absent pair (``present_pairs``), expert 0 at weight 0 here, so that no
+        # kernel indexes past the experts
         inside = (index >= 0) & (index < spec.num_experts)
         return x.new_empty(x.shape[0], 0), torch.where(inside, weights, 0), torch.where(inside, index, 0)
     logits = router_logits(x, params, spec)
@@ -228,6 +229,27 @@ def normalized_scores(weights: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def present_pairs(params, spec: MoESpec) -> torch.Tensor | None:
+    """[T, K'] mask of the pairs that run an expert, in the slot order the experts see; None where all do. Only a
+    given routing can name no expert (an id outside [0, E)): such a pair is absent, computed by no kernel and counted
+    neither kept nor dropped by the drop statistics."""
+    if spec.routing.score_func != "given":
+        return None
+    index = _param(spec, params, "topk_index").reshape(-1, spec.top_k)
+    return per_column((index >= 0) & (index < spec.num_experts), spec)
+
+
+def per_column(mask: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """A [T, K] pair mask in the slot order the experts see: partial transformation: each pair's P columns."""
+    return mask.repeat(1, spec.partition) if spec.transform == "partial" else mask
+
+
+def with_present(keep: torch.Tensor | None, present: torch.Tensor | None) -> torch.Tensor | None:
+    if present is None:
+        return keep
+    return present if keep is None else keep & present
+
+
 def keep_mask(weights: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor) -> torch.Tensor:
     """Kept (token, slot) pairs, [T, K'] in the slot order the experts see (partial: Eq. 12 order).
 
@@ -248,7 +270,7 @@ def keep_mask(weights: torch.Tensor, spec: MoESpec, thresholds: torch.Tensor) ->
         keep = score >= thresholds[0] * score.max(dim=-1, keepdim=True).values
     else:  # "topk": drop each token's lowest-weight pair
         keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, score.argmin(dim=-1, keepdim=True), False)
-    return keep.repeat(1, spec.partition) if spec.transform == "partial" else keep
+    return per_column(keep, spec)
 
 
 def routed_units(spec: MoESpec) -> int:
@@ -261,12 +283,17 @@ def shared_units(spec: MoESpec) -> int:
     return spec.drop.shared_outside + (spec.shared.intermediate if spec.shared is not None else 0)
 
 
-def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec) -> None:
-    """stats[0] += dropped routed neurons, stats[1] += routed + shared neurons (compute-weighted, on device)."""
+def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec, present: torch.Tensor | None = None) -> None:
+    """stats[0] += dropped routed neurons, stats[1] += routed + shared neurons (compute-weighted, on device); absent
+    pairs (``present_pairs``) are neither."""
     per_slot = spec.intermediate * spec.top_k / keep.shape[1]
     shared = shared_units(spec)
-    stats[0].add_((~keep).sum() * per_slot)
-    stats[1].add_(keep.shape[0] * (routed_units(spec) + shared))
+    if present is None:
+        stats[0].add_((~keep).sum() * per_slot)
+        stats[1].add_(keep.shape[0] * (routed_units(spec) + shared))
+    else:
+        stats[0].add_((~keep & present).sum() * per_slot)
+        stats[1].add_(present.sum() * per_slot + keep.shape[0] * shared)
 
 
 # ---- the whole block -----------------------------------------------------------------------------
@@ -279,10 +306,12 @@ def moe(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor | None 
     _, weights, index = route(x, params, spec)
     if keep is None and spec.drop.mode != "none":
         keep = keep_mask(weights, spec, thresholds)
+    present = present_pairs(params, spec)
+    keep = with_present(keep, present)
     if spec.transform == "partial":
         index, weights = partial_transform(index, weights, spec.partition)
     if stats is not None and keep is not None:
-        record_drops(stats, keep, spec)
+        record_drops(stats, keep, spec, present)
     out = experts(x, index, weights, params, spec, keep)
     if spec.shared is not None:
         out = out + shared_experts(x, params, spec)

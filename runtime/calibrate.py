@@ -107,7 +107,8 @@ def experts_spec(module, name: str = "experts") -> MoESpec:
     hidden, inter = (shape[1], shape[2]) if ex.transposed else (shape[2], shape[1])
     slots = ("gate_up", "down") if ex.gated else ("up", "down")
     slots += ("gate_up_bias", "down_bias") if ex.has_bias else ()
-    return MoESpec(name=name, num_experts=shape[0], top_k=1, hidden=hidden,
+    # the routed experts: LongCat-Flash's gate_up_proj also holds (unused) rows for its zero-computation experts
+    return MoESpec(name=name, num_experts=module.down_proj.shape[0], top_k=1, hidden=hidden,
                    intermediate=inter // 2 if ex.gated else inter, experts=ex, slots=slots)
 
 
@@ -175,12 +176,15 @@ class _LayerStats:
             token, _ = torch.where(index == e)
             for m, v in neuron_statistics(x[token], params, self.spec, e).items():
                 self.sums[m][e] += v
-        self._sample(weights)
+        self._sample(weights, (index >= 0) & (index < self.spec.num_experts))
 
-    def _sample(self, weights) -> None:
-        """Reservoir by random keys: keep the sample_size rows with the largest keys seen so far (uniform)."""
-        w = weights.detach().float().cpu()
+    def _sample(self, weights, present) -> None:
+        """Reservoir by random keys: keep the sample_size rows with the largest keys seen so far (uniform). A pair
+        on no expert (LongCat-Flash's zero-computation experts) is absent, as the operator sees it: NaN, and the
+        others normalised among themselves (``reference.present_pairs``, ``thresholds.routed_drop_fraction``)."""
+        w = torch.where(present, weights.detach().float(), 0.0).cpu()
         s = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        s = torch.where(present.cpu(), s, float("nan"))
         keys = torch.rand(s.shape[0], generator=self.generator)
         if self.scores.numel():
             s, keys = torch.cat([self.scores, s]), torch.cat([self.keys, keys])

@@ -141,10 +141,12 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
         described = describe_experts(module)
         if isinstance(described, str):
             raise ValueError(f"dualsparse: cannot shard experts module {name!r}: {described}")
-        E = module.gate_up_proj.shape[0]
+        # the routed experts: LongCat-Flash's gate_up_proj also holds rows for its zero-computation experts, which
+        # no expert uses (sliced away with the other ranks' experts)
+        E = module.down_proj.shape[0]
         first, last = local_expert_range(E, partition, rank, world)
         done[name] = (E, first, last)
-        if (first, last) == (0, E):
+        if (first, last) == (0, E) and module.gate_up_proj.shape[0] == E:
             continue
         names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ())
         with torch.no_grad():

@@ -14,14 +14,20 @@ import torch
 
 
 def routed_drop_fraction(scores: torch.Tensor, mode: str, t_major: float, t_minor: float) -> float:
-    """Fraction of routed compute dropped on a sample of normalised scores [N, k] (a half counts half)."""
-    if scores.numel() == 0:
+    """Fraction of routed compute dropped on a sample of normalised scores [N, k] (a half counts half); NaN marks an
+    absent pair (no expert: no compute), counted in neither."""
+    present = ~scores.isnan()
+    if not present.any():
         return 0.0
+
+    def share(dropped):
+        return ((dropped & present).sum() / present.sum()).item()
+
     if mode == "1t":
-        return (scores <= t_major).float().mean().item()
+        return share(scores <= t_major)
     if mode == "skip":
-        return (scores < t_major * scores.max(dim=-1, keepdim=True).values).float().mean().item()
-    return 0.5 * ((scores < t_major).float().mean().item() + (scores < t_minor).float().mean().item())
+        return share(scores < t_major * scores.nan_to_num(float("-inf")).max(dim=-1, keepdim=True).values)
+    return 0.5 * (share(scores < t_major) + share(scores < t_minor))
 
 
 def _thresholds(t: float, mode: str, band: float) -> tuple[float, float]:

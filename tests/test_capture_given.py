@@ -99,13 +99,14 @@ def test_deepseek_v4_partial_partition_and_dropping():
     assert _rel(dropped, expected) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v4", "gemma4", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["deepseek_v4", "gemma4", "nemotron_h", "longcat_flash"])
 def test_a_calibration_plan_applies(arch):
     """A plan (neuron orders) on blocks whose operator takes activations as inputs (DeepSeek-V4's given routing,
     Gemma-4's router input) or whose experts have no gate (NemotronH: the rows of up_proj are the neurons): only
     weights are permuted, the router is found for the fingerprint (Gemma-4's keeps its linear as ``router.proj``),
     P = 2 on the permuted weights stays exact, and the 2T drop rate meets a target fitted on the calibration batches
-    (within 2 points; not Gemma-4, whose random per-expert scales make weights negative)."""
+    (within 2 points; not Gemma-4, whose random per-expert scales make weights negative, nor the tiny LongCat-Flash,
+    whose router leaves at most one routed pair a token, of normalised score 1, which no threshold splits)."""
     model = hf_model(arch, None)
     g = torch.Generator().manual_seed(5)
     plan = dsmoe_compiler.calibrate(model, [torch.randint(3, VOCAB, (8, 32), generator=g) for _ in range(2)],
@@ -115,7 +116,7 @@ def test_a_calibration_plan_applies(arch):
     assert report.counters["reconstruct"] == moe_layer_count(model), str(report)
     assert report.counters["reconstruct_experts_moved"] > 0, str(report)  # the exactness below is about a permutation
     _close(got, expected)
-    if arch != "gemma4":
+    if arch not in ("gemma4", "longcat_flash"):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager", "plan": plan, "drop": "2t",
                                                                         "drop_rate": 0.25, "stats": True})

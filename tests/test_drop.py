@@ -169,3 +169,23 @@ def test_baseline_rules():
     skip_hi = reference.keep_mask(w, spec.replace(drop=DropSpec(mode="skip")), torch.tensor([0.7, 0.7]))
     assert skip_hi.tolist() == [[True, False, False], [False, True, False]]
     assert abs(fit.routed_drop_fraction(w / w.sum(-1, keepdim=True), "skip", 0.5, 0.5) - 2 / 6) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["1t", "2t", "skip"])
+def test_absent_pairs_are_out_of_the_fitted_rate(mode):
+    """A calibration sample's absent pairs (NaN: a given id on no expert, LongCat-Flash's zero-computation experts)
+    count neither as dropped nor as compute: the rate is the one of the present pairs alone."""
+    present = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.4, 0.0], [0.9, 0.1, 0.0]])
+    sample = present.clone()
+    sample[1, 2] = sample[2, 2] = float("nan")
+    rows = [[0.7, 0.2, 0.1], [0.6, 0.4], [0.9, 0.1]]
+    for t in (0.15, 0.3, 0.65):
+        t_major, t_minor = (t - 0.01, t + 0.01) if mode == "2t" else (t, t)
+        got = fit.routed_drop_fraction(sample, mode, t_major, t_minor)
+        if mode == "1t":
+            expected = sum(s <= t_major for r in rows for s in r) / 7
+        elif mode == "skip":
+            expected = sum(s < t_major * max(r) for r in rows for s in r) / 7
+        else:
+            expected = 0.5 * sum((s < t_major) + (s < t_minor) for r in rows for s in r) / 7
+        assert got == pytest.approx(expected)

@@ -326,6 +326,45 @@ def test_given_ids_outside_the_experts_add_nothing(dtype):
 
 
 @pytestmark_case
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_absent_pairs_are_not_grouped_nor_counted(dtype, monkeypatch):
+    """A given id outside the experts is an absent pair (``reference.present_pairs``; LongCat-Flash's zero-computation
+    experts): the grouping leaves it out (the grouped GEMMs see only the other pairs' rows, not a row of expert 0 at
+    weight 0), and the drop statistics count it neither kept nor dropped, in the kernels as in the reference."""
+    import dataclasses
+
+    from dsmoe_compiler.codegen import launch
+    from dsmoe_compiler.ir import DropSpec
+
+    x, params, spec = given_routing_case(dtype)
+    index = params[0].clone()
+    index[::3, 0] = spec.num_experts
+    index[1::4, -1] = -1
+    params = [index, *params[1:]]
+    present = (index >= 0) & (index < spec.num_experts)
+    grouped = []
+    original = launch.Kernel.launch
+
+    def spy(self, ptrs, record):
+        original(self, ptrs, record)
+        if self.kernel is dispatch.gate_up_glu_kernel:  # (x, w, u, bias, h, sorted ids, counts, weights)
+            grouped.append(int(ptrs[6].sum()))
+
+    monkeypatch.setattr(launch.Kernel, "launch", spy)
+    check(x, params, spec)
+    assert grouped == [int(present.sum())] and int(present.sum()) < index.numel()
+    spec = spec.replace(drop=DropSpec(mode="1t", key="absent"))
+    thresholds = torch.tensor([0.2, 0.2])
+    stats, ref_stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    out = dispatch.moe_triton(x, params, spec, thresholds=thresholds, stats=stats)
+    ref = reference.moe(x.double(), [p.double() for p in params], spec, thresholds, ref_stats)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+    torch.testing.assert_close(stats, ref_stats, rtol=0, atol=0)
+    assert stats[1].item() == present.sum().item() * spec.intermediate  # no shared experts: the present pairs
+    assert 0 < stats[0].item() < stats[1].item()
+
+
+@pytestmark_case
 def test_route_kernel_sigmoid_in_fp32_and_clamped_renorm():
     """fp16 logits. scores_fp32 (MiniMax-M2): the kernel keeps its fp32 sigmoid unrounded, like the reference
     (rounding it to fp16 is off by up to 5e-4). renorm_min (Ernie-4.5, binding on some tokens) and expert_scale

@@ -294,7 +294,13 @@ def _default_apply_gate():
 
 
 def describe_experts(module) -> ExpertsSpec | str:
-    """The ExpertsSpec of a transformers experts module, or the reason it cannot be described."""
+    """The ExpertsSpec of a transformers experts module (decorated with ``use_experts_implementation``, or the
+    experts of a block we patch: ``_BLOCK_EXPERTS``), or the reason it cannot be described."""
+    reader = _BLOCK_EXPERTS.get(type(module).__name__)
+    if reader is not None:
+        return reader(module)
+    if not hasattr(module, "is_concatenated"):
+        return f"{type(module).__name__} is not a transformers experts module (use_experts_implementation)"
     refresh_gates()
     return describe_facts(dict(zip(_EXPERTS_FACTS, _experts_facts(module))))
 
@@ -404,20 +410,31 @@ def llama4_moe_forward(self, hidden_states):
     return self.shared_expert(x) + routed, logits
 
 
-@torch._dynamo.assume_constant_result
-def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_shape: tuple,
-                 top_k: int) -> str:
-    """Experts spec JSON of a LongCat-Flash MoE block's routed experts, or why it is left alone (a string starting
-    with "LongcatFlashMoE:"). Its gate_up_proj holds rows for the zero-computation experts too; the operator reads
-    the first ``routed_experts`` of them, as transformers' loop does."""
+def _longcat_experts(act_name: str) -> ExpertsSpec | str:
     activation = _ACTIVATIONS.get(act_name)
     if activation is None:
-        return f"LongcatFlashMoE: activation {act_name} not supported"
-    if routed_experts == 0 or len(gate_up_shape) != 3 or len(down_shape) != 3:
-        return "LongcatFlashMoE: no 3-D routed experts"
-    hidden, intermediate = down_shape[1], down_shape[2]
-    spec = MoESpec(name="experts", num_experts=routed_experts, top_k=top_k, hidden=hidden, intermediate=intermediate,
-                   experts=ExpertsSpec(layout="fused", activation=activation), slots=("gate_up", "down"))
+        return f"activation {act_name} not supported"
+    return ExpertsSpec(layout="fused", activation=activation)
+
+
+@torch._dynamo.assume_constant_result
+def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_shape: tuple, top_k: int,
+                 sharded_from: int | None = None) -> str:
+    """Experts spec JSON of a LongCat-Flash MoE block's routed experts, or why it is left alone (a string starting
+    with "LongcatFlashMoE:"). Its gate_up_proj holds rows for the zero-computation experts too; the operator reads
+    the first ``routed_experts`` of them, as transformers' loop does. ``sharded_from``: the first expert held by a
+    module that ``runtime.dist.shard_experts_`` sharded (then the weights hold ``down_shape[0]`` experts)."""
+    described = _longcat_experts(act_name)
+    if isinstance(described, str) or routed_experts == 0 or len(gate_up_shape) != 3 or len(down_shape) != 3:
+        reason = f"LongcatFlashMoE: {described if isinstance(described, str) else 'no 3-D routed experts'}"
+        if sharded_from is not None:
+            raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
+                               "expert-parallel operators can run them")
+        return reason
+    if sharded_from is not None:
+        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=down_shape[0])
+    spec = MoESpec(name="experts", num_experts=routed_experts, top_k=top_k, hidden=down_shape[1],
+                   intermediate=down_shape[2], experts=described, slots=("gate_up", "down"))
     return spec.to_json()
 
 
@@ -429,7 +446,8 @@ def longcat_moe_forward(self, hidden_states):
     routed_experts = experts.num_routed_experts
     plan = longcat_plan(_activation_name(experts.act_fn), routed_experts,
                         tuple(experts.gate_up_proj.shape) if experts.gate_up_proj is not None else (),
-                        tuple(experts.down_proj.shape) if experts.down_proj is not None else (), self.router.top_k)
+                        tuple(experts.down_proj.shape) if experts.down_proj is not None else (), self.router.top_k,
+                        getattr(experts, "dualsparse_expert_offset", None))
     if not plan.startswith("{"):
         return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
     weights, index = self.router(hidden_states)[-2:]  # (logits,) weights, ids: transformers 5.17 returns no logits
@@ -440,6 +458,8 @@ def longcat_moe_forward(self, hidden_states):
 
 
 _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward}
+_BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn))}
+"""Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding)."""
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
 
 
