@@ -360,7 +360,7 @@ class _Plan:
         # keep mask written by the route kernel (2t needs exactly the Major and Minor column blocks)
         self.fused_drop = fused_route and drop_on and not keep_given and drop_rules_ok(spec)
         self.torch_drop = drop_on and not keep_given and not self.fused_drop
-        self.has_keep = keep_given or drop_on or r.score_func == "given"  # given: absent pairs
+        self.has_keep = keep_given or drop_on or r.absent_ids  # a given routing's absent pairs
         self.stats_on = stats_on
         self.weights_dtype = weights_dtype or (torch.float32 if r.weights_fp32 else dtype)
         self.stream_index = device.index if device.index is not None else 0

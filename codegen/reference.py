@@ -233,7 +233,7 @@ def present_pairs(params, spec: MoESpec) -> torch.Tensor | None:
     """[T, K'] mask of the pairs that run an expert, in the slot order the experts see; None where all do. Only a
     given routing can name no expert (an id outside [0, E)): such a pair is absent, computed by no kernel and counted
     neither kept nor dropped by the drop statistics."""
-    if spec.routing.score_func != "given":
+    if spec.routing.score_func != "given" or not spec.routing.absent_ids:
         return None
     index = _param(spec, params, "topk_index").reshape(-1, spec.top_k)
     return per_column((index >= 0) & (index < spec.num_experts), spec)

@@ -30,6 +30,11 @@ class RoutingSpec:
     computes the routing with ops of its own (a router the other fields cannot express) and the operator takes its
     result, the expert ids and weights [T, K] (slots topk_index, topk_weights), as they are. No other routing field
     applies to "given"."""
+    absent_ids: bool = False
+    """given only: the graph's ids may name no expert (outside [0, E): LongCat-Flash's zero-computation experts), and
+    such a pair is absent, grouped by no kernel and counted by no drop statistic (``reference.present_pairs``).
+    Without it such an id (a sentinel that should not occur) is still exact, computed as expert 0 at weight 0, and
+    the kernels skip the mask (a few % of a given-routing layer's time on the H200)."""
     jitter_eps: float = 0.0
     """sparsemixer only: logits l with (best - l) / max(|l|, best) > 2 jitter_eps are out of the round's softmax."""
     score_after_topk: bool = False
@@ -162,6 +167,8 @@ class MoESpec:
         """Short routing description for reports."""
         r = self.routing
         parts = [r.score_func + ("(topk logits)" if r.score_after_topk else "")]
+        if r.absent_ids:
+            parts.append("absent-ids")
         if r.renormalize:
             parts.append("renorm")
         if r.scale != 1.0:

@@ -311,7 +311,8 @@ def test_given_routing(dtype, P):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_given_ids_outside_the_experts_add_nothing(dtype):
     """A given id of E or -1 (a "no expert" sentinel) adds nothing, as transformers' loops skip it: the kernels
-    equal the reference experts on the other pairs alone, and nothing indexes past the experts (outputs finite)."""
+    equal the reference experts on the other pairs alone, and nothing indexes past the experts (outputs finite).
+    Without ``absent_ids`` such a pair is computed as expert 0 at weight 0 (the next test: with it, not at all)."""
     x, params, spec = given_routing_case(dtype)
     index = params[0].clone()
     index[::3, 0] = spec.num_experts
@@ -337,6 +338,7 @@ def test_absent_pairs_are_not_grouped_nor_counted(dtype, monkeypatch):
     from dsmoe_compiler.ir import DropSpec
 
     x, params, spec = given_routing_case(dtype)
+    spec = spec.replace(routing=RoutingSpec(score_func="given", absent_ids=True))
     index = params[0].clone()
     index[::3, 0] = spec.num_experts
     index[1::4, -1] = -1

@@ -75,11 +75,14 @@ def fuse_markers(gm: fx.GraphModule, report: Report) -> list[fx.Node]:
             continue
         x, index, weights, expert_params, experts_json = node.args
         route = _route_output(index, 2)
-        if route is None or _route_output(weights, 1) is not route:
+        e = parse_spec(experts_json)
+        # a router over more ids than the experts (LongCat-Flash's zero-computation experts) is not the experts' own
+        if (route is None or _route_output(weights, 1) is not route or e.routing.absent_ids
+                or parse_spec(route.args[2]).num_experts != e.num_experts):
             fused.append(_given_routing(gm, node, report))
             continue
         route_params, route_json = list(route.args[1]), route.args[2]
-        r, e = parse_spec(route_json), parse_spec(experts_json)
+        r = parse_spec(route_json)
         route_slots = r.slots
         if not same_base(route.args[0], x):  # the router reads a tensor of its own (Gemma-4): one more input
             route_params.append(route.args[0])
@@ -106,7 +109,8 @@ def _given_routing(gm: fx.GraphModule, node: fx.Node, report: Report) -> fx.Node
     x, index, weights, expert_params, experts_json = node.args
     e = parse_spec(experts_json)
     value = example_value(weights)
-    routing = RoutingSpec(score_func="given", weights_fp32=value is not None and value.dtype == torch.float32)
+    routing = RoutingSpec(score_func="given", weights_fp32=value is not None and value.dtype == torch.float32,
+                          absent_ids=e.routing.absent_ids)  # the experts marker says whether ids may name no expert
     spec = e.replace(name=block_name(node) or node.name, routing=routing, slots=("topk_index", "topk_weights") + e.slots)
     with gm.graph.inserting_before(node):
         moe = gm.graph.call_function(MOE, (x, [index, weights, *expert_params], spec.to_json()))

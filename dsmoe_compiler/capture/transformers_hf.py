@@ -434,7 +434,8 @@ def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_
     if sharded_from is not None:
         described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=down_shape[0])
     spec = MoESpec(name="experts", num_experts=routed_experts, top_k=top_k, hidden=down_shape[1],
-                   intermediate=down_shape[2], experts=described, slots=("gate_up", "down"))
+                   intermediate=down_shape[2], experts=described, slots=("gate_up", "down"),
+                   routing=RoutingSpec(score_func="given", absent_ids=True))  # ids of zero-computation experts
     return spec.to_json()
 
 
