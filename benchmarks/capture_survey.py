@@ -228,7 +228,8 @@ def moe_blocks(model) -> list[str]:
     blocks = []
     for name, module in model.named_modules():
         cls = type(module).__name__
-        own = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        # 3-D expert weights (gate_up_proj, down_proj, w1, ...); not any 3-D tensor (Inkling-2-Loop's attention query)
+        own = [p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and ("proj" in n or n[:1] == "w")]
         is_experts = ((bool(own) and not isinstance(module, nn.modules.conv._ConvNd)) or cls.endswith("Experts")
                       or (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts"))
         is_experts = is_experts and "Shared" not in cls
