@@ -4,7 +4,10 @@ and experts with a known GLU gate of their own (``transformers_hf._GATES``) are 
 DeepSeek-V4 has both: hash routing by token id in its first layers and a sqrt-softplus top-k after them (neither is a
 ``RoutingSpec``), and a GLU clamped before the activation. It compiles to one operator per MoE layer, shared expert
 folded, with eager's answer; a partial partition and dropping act on the given routing; a complete partition, which
-would repeat a router, is refused naming the option."""
+would repeat a router, is refused naming the option.
+
+LongCat-Flash's zero-computation experts arrive as given ids outside the routed experts (absent pairs), Inkling-2's
+softcapped GLU as a known gate, and an MoE none of this reads gets one warning (``capture/unmatched.py``)."""
 
 import math
 
