@@ -414,11 +414,13 @@ def _block(spec: MoESpec):
     return block
 
 
-def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused):
+def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, pre, owner, group, clock, fused,
+          present=None):
     """(keep [T, K'], every rank's pairs per destination before dropping [W, W] when a policy gathered them).
     ``sub_experts()``: ids [T, K']; ``pre()``: this rank's pairs per destination rank [W] before dropping.
     ``fused``: the keep mask (and statistics) by one kernel (``dispatch.keep_per_destination``) where it covers
-    the rule."""
+    the rule. ``present``: a given routing's present pairs (``reference.present_pairs``): the others are neither kept
+    nor dropped."""
     gathered_pre = None
     if policy is None:
         thresholds = block.thresholds.expand(ep.world, 2)
@@ -435,15 +437,15 @@ def _drop(spec: MoESpec, ep: EPSpec, block, policy, raw, experts, sub_experts, p
             loads = gathered_pre.sum(0).float()  # [W]: every source's pairs per destination, summed
             info = load_aware.LoadInfo(spec.name, spec.drop.mode, loads, block.thresholds, ep.rank, ep.world)
             thresholds = load_aware.thresholds_per_rank(policy, info)
-    if fused:
+    if fused and present is None:
         from dsmoe_compiler.codegen import dispatch
 
         if dispatch.drop_rules_ok(spec):
             keep = dispatch.keep_per_destination(raw, experts, spec, thresholds, owner, block.stats)
             return keep.view(torch.bool), gathered_pre
-    keep = keep_per_destination(raw, sub_experts(), spec, thresholds, owner)
+    keep = reference.with_present(keep_per_destination(raw, sub_experts(), spec, thresholds, owner), present)
     if block.stats is not None:
-        reference.record_drops(block.stats, keep, spec)
+        reference.record_drops(block.stats, keep, spec, present)
     return keep, gathered_pre
 
 
@@ -569,9 +571,12 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     clock.mark("gather0")
     clock.mark("gather1")
     gathered_pre = None
+    present = reference.present_pairs(params, spec)  # a given id on no expert (LongCat-Flash's): sent nowhere
     if block is not None and keep is None:
         keep, gathered_pre = _drop(spec, ep, block, policy, raw, experts, sub_experts, pre, owner, group, clock,
-                                   fused)
+                                   fused, present)
+    else:
+        keep = reference.with_present(keep, present)
     group_of = _groups(experts, sub_experts, keep, ep, fused)
     send, row, post = _send_order(x, group_of, ep, fused)
     if spec.experts.weight_on_input:  # Llama-4: the sender scales each row; the combine then only sums

@@ -149,6 +149,20 @@ def _main_worker(rank, world, port, seed, out_dir):
     x = torch.randn(0 if rank == 0 else 5, H, generator=x_seed)
     got = ep.moe(x, params, spec.to_json(), _ep_json(spec))
     res["exact empty rank"] = _max_err(got, reference.moe(x, params, spec))
+    # a given routing whose ids may name no expert (LongCat-Flash's zero-computation experts): those pairs are sent
+    # nowhere, and the block still equals the single-process operator
+    spec, params = _block(6, 1, seed=seed)
+    g = torch.Generator().manual_seed(seed + rank)
+    ids = torch.randint(0, 9, (7, K), generator=g)  # 6 experts: ids 6..8 name none
+    given = spec.replace(routing=RoutingSpec(score_func="given", absent_ids=True),
+                         slots=("topk_index", "topk_weights") + spec.slots[2:])
+    params = [ids, torch.rand(7, K, generator=g) + 0.1, *params[2:]]
+    x = torch.randn(7, H, generator=g)
+    sizes = torch.ops.dualsparse.ep_route(x, params, given.to_json(), _ep_json(given))[4]
+    sent = sum(ep.splits(sizes, _ep_json(given))[0])  # rows this rank sends, one a pair at P = 1
+    res["absent pairs sent"] = (sent, int(((ids >= 0) & (ids < 6)).sum()), ids.numel())
+    res["absent pairs exact"] = _max_err(ep.moe(x, params, given.to_json(), _ep_json(given)),
+                                         reference.moe(x, params, given))
 
     # 2) dropping with uniform thresholds: the same kept pairs as the single-process operator
     for mode, P, (tm, tn) in (("1t", 1, (0.35, 0.35)), ("2t", 2, (0.3, 0.4)), ("skip", 2, (0.7, 0.7))):
@@ -358,6 +372,16 @@ def test_fake_outputs_match_the_real_ones(group_results):
     for rank, res in enumerate(results):
         for name in ("fake E=6 P=1", "fake E=3 P=2"):
             assert res[name] == [], f"world={world} rank={rank} {name}: {res[name]}"
+
+
+def test_absent_pairs_are_sent_nowhere(group_results):
+    """``reference.present_pairs`` under expert parallelism: a given id on no expert costs no row of the exchange."""
+    world, seed, results, _ = group_results
+    for rank, res in enumerate(results):
+        sent, present, all_pairs = res["absent pairs sent"]
+        assert sent == present < all_pairs, (world, rank, seed, sent, present, all_pairs)
+        err, ok = res["absent pairs exact"]
+        assert ok, f"world={world} rank={rank} seed={seed}: max abs err {err:.3g}"
 
 
 def test_compiled_graph_has_expert_parallel_and_matches(group_results):
