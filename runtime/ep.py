@@ -377,17 +377,19 @@ def _CLASS_OF_CODE(device) -> torch.Tensor:  # noqa: N802 - a constant table
     return torch.tensor([-1, 0, 2, 1], device=device)
 
 
-def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec, kernel: bool = False) -> torch.Tensor:
+def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec, kernel: bool = False,
+              present: torch.Tensor | None = None) -> torch.Tensor:
     """[W] long: this rank's (token, sub-expert) pairs before dropping, by the rank that holds the sub-expert
     (expert ids [T, K]; after a partial transformation each names P sub-experts e P + p). ``kernel``: one
-    launch (``load_policy.loads_to``) instead of these ops."""
+    launch (``load_policy.loads_to``) instead of these ops. ``present`` [T, K]: absent pairs count nowhere."""
     P = spec.partition if spec.transform == "partial" else 1
-    if kernel:
+    if kernel and present is None:
         from dsmoe_compiler.codegen.load_policy import loads_to
 
         return loads_to(experts, owners(ep, experts.device), P, ep.world)
     dest = owners(ep, experts.device).view(-1, P)[experts.long()].view(-1)
-    return torch.zeros(ep.world, dtype=torch.long, device=experts.device).index_add_(0, dest, torch.ones_like(dest))
+    ones = torch.ones_like(dest) if present is None else present.unsqueeze(-1).expand(*present.shape, P).reshape(-1).long()
+    return torch.zeros(ep.world, dtype=torch.long, device=experts.device).index_add_(0, dest, ones)
 
 
 def _per_rank(per_id: torch.Tensor, rank_of: torch.Tensor, world: int, dtype) -> torch.Tensor:
@@ -567,11 +569,12 @@ def route(x: torch.Tensor, params, spec_json: str, ep_json: str, impl: str = "re
     sub_experts = functools.cache(  # [T, K'] sub-expert ids, only where read
         lambda: reference.partial_transform(experts, raw, spec.partition)[0] if partial else experts)
     owner = owners(ep, x.device)
-    pre = lambda: _loads_to(experts, spec, ep, fused and DEVICE_POLICY)  # noqa: E731 - [W] pairs per destination
+    present = reference.present_pairs(params, spec)  # a given id on no expert (LongCat-Flash's): sent nowhere
+    pair_present = None if present is None else present[:, :spec.top_k]  # [T, K], before the columns of P
+    pre = lambda: _loads_to(experts, spec, ep, fused and DEVICE_POLICY, pair_present)  # noqa: E731 - [W] per destination
     clock.mark("gather0")
     clock.mark("gather1")
     gathered_pre = None
-    present = reference.present_pairs(params, spec)  # a given id on no expert (LongCat-Flash's): sent nowhere
     if block is not None and keep is None:
         keep, gathered_pre = _drop(spec, ep, block, policy, raw, experts, sub_experts, pre, owner, group, clock,
                                    fused, present)

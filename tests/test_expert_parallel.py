@@ -163,6 +163,10 @@ def _main_worker(rank, world, port, seed, out_dir):
     res["absent pairs sent"] = (sent, int(((ids >= 0) & (ids < 6)).sum()), ids.numel())
     res["absent pairs exact"] = _max_err(ep.moe(x, params, given.to_json(), _ep_json(given)),
                                          reference.moe(x, params, given))
+    ep.moe(x, params, given.to_json(), _ep_json(given, stats=True))  # loads count present pairs only
+    s = ep.ep_stats()[given.name]
+    res["absent pairs loads"] = (s["last_load_before"], s["last_load_after"])
+    ep.clear()
 
     # 2) dropping with uniform thresholds: the same kept pairs as the single-process operator
     for mode, P, (tm, tn) in (("1t", 1, (0.35, 0.35)), ("2t", 2, (0.3, 0.4)), ("skip", 2, (0.7, 0.7))):
@@ -382,6 +386,8 @@ def test_absent_pairs_are_sent_nowhere(group_results):
         assert sent == present < all_pairs, (world, rank, seed, sent, present, all_pairs)
         err, ok = res["absent pairs exact"]
         assert ok, f"world={world} rank={rank} seed={seed}: max abs err {err:.3g}"
+        before, after = res["absent pairs loads"]  # every rank's pairs, by destination
+        assert before == after and sum(after) == sum(r["absent pairs sent"][1] for r in results), (before, after)
 
 
 def test_compiled_graph_has_expert_parallel_and_matches(group_results):
