@@ -102,7 +102,8 @@ def moe_layer_count(model) -> int:
                and m.down_proj.dim() == 3)
 
 
-SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h", "longcat_flash", "doge", "inkling2", "inkling2_loop")
+SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h", "longcat_flash", "doge", "inkling2", "inkling2_loop",
+                "jetmoe")
 """Built as ``benchmarks/capture_survey.py`` builds them (its tiny config); skipped where transformers lacks them."""
 
 

@@ -251,6 +251,21 @@ def test_a_captured_block_does_not_warn():
     assert len(report.rewritten) == 2 and not report.left_alone
 
 
+def test_jetmoe_block_is_captured_exactly():
+    """JetMoE's MoE MLP (``transformers_hf.jetmoe_moe_forward``): its router's top-k logits with an fp32 softmax over
+    them and its two ``JetMoeParallelExperts`` become one operator, its bias added after; exact, P = 2 as well. Its
+    mixture of attention heads stays plain ops, reported."""
+    model = hf_model("jetmoe", None)
+    ids = random_ids()
+    expected, got, report = eager_and_compiled(model, ids)
+    assert [b.variant for b in report.rewritten] == ["softmax(topk logits)"] * 2, str(report)
+    assert len(report.left_alone) == 2 and all("self_attention" in b.name for b in report.left_alone), str(report)
+    _close(got, expected)
+    _, got, report = eager_and_compiled(model, ids, {"inner": "eager", "partition": 2})
+    assert all("P=2(partial)" in b.variant for b in report.rewritten), str(report)
+    _close(got, expected)
+
+
 def test_inkling2_softcaps_matter():
     """With caps inside the products' range (the tiny model's own, 4 and 25, barely act on its products), the
     compiled model is still eager's answer, and without the caps eager moves far past the tolerance."""

@@ -458,7 +458,43 @@ def longcat_moe_forward(self, hidden_states):
     return (routed + (x * identity).to(x.dtype)).view(hidden_states.shape)
 
 
-_BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward}
+@torch._dynamo.assume_constant_result
+def jetmoe_plan(act_name: str, input_shape: tuple, output_shape: tuple, top_k: int) -> tuple[str, str] | str:
+    """(route spec JSON, experts spec JSON) of a JetMoE MoE block, or why it is left alone.
+
+    JetMoE routes by the top-k of its (input-dtype) logits, weighted by the fp32 softmax of those k cast back
+    (``JetMoeTopKGating``), and its experts are two ``JetMoeParallelExperts``: [E, 2I, H] (gate; up concatenated)
+    and [E, H, I], the fused layout; its bias is added after the sum (plain op)."""
+    activation = _ACTIVATIONS.get(act_name)
+    if activation is None:
+        return f"JetMoeMoE: activation {act_name} not supported"
+    if len(input_shape) != 3 or len(output_shape) != 3 or input_shape[0] != output_shape[0]:
+        return "JetMoeMoE: experts of unexpected shapes"
+    E, inter2, H = input_shape
+    route = MoESpec(name="router", num_experts=E, top_k=top_k, hidden=H, intermediate=0,
+                    routing=RoutingSpec(score_after_topk=True, scores_fp32=True), slots=("router_weight",))
+    experts = MoESpec(name="experts", num_experts=E, top_k=top_k, hidden=H, intermediate=inter2 // 2,
+                      experts=ExpertsSpec(layout="fused", activation=activation), slots=("gate_up", "down"))
+    return route.to_json(), experts.to_json()
+
+
+def jetmoe_moe_forward(self, layer_input):
+    """``JetMoeMoE.forward`` as route + experts markers (one ``dualsparse.moe``), its bias added after."""
+    batch, length, hidden = layer_input.size()
+    x = layer_input.reshape(-1, hidden)
+    plan = jetmoe_plan(_activation_name(self.activation), tuple(self.input_linear.weight.shape),
+                       tuple(self.output_linear.weight.shape), self.router.top_k)
+    if isinstance(plan, str):
+        return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, layer_input), plan)
+    route_json, experts_json = plan
+    _, weights, index = torch.ops.dualsparse.route(x, [self.router.layer.weight], route_json)
+    routed = torch.ops.dualsparse.experts(x, index, weights, [self.input_linear.weight, self.output_linear.weight],
+                                          experts_json)
+    return routed.view(batch, length, hidden) + self.bias
+
+
+_BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward,
+           ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward}
 _BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn))}
 """Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding)."""
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
