@@ -142,6 +142,13 @@ def _survey_model(arch: str, impl: str | None, seed: int):
     return capture_survey.build_model(arch, model_type, impl, seed)[0]
 
 
+def poisoned_empty(shape, dtype, device):
+    """NaN in float buffers, -1 in integer ones (for ``dispatch._empty``): any element a kernel forgets to write shows
+    up."""
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
 def random_ids(batch: int = 2, length: int = 13, seed: int = 8) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from conftest import drop_runs
-from models import ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count
+from models import (ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count,
+                    poisoned_empty)
 
 import dsmoe_compiler
 
@@ -174,8 +175,7 @@ def test_triton_glu_epilogues_in_bf16(clamp, monkeypatch):
     from dsmoe_compiler.codegen import dispatch, reference
     from dsmoe_compiler.ir import ExpertsSpec, MoESpec
 
-    monkeypatch.setattr(dispatch, "_empty", lambda shape, dtype, device: torch.full(
-        shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device))
+    monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
     E, H, I, K, T = 16, 512, 384, 4, 300
     spec = MoESpec(name="glu", num_experts=E, top_k=K, hidden=H, intermediate=I,
                    experts=ExpertsSpec(clamp=clamp, limit=0.8, gate_limit=0.5), slots=("router_weight", "gate_up", "down"))

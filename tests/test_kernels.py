@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import poisoned_empty
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
@@ -47,16 +48,10 @@ pytestmark_case = pytest.mark.skipif(not INTERPRETED, reason="runs in the interp
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
-def _poisoned_empty(shape, dtype, device):
-    """NaN in float buffers, -1 in integer ones: any element a kernel forgets to write shows up."""
-    fill = float("nan") if dtype.is_floating_point else -1
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     if INTERPRETED:
-        monkeypatch.setattr(dispatch, "_empty", _poisoned_empty)
+        monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
 
 
 def make_case(dtype, *, T=12, H=32, I=48, E=4, K=2, P=1, transform="partial", routing=None, interleaved=False,
