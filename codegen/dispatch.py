@@ -306,15 +306,22 @@ def _use_desc(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+def _experts_dense(w: torch.Tensor) -> bool:
+    """Experts back to back, each one's matrix dense in one orientation or the other: contiguous, or a transposed view
+    of a contiguous tensor (DBRX's down weights, ``transformers_hf.dbrx_moe_forward``), which is contiguous once its
+    last two dimensions are swapped back."""
+    return w.is_contiguous() or (w.dim() == 3 and w.transpose(1, 2).is_contiguous())
+
+
 def _n_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
     """A descriptor over all experts' [K, N] matrices fits: contiguous, N innermost, 16-byte rows and base."""
-    return (strides[1] == 1 and w.is_contiguous() and strides[2] * w.element_size() % 16 == 0
+    return (strides[1] == 1 and _experts_dense(w) and strides[2] * w.element_size() % 16 == 0
             and w.data_ptr() % 16 == 0)
 
 
 def _k_contiguous(w: torch.Tensor, strides) -> bool:  # strides: (expert, output channel, input channel)
     """A descriptor over each expert's [rows, K] matrix fits: contiguous, K innermost, 16-byte rows and experts."""
-    return (strides[2] == 1 and w.is_contiguous() and w.shape[-1] * w.element_size() % 16 == 0
+    return (strides[2] == 1 and _experts_dense(w) and w.shape[-1] * w.element_size() % 16 == 0
             and strides[0] * w.element_size() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 

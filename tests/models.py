@@ -97,12 +97,13 @@ def hf_config(arch: str):
 
 
 def moe_layer_count(model) -> int:
-    """Experts modules: a 3-D ``down_proj`` (with ``gate_up_proj``, or ``up_proj`` alone for experts without a gate)."""
-    return sum(1 for m in model.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)
-               and m.down_proj.dim() == 3)
+    """Experts modules: a 3-D ``down_proj`` (with ``gate_up_proj``, or ``up_proj`` alone for experts without a gate),
+    or DBRX's, whose 2-D [E I, H] weights sit in its ``mlp``."""
+    return sum(1 for m in model.modules() if (isinstance(getattr(m, "down_proj", None), torch.Tensor)
+                                              and m.down_proj.dim() == 3) or type(m).__name__ == "DbrxExperts")
 
 
-SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h", "longcat_flash", "doge", "inkling2", "inkling2_loop",
+SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h", "longcat_flash", "doge", "inkling2", "inkling2_loop", "dbrx",
                 "jetmoe")
 """Built as ``benchmarks/capture_survey.py`` builds them (its tiny config); skipped where transformers lacks them."""
 

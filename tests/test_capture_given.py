@@ -266,6 +266,40 @@ def test_jetmoe_block_is_captured_exactly():
     _close(got, expected)
 
 
+def test_dbrx_block_is_captured_exactly():
+    """DBRX's FFN (``transformers_hf.dbrx_moe_forward``): a softmax router whose top-k weights are divided by their
+    1-norm, experts as 2-D [E I, H] tensors with the down projection stored [in, out] (read through a transposed view):
+    one operator per layer, exact, P = 2 as well. Another p-norm is routed by DBRX's own ops (given routing); in
+    training mode, where its router multiplies the input by random jitter, the block keeps its own code."""
+    model = hf_model("dbrx", None)
+    ids = random_ids()
+    expected, got, report = eager_and_compiled(model, ids)
+    assert len(report.rewritten) == moe_layer_count(model) == 2 and not report.left_alone, str(report)
+    assert all(b.variant.startswith("softmax renorm") for b in report.rewritten), str(report)
+    _close(got, expected)
+    _, got, report = eager_and_compiled(model, ids, {"inner": "eager", "partition": 2})
+    assert all("P=2(partial)" in b.variant for b in report.rewritten), str(report)
+    _close(got, expected)
+    ffns = [m for m in model.modules() if type(m).__name__ == "DbrxFFN"]
+    for ffn in ffns:
+        ffn.moe_normalize_expert_weights = 2.0
+    expected, got, report = eager_and_compiled(model, ids)
+    assert [b.variant.split()[0] for b in report.rewritten] == ["given"] * 2, str(report)
+    _close(got, expected)
+    for ffn in ffns:
+        ffn.moe_normalize_expert_weights = None
+    expected, got, report = eager_and_compiled(model, ids)
+    assert [b.variant.split()[0] for b in report.rewritten] == ["softmax"] * 2, str(report)
+    _close(got, expected)
+    for ffn in ffns:
+        ffn.router.moe_jitter_eps = 0.01
+    model.train()
+    torch._dynamo.reset()
+    torch.compile(model, backend="dualsparse", options={"inner": "eager"})(ids)
+    report = dsmoe_compiler.last_report()
+    assert not report.rewritten and any("jitter" in b.reason for b in report.left_alone), str(report)
+
+
 def test_inkling2_softcaps_matter():
     """With caps inside the products' range (the tiny model's own, 4 and 25, barely act on its products), the
     compiled model is still eager's answer, and without the caps eager moves far past the tolerance."""
@@ -305,6 +339,12 @@ def test_an_unknown_two_product_activation_is_left_alone(monkeypatch):
 def test_inkling2_triton_kernels_bf16_on_gpu():
     """The softcapped GLU in the gate/up epilogue, bf16."""
     assert max(triton_bf16_errors("inkling2", calls=3)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_dbrx_triton_kernels_bf16_on_gpu():
+    """DBRX's down weights through a transposed view: the down GEMM's descriptor of the transposed layout."""
+    assert max(triton_bf16_errors("dbrx", calls=3)) < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")

@@ -501,6 +501,9 @@ def relayout(params, spec, layout, transposed=False):
         if transposed:
             tensors = [t.transpose(1, 2).contiguous() for t in tensors]
         slots = ["gate", "up", "down"]
+    elif layout == "dbrx":  # DBRX: gate, up [E, out, in]; down stored [E, in, out], seen through a transposed view
+        tensors, slots = [gate, up, down.transpose(1, 2).contiguous().transpose(1, 2)], ["gate", "up", "down"]
+        layout = "separate"
     else:
         tensors = [t[e].clone() for e in range(E) for t in (gate, up, down)]
         slots = [f"{role}.{e}" for e in range(E) for role in ("gate", "up", "down")]
@@ -510,13 +513,16 @@ def relayout(params, spec, layout, transposed=False):
 
 @pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["separate", "separate-transposed", "list"])
+@pytest.mark.parametrize("layout", ["separate", "separate-transposed", "list", "dbrx"])
 @pytest.mark.parametrize("P", [1, 2])
 def test_user_layouts_separate_and_list(dtype, layout, P):
-    """User MoEs: 3-D gate/up/down tensors (either orientation) and ModuleList experts (address tables)."""
+    """User MoEs: 3-D gate/up/down tensors (either orientation) and ModuleList experts (address tables); DBRX's down
+    weights as a transposed view, which the down GEMM reads through the descriptor of the transposed layout."""
     x, params, spec = make_case(dtype, T=30, E=6, K=2, I=64, P=P, seed=20 + P)
     params, spec = relayout(params, spec, layout.split("-")[0], transposed=layout.endswith("transposed"))
     assert dispatch.kernels_cover(spec, params)
+    if layout == "dbrx":
+        assert not params[-1].is_contiguous() and dispatch._Weights(spec, params).n_major_fit() == (False, True)
     check(x, params, spec)
     if P == 2:
         keep = torch.rand(30, 4, generator=torch.Generator().manual_seed(21)) > 0.3
@@ -535,11 +541,11 @@ def test_list_layout_with_unlike_experts_runs_the_reference():
 
 # ---- whole compiled models through the kernels (kernels="triton" runs them on CPU under the interpreter) ----
 @pytestmark_case
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "dbrx"])
 def test_compiled_transformers_model_through_the_kernels(arch):
     from models import VOCAB, hf_model
 
-    model = hf_model(arch)
+    model = hf_model(arch, None if arch == "dbrx" else "grouped_mm")  # DBRX has one experts implementation
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits

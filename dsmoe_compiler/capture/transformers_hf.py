@@ -493,8 +493,53 @@ def jetmoe_moe_forward(self, layer_input):
     return routed.view(batch, length, hidden) + self.bias
 
 
+@torch._dynamo.assume_constant_result
+def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int,
+              top_k: int) -> tuple[str | None, str] | str:
+    """(route spec JSON or None for given routing, experts spec JSON) of a DBRX FFN, or why it is left alone.
+
+    DBRX routes by a softmax over all experts, its top-k weights divided by their p-norm
+    (``moe_normalize_expert_weights``): p = 1 is the sum of the (positive) weights, renormalisation; no p, none; another
+    p is routed by DBRX's own ops and the operator takes that routing as given. Its experts are 2-D [E I, H] tensors:
+    w1 (gate) and v1 (up) hold each expert's [I, H] rows as [out, in], w2 holds its [I, H] as [in, out] (``h @ w2``),
+    so the operator reads w1, v1 as the separate layout and w2 through a transposed view (no copy: the kernels read
+    strides)."""
+    activation = _ACTIVATIONS.get(act_name)
+    if activation is None:
+        return f"DbrxFFN: activation {act_name} not supported"
+    if jitter:
+        return "DbrxFFN: router jitter in training mode"
+    route = None
+    if norm_p is None or float(norm_p) == 1.0:
+        route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=0,
+                        routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None),
+                        slots=("router_weight",)).to_json()
+    spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
+                   experts=ExpertsSpec(layout="separate", activation=activation), slots=("gate", "up", "down"))
+    return route, spec.to_json()
+
+
+def dbrx_moe_forward(self, hidden_states):
+    """``DbrxFFN.forward`` as route + experts markers (one ``dualsparse.moe``); a p-norm other than 1 is routed by
+    DBRX's own ``route_tokens_to_experts`` and given to the operator."""
+    experts, mlp = self.experts, self.experts.mlp
+    E, I, H = experts.num_experts, experts.ffn_hidden_size, experts.hidden_size
+    plan = dbrx_plan(_activation_name(mlp.activation_fn), self.moe_normalize_expert_weights,
+                     self.training and self.router.moe_jitter_eps is not None, E, I, H, self.top_k)
+    if isinstance(plan, str):
+        return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
+    route_json, experts_json = plan
+    x = hidden_states.reshape(-1, H)
+    if route_json is None:
+        weights, index = self.route_tokens_to_experts(self.router(x))
+    else:
+        _, weights, index = torch.ops.dualsparse.route(x, [self.router.layer.weight], route_json)
+    params = [mlp.w1.view(E, I, H), mlp.v1.view(E, I, H), mlp.w2.view(E, I, H).transpose(1, 2)]
+    return torch.ops.dualsparse.experts(x, index, weights, params, experts_json).view(hidden_states.shape)
+
+
 _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward,
-           ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward}
+           ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward, ("dbrx", "DbrxFFN"): dbrx_moe_forward}
 _BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn))}
 """Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding)."""
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
