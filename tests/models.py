@@ -96,11 +96,15 @@ def hf_config(arch: str):
     raise ValueError(arch)
 
 
+OTHER_EXPERTS = ("DbrxExperts", "JetMoeMoE")
+"""Experts with no 3-D ``down_proj``: DBRX's 2-D [E I, H] weights in its ``mlp``, JetMoE's two parallel experts."""
+
+
 def moe_layer_count(model) -> int:
     """Experts modules: a 3-D ``down_proj`` (with ``gate_up_proj``, or ``up_proj`` alone for experts without a gate),
-    or DBRX's, whose 2-D [E I, H] weights sit in its ``mlp``."""
+    or one of ``OTHER_EXPERTS``."""
     return sum(1 for m in model.modules() if (isinstance(getattr(m, "down_proj", None), torch.Tensor)
-                                              and m.down_proj.dim() == 3) or type(m).__name__ == "DbrxExperts")
+                                              and m.down_proj.dim() == 3) or type(m).__name__ in OTHER_EXPERTS)
 
 
 SURVEY_BUILT = ("hy_v4", "minimax_m3_vl", "beam", "nemotron_h", "longcat_flash", "doge", "inkling2", "inkling2_loop", "dbrx",

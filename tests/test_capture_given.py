@@ -348,6 +348,12 @@ def test_dbrx_triton_kernels_bf16_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_jetmoe_triton_kernels_bf16_on_gpu():
+    """JetMoE's MoE MLPs through the kernels (its mixture of attention heads stays plain ops)."""
+    assert max(triton_bf16_errors("jetmoe", calls=3)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_longcat_flash_triton_kernels_bf16_on_gpu():
     """Ids of zero-computation experts reach the kernels as given ids outside the routed experts (weight 0 there)."""
     assert max(triton_bf16_errors("longcat_flash", calls=3)) < 1e-2
