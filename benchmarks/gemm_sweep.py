@@ -161,7 +161,7 @@ def sweep_case(name, T):
     h = torch.randn(pairs, c, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
     gate_up, down = params[1], params[2]
-    gu_ptrs = (x, gate_up, gate_up, gate_up, h, sorted_ids, counts)
+    gu_ptrs = (x, gate_up, gate_up, gate_up, h, sorted_ids, counts, weights)  # routing weights: INPUT_WEIGHT only
     dn_ptrs = (h, down, down, weights, y, sorted_ids, counts)
     gu_const, dn_const = plan.gate_up.constexprs, plan.down.constexprs
     gu_flops, dn_flops = 4 * pairs * H * c, 2 * pairs * c * H
