@@ -349,8 +349,30 @@ def test_dbrx_triton_kernels_bf16_on_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_jetmoe_triton_kernels_bf16_on_gpu():
-    """JetMoE's MoE MLPs through the kernels (its mixture of attention heads stays plain ops)."""
-    assert max(triton_bf16_errors("jetmoe", calls=3)) < 1e-2
+    """JetMoE's MoE MLPs through the kernels (its mixture of attention heads stays plain ops). This tiny model is
+    chaotic in bf16: eager bf16 sits 5e-3 to 7.5e-2 from its fp32 copy, and the reference operator equals eager bf16
+    while the kernels, whose products round differently, land 3.5e-3 to 3.9e-2 from it (``benchmarks/bf16_calls.py
+    --arch jetmoe``, results/h200/bf16_calls_jetmoe.log). So each call is held to the fp32 model: the kernels may be
+    at most 1e-2 further from it than eager bf16 is."""
+    import copy
+
+    from dsmoe_compiler.codegen import dispatch
+
+    model = hf_model("jetmoe", None).to("cuda", torch.bfloat16)
+    fp32 = copy.deepcopy(model).float()
+    dispatch._PLANS.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})
+    generator = torch.Generator("cuda").manual_seed(9)
+    for _ in range(3):
+        ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=generator)
+        with torch.no_grad():
+            want, eager = fp32(ids).logits, model(ids).logits
+            got = compiled(ids).logits
+        assert torch.isfinite(got).all()
+        assert _rel(got, want) < _rel(eager, want) + 1e-2, (_rel(got, want), _rel(eager, want))
+    assert len(dsmoe_compiler.last_report().rewritten) == 2, str(dsmoe_compiler.last_report())
+    assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
