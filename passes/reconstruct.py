@@ -46,9 +46,15 @@ from dsmoe_compiler.runtime.plan import Plan, check_layer_fingerprint, layer_fin
 ORDER_ATTR = "_dualsparse_neuron_order"
 
 
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that keeps the record: a view's base (DBRX's slots are views of its 2-D weights, made per call)."""
+    return t if t._base is None else t._base
+
+
 def applied_order(t: torch.Tensor) -> torch.Tensor | None:
-    """The neuron order recorded on a parameter by reconstruction, or None (checkpoint order)."""
-    return getattr(t, ORDER_ATTR, None)
+    """The neuron order recorded on a parameter (or the parameter a view looks at) by reconstruction, or None
+    (checkpoint order)."""
+    return getattr(_owner(t), ORDER_ATTR, None)
 
 
 def _gate_up_index(perm: torch.Tensor, ex: ExpertsSpec, intermediate: int) -> torch.Tensor:
@@ -66,10 +72,13 @@ def _permute_(w: torch.Tensor, dim: int, index: torch.Tensor) -> None:
 def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: torch.Tensor) -> int:
     """Put the experts of one fused block in neuron order ``target`` ([E, I], original indices), in place.
 
-    ``tensors`` maps slot names (gate_up, down[, gate_up_bias, down_bias]; experts without a gate: up, down) to the
-    block's parameters. Returns how many experts were moved (0 when they already are in that order).
+    ``tensors`` maps slot names (gate_up, down[, gate_up_bias, down_bias]; experts without a gate: up, down; the
+    separate layout: gate, up, down) to the block's parameters, or views of them. Returns how many experts were moved
+    (0 when they already are in that order).
     """
-    gate_up, down = tensors["gate_up" if ex.gated else "up"], tensors["down"]
+    down = tensors["down"]
+    # the weights whose rows (columns, transposed) are neurons, and how a permutation of neurons moves their rows
+    rows_of = {"gate": None, "up": None} if ex.layout == "separate" or not ex.gated else {"gate_up": "gate_up"}
     E, I = target.shape
     records = [applied_order(t) for t in tensors.values()]
     if any((r is None) != (records[0] is None) or (r is not None and not torch.equal(r, records[0]))
@@ -85,15 +94,17 @@ def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: 
         for e in range(E):
             if torch.equal(perm[e], identity):
                 continue
-            p = perm[e].to(gate_up.device)
-            rows = _gate_up_index(p, ex, I) if ex.gated else p  # no gate: up's rows are the neurons
-            _permute_(gate_up[e], 1 if ex.transposed else 0, rows)
+            p = perm[e].to(down.device)
+            rows = _gate_up_index(p, ex, I)
+            for slot, how in rows_of.items():
+                if slot in tensors:  # no gate: up's rows are the neurons
+                    _permute_(tensors[slot][e], 1 if ex.transposed else 0, rows if how == "gate_up" else p)
             _permute_(down[e], 0 if ex.transposed else 1, p)
             if "gate_up_bias" in tensors:
                 _permute_(tensors["gate_up_bias"][e], 0, rows)
             moved += 1
     for t in tensors.values():  # the down bias is per output channel: unchanged, but it belongs to the block
-        setattr(t, ORDER_ATTR, target)
+        setattr(_owner(t), ORDER_ATTR, target)
     return moved
 
 
@@ -118,6 +129,18 @@ def reconstruct_(model, plan: Plan | str) -> int:
 
 
 # ---- backend pass -----------------------------------------------------------------------------------
+_VIEWS = {"view", "reshape", "transpose", "permute", "t", "unflatten"}
+
+
+def _view_name(node: fx.Node) -> str | None:
+    """The method name of a view op (``x.view(...)``, ``torch.transpose(x, ...)``), else None."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None)
+    return None
+
+
 def _real_tensor(gm: fx.GraphModule, node, what: str) -> torch.Tensor:
     """The model tensor behind a graph input (dynamo keeps the real parameter as the placeholder's example)."""
     t = None
@@ -129,6 +152,11 @@ def _real_tensor(gm: fx.GraphModule, node, what: str) -> torch.Tensor:
         t = gm
         for part in node.target.split("."):
             t = getattr(t, part)
+    elif isinstance(node, fx.Node) and _view_name(node) in _VIEWS and not any(
+            isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        # a view of a model tensor with constant sizes (DBRX's [E I, H] weights seen as [E, I, H]): the same view of
+        # the real tensor, so that permuting it in place permutes the model's own weights
+        t = getattr(_real_tensor(gm, node.args[0], what), _view_name(node))(*node.args[1:], **node.kwargs)
     from torch._subclasses.fake_tensor import FakeTensor
 
     if not isinstance(t, torch.Tensor) or isinstance(t, FakeTensor):
@@ -155,9 +183,9 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
         if spec.experts.local_experts:  # a plan is per global expert: permuting local weights would misplace it
             raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} is sharded (shard_experts_); "
                              "apply the plan with reconstruct_(model, plan) before sharding")
-        if spec.experts.layout != "fused" and spec.experts.gated:
-            raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} has separate per-expert weights; "
-                             f"reconstruction supports transformers' experts only")
+        if spec.experts.layout == "list":
+            raise ValueError(f"dualsparse: option 'plan': block {spec.name!r} has one module per expert; "
+                             f"reconstruction supports 3-D expert weights only")
         hit = plan.layer(spec.name)
         if hit is None:
             raise ValueError(f"dualsparse: option 'plan': the plan has no layer for MoE block {spec.name!r} "
@@ -169,7 +197,7 @@ def reconstruct(gm: fx.GraphModule, options, report) -> bool:
         if spec.routing.score_func == "given":  # the operator holds no router to compare: the experts' facts must do
             planned, actual = ({k: v for k, v in fp.items() if k != "router_sketch"} for fp in (planned, actual))
         check_layer_fingerprint(spec.name, planned, actual)
-        experts_tensors = {s: tensors[s] for s in ("gate_up", "up", "down", "gate_up_bias", "down_bias")
+        experts_tensors = {s: tensors[s] for s in ("gate_up", "gate", "up", "down", "gate_up_bias", "down_bias")
                            if s in tensors}
         report.counters["reconstruct_experts_moved"] += permute_experts_(experts_tensors, spec.experts, layer.order)
         report.counters["reconstruct"] += 1

@@ -65,7 +65,8 @@ def _router_of(parent, experts_module):
             return child
     for name in ("gate", "router"):
         child = getattr(parent, name, None)
-        for holder in (child, getattr(child, "proj", None)):  # Gemma-4's router keeps its linear as .proj
+        # Gemma-4's router keeps its linear as .proj, DBRX's as .layer
+        for holder in (child, getattr(child, "proj", None), getattr(child, "layer", None)):
             if isinstance(getattr(holder, "weight", None), torch.Tensor):
                 return holder
     return None
@@ -83,7 +84,7 @@ def find_experts(model):
     modules = dict(model.named_modules())
     found = []
     for path, module in modules.items():
-        if first_projection(module) is None or not hasattr(module, "down_proj"):
+        if first_projection(module) is None or "down" not in expert_tensors(module):
             continue
         if not isinstance(describe_experts(module), ExpertsSpec):
             continue
@@ -92,9 +93,23 @@ def find_experts(model):
     return found
 
 
+def expert_tensors(module) -> dict[str, torch.Tensor]:
+    """An experts module's weights by operator slot: transformers' ``gate_up_proj`` / ``up_proj`` / ``down_proj`` (and
+    biases), or the views of a class with weights of its own (``transformers_hf.EXPERT_TENSORS``: DBRX)."""
+    from dsmoe_compiler.capture.transformers_hf import EXPERT_TENSORS
+
+    own = EXPERT_TENSORS.get(type(module).__name__)
+    if own is not None:
+        return own(module)
+    found = {slot: getattr(module, attribute, None) for slot, attribute in _ATTRIBUTES.items()}
+    return {slot: t for slot, t in found.items() if isinstance(t, torch.Tensor)}
+
+
 def first_projection(module) -> torch.Tensor | None:
-    """An experts module's 3-D gate_up_proj, or its up_proj when it has no gate (NemotronH); None otherwise."""
-    w = getattr(module, "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", None)
+    """An experts module's 3-D first weight: gate_up_proj, up_proj when it has no gate (NemotronH), DBRX's gate view;
+    None otherwise."""
+    tensors = expert_tensors(module)
+    w = tensors.get("gate_up" if getattr(module, "has_gate", True) else "up", tensors.get("gate"))
     return w if isinstance(w, torch.Tensor) and w.dim() == 3 else None
 
 
@@ -105,15 +120,18 @@ def experts_spec(module, name: str = "experts") -> MoESpec:
     ex = describe_experts(module)
     shape = first_projection(module).shape
     hidden, inter = (shape[1], shape[2]) if ex.transposed else (shape[2], shape[1])
-    slots = ("gate_up", "down") if ex.gated else ("up", "down")
+    slots = ("gate", "up", "down") if ex.layout == "separate" and ex.gated else (
+        ("gate_up", "down") if ex.gated else ("up", "down"))
     slots += ("gate_up_bias", "down_bias") if ex.has_bias else ()
+    one_per_neuron = ex.layout == "separate" or not ex.gated  # else gate_up holds two rows per neuron
     # the routed experts: LongCat-Flash's gate_up_proj also holds (unused) rows for its zero-computation experts
-    return MoESpec(name=name, num_experts=module.down_proj.shape[0], top_k=1, hidden=hidden,
-                   intermediate=inter // 2 if ex.gated else inter, experts=ex, slots=slots)
+    return MoESpec(name=name, num_experts=expert_tensors(module)["down"].shape[0], top_k=1, hidden=hidden,
+                   intermediate=inter if one_per_neuron else inter // 2, experts=ex, slots=slots)
 
 
 def experts_params(module, spec: MoESpec) -> list[torch.Tensor]:
-    return [getattr(module, _ATTRIBUTES[s]) for s in spec.slots]
+    tensors = expert_tensors(module)
+    return [tensors[s] for s in spec.slots]
 
 
 _ATTRIBUTES = {"gate_up": "gate_up_proj", "up": "up_proj", "down": "down_proj", "gate_up_bias": "gate_up_proj_bias",

@@ -15,7 +15,7 @@ import dsmoe_compiler
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.options import Options
 from dsmoe_compiler.passes.reconstruct import applied_order, reconstruct_
-from dsmoe_compiler.runtime.calibrate import experts_params, experts_spec, find_experts
+from dsmoe_compiler.runtime.calibrate import experts_params, experts_spec, find_experts, first_projection
 from dsmoe_compiler.runtime.plan import METRICS, LayerPlan, Plan
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +42,14 @@ def _gpt_oss():  # interleaved gate/up, transposed [E, in, out], biases, clamped
         num_key_value_heads=4, head_dim=8, num_local_experts=8, num_experts_per_tok=2))
 
 
-MODELS = {"olmoe": _olmoe, "qwen3_moe": _qwen3, "gpt_oss": _gpt_oss}
+def _dbrx():  # experts of its own: 2-D [E I, H] weights, the down projection stored [in, out] (separate layout, views)
+    return transformers.DbrxForCausalLM(transformers.DbrxConfig(
+        vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 8,
+                                                                         "moe_top_k": 2}))
+
+
+MODELS = {"olmoe": _olmoe, "qwen3_moe": _qwen3, "gpt_oss": _gpt_oss, "dbrx": _dbrx}
 
 
 def make(name: str, seed: int):
@@ -193,9 +200,9 @@ def test_reconstructed_equals_original_random_permutation(name):
     # negative control: the same permutation on the gate rows alone (every expert of layer 0) changes the output
     broken = copy.deepcopy(original)
     with torch.no_grad():
-        _, module, _ = find_experts(broken)[0]
+        first, module, _ = find_experts(broken)[0]
         spec = experts_spec(module)
-        for e, order in enumerate(plan.layers["model.layers.0.mlp"].order):
+        for e, order in enumerate(plan.layers[first].order):
             gate = reference.sub_expert_weights(experts_params(module, spec), spec, e)[0]
             gate.copy_(gate[order].clone())
     assert not torch.allclose(logits(broken, ids), want, rtol=1e-5, atol=1e-5)
@@ -231,9 +238,8 @@ def test_compiled_with_plan_equals_eager(name, tmp_path):
     assert report.counters["reconstruct"] == 2 and report.counters["reconstruct_experts_moved"] == 16
     assert_in_plan_order(original, model, plan)  # the model's own parameters, reordered in place
     assert_same(logits(model, ids), want)  # the uncompiled model is still exact
-    for _, module, _ in find_experts(model):
-        assert torch.equal(applied_order(module.gate_up_proj), plan.layers["model.layers.0.mlp"].order) or \
-            torch.equal(applied_order(module.gate_up_proj), plan.layers["model.layers.1.mlp"].order)
+    for layer, module, _ in find_experts(model):
+        assert torch.equal(applied_order(first_projection(module)), plan.layers[layer].order)
     ids2 = batches(1)[0]
     assert_same(logits(compiled, ids2), logits(original, ids2))
     torch._dynamo.reset()

@@ -493,6 +493,10 @@ def jetmoe_moe_forward(self, layer_input):
     return routed.view(batch, length, hidden) + self.bias
 
 
+def _dbrx_experts(activation: str) -> ExpertsSpec:
+    return ExpertsSpec(layout="separate", activation=activation)
+
+
 @torch._dynamo.assume_constant_result
 def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int,
               top_k: int) -> tuple[str | None, str] | str:
@@ -515,7 +519,7 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
                         routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None),
                         slots=("router_weight",)).to_json()
     spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
-                   experts=ExpertsSpec(layout="separate", activation=activation), slots=("gate", "up", "down"))
+                   experts=_dbrx_experts(activation), slots=("gate", "up", "down"))
     return route, spec.to_json()
 
 
@@ -534,14 +538,30 @@ def dbrx_moe_forward(self, hidden_states):
         weights, index = self.route_tokens_to_experts(self.router(x))
     else:
         _, weights, index = torch.ops.dualsparse.route(x, [self.router.layer.weight], route_json)
-    params = [mlp.w1.view(E, I, H), mlp.v1.view(E, I, H), mlp.w2.view(E, I, H).transpose(1, 2)]
+    params = list(dbrx_expert_tensors(experts).values())
     return torch.ops.dualsparse.experts(x, index, weights, params, experts_json).view(hidden_states.shape)
+
+
+def dbrx_expert_tensors(experts) -> dict[str, torch.Tensor]:
+    """A ``DbrxExperts``' 2-D [E I, H] weights as the operator's separate-layout slots, views (no copy): w1 and v1 hold
+    each expert's [I, H] gate and up rows as [out, in], w2 its down projection as [in, out] (read transposed)."""
+    mlp, shape = experts.mlp, (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    return {"gate": mlp.w1.view(shape), "up": mlp.v1.view(shape), "down": mlp.w2.view(shape).transpose(1, 2)}
 
 
 _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward,
            ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward, ("dbrx", "DbrxFFN"): dbrx_moe_forward}
-_BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn))}
-"""Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding)."""
+_BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn)),
+                  "DbrxExperts": lambda module: _dbrx_known(_activation_name(module.mlp.activation_fn))}
+"""Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding and
+calibration)."""
+EXPERT_TENSORS = {"DbrxExperts": dbrx_expert_tensors}
+"""Experts classes whose weights are not transformers' ``gate_up_proj`` / ``down_proj`` -> their slot tensors."""
+
+
+def _dbrx_known(act_name: str) -> ExpertsSpec | str:
+    activation = _ACTIVATIONS.get(act_name)
+    return f"activation {act_name} not supported" if activation is None else _dbrx_experts(activation)
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
 
 
