@@ -98,9 +98,12 @@ SHARD_ATTRS = ("dualsparse_num_experts", "dualsparse_expert_offset")
 def _refuse_eager(module, args):
     from dsmoe_compiler.capture import transformers_hf
 
+    from dsmoe_compiler.runtime.calibrate import expert_tensors
+
     if transformers_hf._depth == 0:  # not inside a model compiled with dualsparse
+        held = expert_tensors(module)["down"].shape[0]
         raise RuntimeError(f"dualsparse: {type(module).__name__} holds only experts {module.dualsparse_expert_offset}.."
-                           f"{module.dualsparse_expert_offset + module.gate_up_proj.shape[0] - 1} of "
+                           f"{module.dualsparse_expert_offset + held - 1} of "
                            f"{module.dualsparse_num_experts} (shard_experts_); run the model through torch.compile("
                            "model, backend='dualsparse', options={'expert_parallel': group})")
 
@@ -110,7 +113,7 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     """Keep only this rank's experts in every transformers experts module of ``model``, in place.
 
     For each module with fused ``gate_up_proj`` / ``down_proj`` (and biases) that the capture can
-    describe, the parameters are replaced by copies of the experts ``local_expert_range(E, partition,
+    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights), the parameters are replaced by copies of the experts ``local_expert_range(E, partition,
     rank, W)`` of ``group`` (default: the default group) and the old ones are released: parameter
     memory drops to about 1/W of the experts (plus router, attention, shared experts, which stay
     whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
@@ -124,7 +127,8 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     Returns {module name: (E, first, last + 1)}. Peak memory is still the whole model while it is
     loaded (``from_pretrained`` on every rank, then shard).
     """
-    from dsmoe_compiler.capture.transformers_hf import describe_experts
+    from dsmoe_compiler.capture.transformers_hf import EXPERT_SHARDERS, describe_experts
+    from dsmoe_compiler.runtime.calibrate import expert_tensors
 
     if group is None:
         if not dist.is_initialized():
@@ -133,8 +137,9 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     done = {}
     for name, module in model.named_modules():
-        if not (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
-                and isinstance(getattr(module, "down_proj", None), torch.Tensor)):
+        sharder = EXPERT_SHARDERS.get(type(module).__name__)  # experts with weights of their own (DBRX)
+        if sharder is None and not (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+                                    and isinstance(getattr(module, "down_proj", None), torch.Tensor)):
             continue
         if hasattr(module, SHARD_ATTRS[0]):
             raise ValueError(f"dualsparse: experts module {name!r} is already sharded")
@@ -143,25 +148,36 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
             raise ValueError(f"dualsparse: cannot shard experts module {name!r}: {described}")
         # the routed experts: LongCat-Flash's gate_up_proj also holds rows for its zero-computation experts, which
         # no expert uses (sliced away with the other ranks' experts)
-        E = module.down_proj.shape[0]
+        E = expert_tensors(module)["down"].shape[0]
         first, last = local_expert_range(E, partition, rank, world)
         done[name] = (E, first, last)
-        if (first, last) == (0, E) and module.gate_up_proj.shape[0] == E:
+        whole = (first, last) == (0, E) and (sharder is not None or module.gate_up_proj.shape[0] == E)
+        if whole:  # one rank: nothing to drop
             continue
-        names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ())
-        with torch.no_grad():
-            for attr in names:
-                old = getattr(module, attr)
-                local = old.detach()[first:last].clone()  # a copy: the whole tensor can be freed
-                setattr(module, attr, torch.nn.Parameter(local, requires_grad=old.requires_grad)
-                        if isinstance(old, torch.nn.Parameter) else local)
-                del old
+        if sharder is not None:
+            sharder(module, first, last)
+        else:
+            _keep_experts_(module, ("gate_up_proj", "down_proj")
+                           + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ()), first, last)
         setattr(module, SHARD_ATTRS[0], E)
         setattr(module, SHARD_ATTRS[1], first)
         module.register_forward_pre_hook(_refuse_eager)
     if not done:
-        raise ValueError("dualsparse: shard_experts_ found no transformers experts module (gate_up_proj/down_proj)")
+        raise ValueError("dualsparse: shard_experts_ found no experts module it can shard (transformers' "
+                         "gate_up_proj/down_proj, or DBRX's)")
     return done
+
+
+def _keep_experts_(module, names, first: int, last: int) -> None:
+    """Replace each 3-D (or [E, n] bias) tensor ``names`` of module by a copy of experts first .. last - 1, so that
+    the whole tensor can be freed."""
+    with torch.no_grad():
+        for attr in names:
+            old = getattr(module, attr)
+            local = old.detach()[first:last].clone()
+            setattr(module, attr, torch.nn.Parameter(local, requires_grad=old.requires_grad)
+                    if isinstance(old, torch.nn.Parameter) else local)
+            del old
 
 
 # ---- collectives --------------------------------------------------------------------------------

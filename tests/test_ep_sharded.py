@@ -22,6 +22,7 @@ from test_expert_parallel import _init, _max_err, _port
 # (biases, transposed, interleaved) with P = 2, whose ranges overlap experts at W = 4; E = 3 with P = 2 (S-ETP:
 # neighbouring ranks share an expert at W = 2 and 4).
 CASES = (("olmoe E=8 P=1", "olmoe", {"num_experts": 8}, 1),
+         ("dbrx E=8 P=1", "dbrx", {}, 1),  # experts of its own: 2-D [E I, H] weights (transformers_hf.EXPERT_SHARDERS)
          ("gpt_oss E=6 P=2", "gpt_oss", {"num_local_experts": 6}, 2),
          ("olmoe E=3 P=2", "olmoe", {"num_experts": 3}, 2))
 # LongCat-Flash (as the capture survey builds it: 8 routed experts and 4 zero-computation ones, whose gate_up_proj
@@ -46,9 +47,14 @@ def _model(arch, overrides, seed):
     return model
 
 
+def _experts_modules(model):
+    from dsmoe_compiler.runtime.calibrate import expert_tensors
+
+    return [m for m in model.modules() if "down" in expert_tensors(m)]
+
+
 def _experts_bytes(model):
-    return sum(p.numel() * p.element_size() for m in model.modules() if hasattr(m, "gate_up_proj")
-               for n, p in m.named_parameters(recurse=False))
+    return sum(p.numel() * p.element_size() for m in _experts_modules(model) for p in m.parameters())
 
 
 def _compile(model, **options):
@@ -70,7 +76,7 @@ def _worker(rank, world, port, seed, out_dir):
             want = model(ids).logits
             full_ep = _compile(model, expert_parallel=True, partition=P)(ids).logits
         before = _experts_bytes(model)
-        old = weakref.ref(next(m for m in model.modules() if hasattr(m, "gate_up_proj")).gate_up_proj)
+        old = weakref.ref(next(_experts_modules(model)[0].parameters()))
         shards = ds_dist.shard_experts_(model, partition=P)
         gc.collect()
         after = _experts_bytes(model)

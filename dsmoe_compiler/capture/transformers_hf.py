@@ -498,8 +498,8 @@ def _dbrx_experts(activation: str) -> ExpertsSpec:
 
 
 @torch._dynamo.assume_constant_result
-def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int,
-              top_k: int) -> tuple[str | None, str] | str:
+def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int, top_k: int,
+              held: int, sharded_from: int | None = None) -> tuple[str | None, str] | str:
     """(route spec JSON or None for given routing, experts spec JSON) of a DBRX FFN, or why it is left alone.
 
     DBRX routes by a softmax over all experts, its top-k weights divided by their p-norm
@@ -507,19 +507,25 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
     p is routed by DBRX's own ops and the operator takes that routing as given. Its experts are 2-D [E I, H] tensors:
     w1 (gate) and v1 (up) hold each expert's [I, H] rows as [out, in], w2 holds its [I, H] as [in, out] (``h @ w2``),
     so the operator reads w1, v1 as the separate layout and w2 through a transposed view (no copy: the kernels read
-    strides)."""
+    strides). ``sharded_from``: the first of the ``held`` experts of a module ``runtime.dist.shard_experts_`` sharded."""
     activation = _ACTIVATIONS.get(act_name)
-    if activation is None:
-        return f"DbrxFFN: activation {act_name} not supported"
-    if jitter:
-        return "DbrxFFN: router jitter in training mode"
+    reason = (f"DbrxFFN: activation {act_name} not supported" if activation is None
+              else "DbrxFFN: router jitter in training mode" if jitter else None)
+    if reason is not None and sharded_from is not None:
+        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
+                           "expert-parallel operators can run them")
+    if reason is not None:
+        return reason
     route = None
     if norm_p is None or float(norm_p) == 1.0:
         route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=0,
                         routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None),
                         slots=("router_weight",)).to_json()
+    described = _dbrx_experts(activation)
+    if sharded_from is not None:
+        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
     spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
-                   experts=_dbrx_experts(activation), slots=("gate", "up", "down"))
+                   experts=described, slots=("gate", "up", "down"))
     return route, spec.to_json()
 
 
@@ -529,7 +535,8 @@ def dbrx_moe_forward(self, hidden_states):
     experts, mlp = self.experts, self.experts.mlp
     E, I, H = experts.num_experts, experts.ffn_hidden_size, experts.hidden_size
     plan = dbrx_plan(_activation_name(mlp.activation_fn), self.moe_normalize_expert_weights,
-                     self.training and self.router.moe_jitter_eps is not None, E, I, H, self.top_k)
+                     self.training and self.router.moe_jitter_eps is not None, E, I, H, self.top_k,
+                     mlp.w1.shape[0] // I, getattr(experts, "dualsparse_expert_offset", None))
     if isinstance(plan, str):
         return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
     route_json, experts_json = plan
@@ -545,8 +552,18 @@ def dbrx_moe_forward(self, hidden_states):
 def dbrx_expert_tensors(experts) -> dict[str, torch.Tensor]:
     """A ``DbrxExperts``' 2-D [E I, H] weights as the operator's separate-layout slots, views (no copy): w1 and v1 hold
     each expert's [I, H] gate and up rows as [out, in], w2 its down projection as [in, out] (read transposed)."""
-    mlp, shape = experts.mlp, (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    mlp, I = experts.mlp, experts.ffn_hidden_size
+    shape = (mlp.w1.shape[0] // I, I, experts.hidden_size)  # the experts held (a sharded module holds some)
     return {"gate": mlp.w1.view(shape), "up": mlp.v1.view(shape), "down": mlp.w2.view(shape).transpose(1, 2)}
+
+
+def shard_dbrx_experts_(experts, first: int, last: int) -> None:
+    """Keep experts first .. last - 1 of a ``DbrxExperts`` (``runtime.dist.shard_experts_``): rows [first I, last I) of
+    w1, v1 and w2, copies, so that the whole tensors can be freed."""
+    mlp, I = experts.mlp, experts.ffn_hidden_size
+    for name in ("w1", "v1", "w2"):
+        old = getattr(mlp, name)
+        setattr(mlp, name, torch.nn.Parameter(old.detach()[first * I:last * I].clone(), requires_grad=old.requires_grad))
 
 
 _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward,
@@ -557,6 +574,8 @@ _BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activa
 calibration)."""
 EXPERT_TENSORS = {"DbrxExperts": dbrx_expert_tensors}
 """Experts classes whose weights are not transformers' ``gate_up_proj`` / ``down_proj`` -> their slot tensors."""
+EXPERT_SHARDERS = {"DbrxExperts": shard_dbrx_experts_}
+"""The same classes -> how ``runtime.dist.shard_experts_`` keeps experts first .. last - 1 of one, in place."""
 
 
 def _dbrx_known(act_name: str) -> ExpertsSpec | str:
