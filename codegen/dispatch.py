@@ -62,9 +62,10 @@ def _fused_routing_ok(spec: MoESpec) -> bool:
     r = spec.routing
     complete = spec.transform == "complete" and spec.partition > 1
     # GPT-OSS takes top-k of raw (bf16) logits, where exact ties are common: torch.topk breaks them the
-    # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order).
+    # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order). The same
+    # holds for a softmax rounded to bf16 (DBRX, Mistral-4).
     return (r.score_func in ("softmax", "sigmoid") and r.num_groups == 1 and not complete and not r.score_after_topk
-            and spec.num_experts <= 1024)
+            and not r.softmax_in_logits_dtype and spec.num_experts <= 1024)
 
 
 def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:

@@ -73,7 +73,8 @@ def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.T
         else:  # Llama-4: the sigmoid of each selected logit
             weights = (values.float() if r.scores_fp32 else values).sigmoid()
     else:
-        scores = (torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        softmax_dtype = logits.dtype if r.softmax_in_logits_dtype else torch.promote_types(logits.dtype, torch.float32)
+        scores = (torch.softmax(logits, dim=-1, dtype=softmax_dtype)
                   if r.score_func == "softmax" else (logits.float() if r.scores_fp32 else logits).sigmoid())
         choice = scores
         if r.score_bias:

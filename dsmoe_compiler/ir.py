@@ -64,7 +64,11 @@ class RoutingSpec:
     """Router matmul in fp32 (DeepSeek); else in the input dtype."""
     scores_fp32: bool = False
     """Sigmoid of the (input-dtype) logits, or score_after_topk's softmax of the k values, taken in fp32 (MiniMax-M2,
-    AFMoE; Granite, Cohere-2); else in the logits' dtype. The softmax over all experts is always fp32."""
+    AFMoE; Granite, Cohere-2); else in the logits' dtype. The softmax over all experts is fp32 unless ..."""
+    softmax_in_logits_dtype: bool = False
+    """... the model takes it in the logits' dtype (DBRX's ``softmax(logits, dtype=logits.dtype)``, Mistral-4's
+    ``logits.softmax(-1)``): its scores rounded there, before the top-k and the weights. In bf16 that rounding makes
+    ties, which the routing must break as torch.topk does, so on the GPU such a routing runs as torch ops."""
     weights_fp32: bool = False
     """Top-k weights stay fp32 (Mixtral); else cast back to the input dtype."""
     expert_scale: bool = False
@@ -171,6 +175,8 @@ class MoESpec:
             parts.append("absent-ids")
         if r.renormalize:
             parts.append("renorm")
+        if r.softmax_in_logits_dtype:
+            parts.append("scores-in-logits-dtype")
         if r.scale != 1.0:
             parts.append(f"scale={r.scale:g}")
         if r.score_bias:

@@ -300,6 +300,35 @@ def test_dbrx_block_is_captured_exactly():
     assert not report.rewritten and any("jitter" in b.reason for b in report.left_alone), str(report)
 
 
+def test_dbrx_routing_rounds_its_softmax_as_the_model_does():
+    """DBRX takes its softmax in the logits' dtype. In bf16 near-equal scores round to ties, so a top-k over fp32
+    scores picks other experts than the model for some tokens (a 2-3e-2 logits error on the GPU before this flag,
+    ``results/h200/dbrx_layer.json``). With ``softmax_in_logits_dtype`` the reference routing is the model's own, bit
+    for bit (ids and weights); without it the ids differ (the flag is not idle here)."""
+    import dataclasses
+
+    from dsmoe_compiler.codegen import reference
+    from dsmoe_compiler.codegen.reference import parse_spec
+    from dsmoe_compiler.capture import transformers_hf
+
+    model = hf_model("dbrx", None).to(torch.bfloat16)
+    ffn = next(m for m in model.modules() if type(m).__name__ == "DbrxFFN")
+    x = torch.randn(4096, ffn.experts.hidden_size, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        ffn.router.layer.weight.mul_(0.05)  # logits near each other: scores near 1/E, many bf16 ties
+        want_w, want_i = ffn.route_tokens_to_experts(ffn.router(x))
+    route_json, _ = transformers_hf.dbrx_plan("SiLUActivation", 1.0, False, 8, 24, 32, 2, 8)
+    spec = parse_spec(route_json)
+    assert spec.routing.softmax_in_logits_dtype and "scores-in-logits-dtype" in spec.variant
+    _, got_w, got_i = reference.route(x, [ffn.router.layer.weight], spec)
+    same = lambda a, b: torch.equal(a.sort(-1).values, b.sort(-1).values)  # noqa: E731  (top-k sets, any order)
+    assert same(got_i, want_i.to(got_i.dtype))
+    assert torch.equal(got_w.gather(1, got_i.argsort(-1)), want_w.gather(1, want_i.argsort(-1)))
+    fp32 = spec.replace(routing=dataclasses.replace(spec.routing, softmax_in_logits_dtype=False))
+    _, _, fp32_i = reference.route(x, [ffn.router.layer.weight], fp32)
+    assert not same(fp32_i, want_i.to(fp32_i.dtype))
+
+
 def test_inkling2_softcaps_matter():
     """With caps inside the products' range (the tiny model's own, 4 and 25, barely act on its products), the
     compiled model is still eager's answer, and without the caps eager moves far past the tolerance."""

@@ -69,7 +69,7 @@ def _mistral4_router(module) -> RoutingSpec:
     """DeepSeek-V3's groups (two best summed) on softmax scores in the model's dtype, excluded groups set to 0."""
     return RoutingSpec(score_func="softmax", num_groups=module.num_group, topk_groups=module.topk_group,
                        group_score="top2_sum", group_mask_value="zero", renormalize=bool(module.norm_topk_prob),
-                       renorm_eps=1e-20, scale=float(module.routed_scaling_factor))
+                       renorm_eps=1e-20, scale=float(module.routed_scaling_factor), softmax_in_logits_dtype=True)
 
 
 ROUTERS = {
@@ -519,7 +519,8 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
     route = None
     if norm_p is None or float(norm_p) == 1.0:
         route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=0,
-                        routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None),
+                        routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None,
+                                            softmax_in_logits_dtype=True),
                         slots=("router_weight",)).to_json()
     described = _dbrx_experts(activation)
     if sharded_from is not None:
