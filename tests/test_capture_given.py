@@ -377,6 +377,12 @@ def test_dbrx_triton_kernels_bf16_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_mistral4_triton_kernels_bf16_on_gpu():
+    """Mistral-4's softmax in bf16, as DBRX's (``RoutingSpec.softmax_in_logits_dtype``), with its groups."""
+    assert max(triton_bf16_errors("mistral4", calls=3)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_jetmoe_triton_kernels_bf16_on_gpu():
     """JetMoE's MoE MLPs through the kernels (its mixture of attention heads stays plain ops). This tiny model is
     chaotic in bf16: eager bf16 sits 5e-3 to 7.5e-2 from its fp32 copy, and the reference operator equals eager bf16
