@@ -101,11 +101,24 @@ def _half_input(m, x):  # a router of half the channels: not a [tokens, hidden] 
     return index, w
 
 
+def _dbrx(m, x):  # softmax in the logits' dtype, top-k values divided by their 1-norm
+    scores = F.softmax(F.linear(x, m.weight), dim=1, dtype=x.dtype)
+    w, index = torch.topk(scores, K, dim=-1)
+    return index, w / torch.norm(w, p=1, dim=-1, keepdim=True)
+
+
+def _two_norm(m, x):  # DBRX with moe_normalize_expert_weights=2: not a renormalisation
+    scores = F.softmax(F.linear(x, m.weight), dim=1, dtype=x.dtype)
+    w, index = torch.topk(scores, K, dim=-1)
+    return index, w / torch.norm(w, p=2, dim=-1, keepdim=True)
+
+
 CAPTURED = {"hy_v3": _hy_v3, "minimax_m2": _minimax_m2, "ernie": _ernie, "lfm2": _lfm2, "flint": _flint,
-            "gemma4": _gemma4, "own_input": _own_input}
+            "gemma4": _gemma4, "own_input": _own_input, "dbrx": _dbrx}
 GIVEN = {"softcapped": (_softcapped, "router linear"), "tensor_scale": (_tensor_scale, "scaled by a tensor"),
               "bias_on_logits": (_bias_on_logits, "selection bias on raw logits"),
               "divided_by_max": (_divided_by_max, "other than their sum"),
+              "two_norm": (_two_norm, "other than their sum"),
               "half_input": (_half_input, "another shape than the experts' input")}
 ROUTERS = {**CAPTURED, **{name: router for name, (router, _) in GIVEN.items()}}
 
@@ -192,7 +205,9 @@ def _route_specs(block, h):
     ("lfm2", dict(score_func="sigmoid", score_bias=True, renorm_eps=1e-6, scale=1.7, logits_fp32=False,
                   scores_fp32=False, weights_fp32=False)),
     ("flint", dict(score_func="sigmoid", score_bias=False, renormalize=True, logits_fp32=True, weights_fp32=True)),
-    ("gemma4", dict(score_func="softmax", renormalize=True, expert_scale=True, logits_fp32=False, weights_fp32=True)),
+    ("gemma4", dict(score_func="softmax", renormalize=True, expert_scale=True, logits_fp32=False, weights_fp32=True,
+                    softmax_in_logits_dtype=False)),
+    ("dbrx", dict(score_func="softmax", logits_fp32=False, weights_fp32=False, softmax_in_logits_dtype=True)),
 ])
 def test_spec_read_off_the_graph(name, expected):
     """bf16 model: the precision of each routing step is read from the graph's dtypes."""

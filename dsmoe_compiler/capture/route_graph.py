@@ -107,8 +107,10 @@ class _Router:
         low = dtype(self.source) != torch.float32
         logits_fp32 = low and dtype(self.linear) == torch.float32
         scores_in_fp32 = dtype(self.score_node) == torch.float32
-        if self.score_func == "softmax" and not self.after_topk and not scores_in_fp32:
-            raise NotARouter("softmax in low precision (the operator takes it in fp32)")
+        # a softmax over all experts in the logits' own low precision (DBRX's): its scores rounded there
+        low_softmax = self.score_func == "softmax" and not self.after_topk and not scores_in_fp32
+        if low_softmax and logits_fp32:
+            raise NotARouter("softmax of fp32 logits taken in low precision")
         routing = RoutingSpec(
             score_func=self.score_func, score_after_topk=self.after_topk, renormalize=self.renormalize,
             renorm_eps=self.renorm_eps, renorm_min=self.renorm_min, scale=self.scale,
@@ -117,7 +119,7 @@ class _Router:
             logits_fp32=logits_fp32,
             scores_fp32=(low and not logits_fp32 and scores_in_fp32
                          and (self.score_func == "sigmoid" or self.after_topk)),
-            weights_fp32=low and dtype(self.experts.args[2]) == torch.float32)
+            weights_fp32=low and dtype(self.experts.args[2]) == torch.float32, softmax_in_logits_dtype=low_softmax)
         E, H = example_value(self.weight).shape
         if self.expert_scale is not None and example_value(self.expert_scale).numel() != E:
             raise NotARouter("the weights are scaled by a per-expert tensor of another size than the experts")
@@ -256,12 +258,29 @@ def _read_renormalisation(router: _Router, div: fx.Node) -> fx.Node:
             raise NotARouter("a renormalisation clamped other than from below by a constant")
         router.renorm_min = float(low)
         denominator = _strip(denominator.args[0])
-    if not (is_call(denominator, (torch.sum,), ("sum",)) and _strip(denominator.args[0]) is numerator
-            and _last_dim(denominator, 1) and _arg(denominator, 2, "keepdim", False) is True):
+    if not (_is_sum_of(denominator, numerator) or _is_one_norm_of(denominator, numerator)):
         raise NotARouter("the weights are divided by something other than their sum")
     router.renormalize = True
     router.visited += [div, denominator]
     return numerator
+
+
+def _is_sum_of(node, weights) -> bool:
+    return (is_call(node, (torch.sum,), ("sum",)) and _strip(node.args[0]) is weights and _last_dim(node, 1)
+            and _arg(node, 2, "keepdim", False) is True)
+
+
+def _is_one_norm_of(node, weights) -> bool:
+    """``torch.norm(w, p=1, dim=-1, keepdim=True)`` (DBRX's ``moe_normalize_expert_weights=1``), or its
+    ``torch.linalg.vector_norm`` form: the sum of the weights, which scores (softmax, sigmoid) keep non-negative."""
+    if is_call(node, (torch.norm, torch.functional.norm), ("norm",)):
+        p = _arg(node, 1, "p", "fro")
+    elif is_call(node, (torch.linalg.vector_norm,)):
+        p = _arg(node, 1, "ord", 2)
+    else:
+        return False
+    return (_strip(node.args[0]) is weights and p == 1 and _last_dim(node, 2)
+            and _arg(node, 3, "keepdim", False) is True)
 
 
 def _read_after_topk_weights(router: _Router, weights, topk) -> None:
