@@ -77,8 +77,8 @@ def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: 
     (0 when they already are in that order).
     """
     down = tensors["down"]
-    # the weights whose rows (columns, transposed) are neurons, and how a permutation of neurons moves their rows
-    rows_of = {"gate": None, "up": None} if ex.layout == "separate" or not ex.gated else {"gate_up": "gate_up"}
+    # the weights whose rows (columns, transposed) are the neurons: a fused [gate; up] holds two rows a neuron
+    neuron_rows = ["gate_up"] if "gate_up" in tensors else [s for s in ("gate", "up") if s in tensors]
     E, I = target.shape
     records = [applied_order(t) for t in tensors.values()]
     if any((r is None) != (records[0] is None) or (r is not None and not torch.equal(r, records[0]))
@@ -96,9 +96,8 @@ def permute_experts_(tensors: dict[str, torch.Tensor], ex: ExpertsSpec, target: 
                 continue
             p = perm[e].to(down.device)
             rows = _gate_up_index(p, ex, I)
-            for slot, how in rows_of.items():
-                if slot in tensors:  # no gate: up's rows are the neurons
-                    _permute_(tensors[slot][e], 1 if ex.transposed else 0, rows if how == "gate_up" else p)
+            for slot in neuron_rows:
+                _permute_(tensors[slot][e], 1 if ex.transposed else 0, rows if slot == "gate_up" else p)
             _permute_(down[e], 0 if ex.transposed else 1, p)
             if "gate_up_bias" in tensors:
                 _permute_(tensors["gate_up_bias"][e], 0, rows)
