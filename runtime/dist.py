@@ -97,7 +97,6 @@ SHARD_ATTRS = ("dualsparse_num_experts", "dualsparse_expert_offset")
 
 def _refuse_eager(module, args):
     from dsmoe_compiler.capture import transformers_hf
-
     from dsmoe_compiler.runtime.calibrate import expert_tensors
 
     if transformers_hf._depth == 0:  # not inside a model compiled with dualsparse
@@ -113,10 +112,10 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     """Keep only this rank's experts in every transformers experts module of ``model``, in place.
 
     For each module with fused ``gate_up_proj`` / ``down_proj`` (and biases) that the capture can
-    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights), the parameters are replaced by copies of the experts ``local_expert_range(E, partition,
-    rank, W)`` of ``group`` (default: the default group) and the old ones are released: parameter
-    memory drops to about 1/W of the experts (plus router, attention, shared experts, which stay
-    whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
+    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights), the
+    parameters are replaced by copies of the experts ``local_expert_range(E, partition, rank, W)`` of
+    ``group`` (default: the default group) and the old ones are released: parameter memory drops to about
+    1/W of the experts (plus router, attention, shared experts, which stay whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
     them, so ``torch.compile(model, backend="dualsparse", options={"expert_parallel": group,
     "partition": partition})`` runs it and gives the unsharded model's outputs. Use the same group and
     partition for sharding and compiling (checked when compiling). Any other way of running the
@@ -157,8 +156,8 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
         if sharder is not None:
             sharder(module, first, last)
         else:
-            _keep_experts_(module, ("gate_up_proj", "down_proj")
-                           + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ()), first, last)
+            keep_rows_(module, ("gate_up_proj", "down_proj")
+                       + (("gate_up_proj_bias", "down_proj_bias") if described.has_bias else ()), first, last)
         setattr(module, SHARD_ATTRS[0], E)
         setattr(module, SHARD_ATTRS[1], first)
         module.register_forward_pre_hook(_refuse_eager)
@@ -168,13 +167,13 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     return done
 
 
-def _keep_experts_(module, names, first: int, last: int) -> None:
-    """Replace each 3-D (or [E, n] bias) tensor ``names`` of module by a copy of experts first .. last - 1, so that
-    the whole tensor can be freed."""
+def keep_rows_(module, names, lo: int, hi: int) -> None:
+    """Replace each tensor ``names`` of module by a copy of its rows lo .. hi - 1 (a Parameter stays one), so that the
+    whole tensor can be freed: experts of 3-D weights and [E, n] biases, or an expert's rows of DBRX's 2-D ones."""
     with torch.no_grad():
         for attr in names:
             old = getattr(module, attr)
-            local = old.detach()[first:last].clone()
+            local = old.detach()[lo:hi].clone()
             setattr(module, attr, torch.nn.Parameter(local, requires_grad=old.requires_grad)
                     if isinstance(old, torch.nn.Parameter) else local)
             del old

@@ -388,7 +388,9 @@ def _loads_to(experts: torch.Tensor, spec: MoESpec, ep: EPSpec, kernel: bool = F
 
         return loads_to(experts, owners(ep, experts.device), P, ep.world)
     dest = owners(ep, experts.device).view(-1, P)[experts.long()].view(-1)
-    ones = torch.ones_like(dest) if present is None else present.unsqueeze(-1).expand(*present.shape, P).reshape(-1).long()
+    # a pair counts once for each sub-expert it names, an absent pair nowhere
+    ones = (torch.ones_like(dest) if present is None
+            else present.unsqueeze(-1).expand(*present.shape, P).reshape(-1).long())
     return torch.zeros(ep.world, dtype=torch.long, device=experts.device).index_add_(0, dest, ones)
 
 

@@ -410,11 +410,12 @@ def llama4_moe_forward(self, hidden_states):
     return self.shared_expert(x) + routed, logits
 
 
-def _longcat_experts(act_name: str) -> ExpertsSpec | str:
+def _known_experts(act_name: str, layout: str) -> ExpertsSpec | str:
+    """The ExpertsSpec of a patched block's experts (LongCat-Flash's fused, DBRX's separate), or why not."""
     activation = _ACTIVATIONS.get(act_name)
     if activation is None:
         return f"activation {act_name} not supported"
-    return ExpertsSpec(layout="fused", activation=activation)
+    return ExpertsSpec(layout=layout, activation=activation)
 
 
 @torch._dynamo.assume_constant_result
@@ -424,7 +425,7 @@ def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_
     with "LongcatFlashMoE:"). Its gate_up_proj holds rows for the zero-computation experts too; the operator reads
     the first ``routed_experts`` of them, as transformers' loop does. ``sharded_from``: the first expert held by a
     module that ``runtime.dist.shard_experts_`` sharded (then the weights hold ``down_shape[0]`` experts)."""
-    described = _longcat_experts(act_name)
+    described = _known_experts(act_name, "fused")
     if isinstance(described, str) or routed_experts == 0 or len(gate_up_shape) != 3 or len(down_shape) != 3:
         reason = f"LongcatFlashMoE: {described if isinstance(described, str) else 'no 3-D routed experts'}"
         if sharded_from is not None:
@@ -493,10 +494,6 @@ def jetmoe_moe_forward(self, layer_input):
     return routed.view(batch, length, hidden) + self.bias
 
 
-def _dbrx_experts(activation: str) -> ExpertsSpec:
-    return ExpertsSpec(layout="separate", activation=activation)
-
-
 @torch._dynamo.assume_constant_result
 def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int, top_k: int,
               held: int, sharded_from: int | None = None) -> tuple[str | None, str] | str:
@@ -508,8 +505,8 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
     w1 (gate) and v1 (up) hold each expert's [I, H] rows as [out, in], w2 holds its [I, H] as [in, out] (``h @ w2``),
     so the operator reads w1, v1 as the separate layout and w2 through a transposed view (no copy: the kernels read
     strides). ``sharded_from``: the first of the ``held`` experts of a module ``runtime.dist.shard_experts_`` sharded."""
-    activation = _ACTIVATIONS.get(act_name)
-    reason = (f"DbrxFFN: activation {act_name} not supported" if activation is None
+    described = _known_experts(act_name, "separate")
+    reason = (f"DbrxFFN: {described}" if isinstance(described, str)
               else "DbrxFFN: router jitter in training mode" if jitter else None)
     if reason is not None and sharded_from is not None:
         raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
@@ -522,7 +519,6 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
                         routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None,
                                             softmax_in_logits_dtype=True),
                         slots=("router_weight",)).to_json()
-    described = _dbrx_experts(activation)
     if sharded_from is not None:
         described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
     spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
@@ -533,11 +529,12 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
 def dbrx_moe_forward(self, hidden_states):
     """``DbrxFFN.forward`` as route + experts markers (one ``dualsparse.moe``); a p-norm other than 1 is routed by
     DBRX's own ``route_tokens_to_experts`` and given to the operator."""
-    experts, mlp = self.experts, self.experts.mlp
+    experts = self.experts
     E, I, H = experts.num_experts, experts.ffn_hidden_size, experts.hidden_size
-    plan = dbrx_plan(_activation_name(mlp.activation_fn), self.moe_normalize_expert_weights,
+    tensors = dbrx_expert_tensors(experts)
+    plan = dbrx_plan(_activation_name(experts.mlp.activation_fn), self.moe_normalize_expert_weights,
                      self.training and self.router.moe_jitter_eps is not None, E, I, H, self.top_k,
-                     mlp.w1.shape[0] // I, getattr(experts, "dualsparse_expert_offset", None))
+                     tensors["down"].shape[0], getattr(experts, "dualsparse_expert_offset", None))
     if isinstance(plan, str):
         return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, hidden_states), plan)
     route_json, experts_json = plan
@@ -546,8 +543,8 @@ def dbrx_moe_forward(self, hidden_states):
         weights, index = self.route_tokens_to_experts(self.router(x))
     else:
         _, weights, index = torch.ops.dualsparse.route(x, [self.router.layer.weight], route_json)
-    params = list(dbrx_expert_tensors(experts).values())
-    return torch.ops.dualsparse.experts(x, index, weights, params, experts_json).view(hidden_states.shape)
+    return torch.ops.dualsparse.experts(x, index, weights, list(tensors.values()), experts_json).view(
+        hidden_states.shape)
 
 
 def dbrx_expert_tensors(experts) -> dict[str, torch.Tensor]:
@@ -560,29 +557,24 @@ def dbrx_expert_tensors(experts) -> dict[str, torch.Tensor]:
 
 def shard_dbrx_experts_(experts, first: int, last: int) -> None:
     """Keep experts first .. last - 1 of a ``DbrxExperts`` (``runtime.dist.shard_experts_``): rows [first I, last I) of
-    w1, v1 and w2, copies, so that the whole tensors can be freed."""
-    mlp, I = experts.mlp, experts.ffn_hidden_size
-    for name in ("w1", "v1", "w2"):
-        old = getattr(mlp, name)
-        setattr(mlp, name, torch.nn.Parameter(old.detach()[first * I:last * I].clone(), requires_grad=old.requires_grad))
+    w1, v1 and w2."""
+    from dsmoe_compiler.runtime.dist import keep_rows_
+
+    I = experts.ffn_hidden_size
+    keep_rows_(experts.mlp, ("w1", "v1", "w2"), first * I, last * I)
 
 
 _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "LongcatFlashMoE"): longcat_moe_forward,
            ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward, ("dbrx", "DbrxFFN"): dbrx_moe_forward}
-_BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _longcat_experts(_activation_name(module.act_fn)),
-                  "DbrxExperts": lambda module: _dbrx_known(_activation_name(module.mlp.activation_fn))}
+"""(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
+_BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _known_experts(_activation_name(module.act_fn), "fused"),
+                  "DbrxExperts": lambda module: _known_experts(_activation_name(module.mlp.activation_fn), "separate")}
 """Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding and
 calibration)."""
 EXPERT_TENSORS = {"DbrxExperts": dbrx_expert_tensors}
 """Experts classes whose weights are not transformers' ``gate_up_proj`` / ``down_proj`` -> their slot tensors."""
 EXPERT_SHARDERS = {"DbrxExperts": shard_dbrx_experts_}
 """The same classes -> how ``runtime.dist.shard_experts_`` keeps experts first .. last - 1 of one, in place."""
-
-
-def _dbrx_known(act_name: str) -> ExpertsSpec | str:
-    activation = _ACTIVATIONS.get(act_name)
-    return f"activation {act_name} not supported" if activation is None else _dbrx_experts(activation)
-"""(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
 
 
 def _block_classes():
