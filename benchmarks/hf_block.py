@@ -7,13 +7,14 @@ relative error of inductor and dualsparse against transformers' own bf16 output.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from moe_layer import median_ms, rel_err  # noqa: E402
+from moe_layer import median_ms, print_markdown, rel_err, save_json  # noqa: E402
 
 import dsmoe_compiler  # noqa: E402,F401  (registers the backend)
 
@@ -55,3 +56,20 @@ def table_lines(rows: list[dict], label) -> list[list[str]]:
 
 
 HEADER = ["shape", "tokens", "transformers eager", "inductor", "dualsparse", "vs inductor", "rel. err. inductor / ours"]
+
+
+def one_block_main(build, shape: str, title: str, json_default: str) -> None:
+    """The command line of a one-block benchmark (``dbrx_layer.py``, ``nemotron_h_layer.py``): ``--tokens``,
+    ``--json``, ``--mode``; ``build()`` -> (block, its hidden size), the block called on x alone; each token count timed by
+    ``time_block`` and saved as it comes (a run that ends early keeps its rows), the table printed last."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="256,4096")
+    ap.add_argument("--json", default=json_default)
+    ap.add_argument("--mode", default=None, help='torch.compile mode for both, e.g. "reduce-overhead"')
+    args = ap.parse_args()
+    block, hidden = build()
+    rows = []
+    for T in args.tokens.split(","):
+        rows.append(time_block(block, lambda m, x: m(x), shape, int(T), hidden, args.mode))
+        save_json(args.json, rows)
+    print_markdown(title, HEADER, table_lines(rows, lambda r: r["shape"]))

@@ -13,15 +13,13 @@ table last and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_block import HEADER, randomize_bf16_, table_lines, time_block  # noqa: E402
-from moe_layer import print_markdown, save_json  # noqa: E402
+from hf_block import one_block_main, randomize_bf16_  # noqa: E402
 
 
 def nemotron_h_block():
@@ -37,23 +35,13 @@ def nemotron_h_block():
     block = randomize_bf16_(block, lambda name, p: p.shape[-1])  # every weight here stores [.., out, in]
     with torch.no_grad():
         block.gate.e_score_correction_bias.normal_(0, 0.1)
-    return block, config
+    return block, config.hidden_size
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="256,4096")
-    ap.add_argument("--json", default="results/h200/nemotron_h_layer.json")
-    ap.add_argument("--mode", default=None, help='torch.compile mode for both, e.g. "reduce-overhead"')
-    args = ap.parse_args()
-    block, config = nemotron_h_block()
-    rows = []
-    for T in args.tokens.split(","):
-        rows.append(time_block(block, lambda m, x: m(x), "Nemotron-3-Nano-like", int(T), config.hidden_size,
-                               args.mode))
-        save_json(args.json, rows)  # a run that ends early keeps its rows
-    print_markdown("NemotronH MoE block (hidden 2688, 128 gate-less relu2 experts of 1856, top-6, shared 3712), bf16; "
-                   "ms, median of do_bench", HEADER, table_lines(rows, lambda r: r["shape"]))
+    one_block_main(nemotron_h_block, "Nemotron-3-Nano-like",
+                   "NemotronH MoE block (hidden 2688, 128 gate-less relu2 experts of 1856, top-6, shared 3712), bf16; "
+                   "ms, median of do_bench", "results/h200/nemotron_h_layer.json")
 
 
 if __name__ == "__main__":
