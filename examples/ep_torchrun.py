@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 examples/ep_torchrun.py            # CPU: gloo
     torchrun --nproc-per-node 8 examples/ep_torchrun.py --drop     # 8 GPUs: NCCL, 2T-Drop + load-aware thresholds
     torchrun --nproc-per-node 2 examples/ep_torchrun.py --shard    # each rank keeps only its experts' weights
+    torchrun --nproc-per-node 2 examples/ep_torchrun.py --arch dbrx --shard   # another of the tests' tiny models
 
 Every rank builds the same model (same seed here; in practice: from_pretrained of the same
 checkpoint), takes its own share of the batch, and runs the compiled model. The dualsparse backend
@@ -15,6 +16,8 @@ through the compiled EP graph.
 """
 
 import argparse
+import os
+import sys
 
 import torch
 import transformers as tf
@@ -28,16 +31,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--drop", action="store_true", help="2T-Drop with load-aware (literal) thresholds")
     ap.add_argument("--shard", action="store_true", help="keep only this rank's experts (dist.shard_experts_)")
+    ap.add_argument("--arch", default="olmoe", help="olmoe (built here), or a tiny model of tests/models.py "
+                    "(e.g. dbrx, longcat_flash: experts of their own, zero-computation experts)")
     args = ap.parse_args()
     group = ds_dist.init()  # NCCL if CUDA is available, else gloo; timeout: DUALSPARSE_DIST_TIMEOUT (s)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     torch.manual_seed(0)  # the same weights on every rank
-    config = tf.OlmoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = tf.AutoModelForCausalLM.from_config(config).to(device).eval()
+    if args.arch == "olmoe":
+        config = tf.OlmoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = tf.AutoModelForCausalLM.from_config(config)
+    else:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        from models import hf_model  # seeded: the same random weights on every rank
+
+        model = hf_model(args.arch, None)
+    model = model.to(device).eval()
 
     batch = torch.randint(3, 96, (world * 2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     mine = batch[rank::world]  # per-rank tokens: each rank its share of the batch
