@@ -58,14 +58,21 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _fused_routing_ok(spec: MoESpec) -> bool:
+def _fused_routing_ok(spec: MoESpec, dtype: torch.dtype) -> bool:
+    """The route kernel covers spec's routing of inputs of ``dtype``."""
     r = spec.routing
     complete = spec.transform == "complete" and spec.partition > 1
     # GPT-OSS takes top-k of raw (bf16) logits, where exact ties are common: torch.topk breaks them the
     # way the model does (measured: 2.3 % logits error on a tiny bf16 GPT-OSS with our kernel's order). The same
-    # holds for a softmax rounded to bf16 (DBRX, Mistral-4).
+    # holds for a softmax rounded to bf16 or fp16 (DBRX, Mistral-4); in fp32 that softmax is the kernel's own.
+    rounded_softmax = r.softmax_in_logits_dtype and _logits_dtype(spec, dtype) != torch.float32
     return (r.score_func in ("softmax", "sigmoid") and r.num_groups == 1 and not complete and not r.score_after_topk
-            and not r.softmax_in_logits_dtype and spec.num_experts <= 1024)
+            and not rounded_softmax and spec.num_experts <= 1024)
+
+
+def _logits_dtype(spec: MoESpec, dtype: torch.dtype) -> torch.dtype:
+    """The router logits' dtype for inputs of ``dtype`` (``reference.router_logits``)."""
+    return torch.float32 if spec.routing.logits_fp32 else dtype
 
 
 def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
@@ -82,7 +89,7 @@ def _route_constexprs(spec: MoESpec, logits_dtype) -> dict:
 
 def route(x: torch.Tensor, params, spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, K'], routed index [T, K'] int32) with K' = top_k (or top_k * P, complete transform)."""
-    if not _fused_routing_ok(spec):
+    if not _fused_routing_ok(spec, x.dtype):
         _, weights, index = reference.route(x, params, spec)
         return weights, index.to(torch.int32)
     weights, index, _ = _route_kernel(x, params, spec)
@@ -99,15 +106,15 @@ def _drop_units(spec: MoESpec) -> tuple[float, int]:
     return spec.intermediate / _copies(spec), reference.routed_units(spec) + reference.shared_units(spec)
 
 
-def drop_in_route_ok(spec: MoESpec) -> bool:
-    """The route kernel writes the keep mask of spec.drop."""
-    return _fused_routing_ok(spec) and drop_rules_ok(spec)
+def drop_in_route_ok(spec: MoESpec, dtype: torch.dtype) -> bool:
+    """The route kernel writes the keep mask of spec.drop (inputs of ``dtype``)."""
+    return _fused_routing_ok(spec, dtype) and drop_rules_ok(spec)
 
 
 def route_and_drop(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor, stats: torch.Tensor | None):
     """``route`` plus ``reference.keep_mask``'s pairs [T, K * copies] (uint8; copies = P under a partial
     transformation) from the device-side thresholds, and ``reference.record_drops`` into stats, in the same
-    launch. Only where ``drop_in_route_ok(spec)``."""
+    launch. Only where ``drop_in_route_ok(spec, x.dtype)``."""
     return _route_kernel(x, params, spec, thresholds, stats)
 
 
@@ -393,7 +400,7 @@ class _Plan:
 
         self.route = None
         if fused_route:
-            meta = _route_constexprs(spec, torch.float32 if r.logits_fp32 else dtype)
+            meta = _route_constexprs(spec, _logits_dtype(spec, dtype))
             meta.update(ZERO_COUNTS=True, BLOCK_SUBS=triton.next_power_of_2(counts_len),
                         DROP=DROP_CODES[spec.drop.mode] if self.fused_drop else 0, COPIES=expand,
                         HAS_STATS=self.fused_drop and stats_on)
@@ -628,7 +635,7 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     drop_on = spec.drop.mode != "none" and thresholds is not None
     if drop_on:
         keep = None  # recomputed from the thresholds, as before
-    fused = _fused_routing_ok(spec)
+    fused = _fused_routing_ok(spec, x.dtype)
     key = (id(spec), T, x.dtype, x.device, keep is not None, drop_on, stats is not None)
     plan = _PLANS.get(key)
     if plan is None or plan.spec is not spec:

@@ -461,7 +461,7 @@ def _route(x, params, spec: MoESpec, block, policy, fused: bool):
         return raw, experts, None
     from dsmoe_compiler.codegen import dispatch
 
-    if block is not None and policy is None and dispatch.drop_in_route_ok(spec):
+    if block is not None and policy is None and dispatch.drop_in_route_ok(spec, x.dtype):
         raw, experts, keep = dispatch.route_and_drop(x, params, spec, block.thresholds, block.stats)
         return raw, experts, keep.view(torch.bool)
     raw, experts = dispatch.route(x, params, spec)  # int32 ids

@@ -199,12 +199,20 @@ def test_group_routing_complete_transform_and_gelu():
 
 
 @pytestmark_case
-def test_route_kernel_matches_reference_indices():
-    x, params, spec = make_case(torch.float32, T=33, E=16, K=4, routing=RoutingSpec(renormalize=True), seed=12)
-    w, idx = dispatch.route(x, params, spec)
+@pytest.mark.parametrize("softmax_in_logits_dtype", [False, True])
+def test_route_kernel_matches_reference_indices(softmax_in_logits_dtype, monkeypatch):
+    """In fp32 a softmax "in the logits' dtype" (DBRX, Mistral-4) is the kernel's own: the route kernel runs it.
+    In fp16 that routing rounds its scores as the model does, and torch's ops route it."""
+    routing = RoutingSpec(renormalize=True, softmax_in_logits_dtype=softmax_in_logits_dtype)
+    x, params, spec = make_case(torch.float32, T=33, E=16, K=4, routing=routing, seed=12)
     _, w_ref, idx_ref = reference.route(x, params, spec)
+    torch_routes = []
+    monkeypatch.setattr(reference, "route", lambda *a: torch_routes.append(a) or (None, None, None))
+    w, idx = dispatch.route(x, params, spec)
+    assert not torch_routes, "an fp32 routing went through torch ops instead of the route kernel"
     assert torch.equal(idx.long(), idx_ref)
     torch.testing.assert_close(w, w_ref)
+    assert dispatch._fused_routing_ok(spec, torch.float16) is not softmax_in_logits_dtype
 
 
 @pytestmark_case
