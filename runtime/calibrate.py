@@ -5,8 +5,9 @@
 The model runs eagerly under ``torch.no_grad`` (and in eval mode, restored afterwards) with a forward
 pre-hook on every transformers experts module (a module with ``gate_up_proj``, or ``up_proj`` alone for experts
 without a gate, and ``down_proj`` that ``capture.transformers_hf.describe_experts`` can describe; without a gate all
-four metrics below read act(x·W_up)). Each hook sees the experts' inputs
-(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) and, for every expert e and the tokens
+four metrics below read act(x·W_up)), or with experts of their own (``transformers_hf.EXPERT_TENSORS``: DBRX's, and
+JetMoE's whole block, whose hook routes the block's input itself: ``transformers_hf.BLOCK_ROUTING``). Each hook sees
+the experts' inputs (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) and, for every expert e and the tokens
 routed to it, accumulates in fp32 per neuron
 
     gate        Σ act(x·W1)            (Eq. 14; act = the model's gate activation, Swish for SwiGLU)
@@ -78,7 +79,7 @@ def find_experts(model):
     The layer name is the experts module's parent path ("model.layers.0.mlp"), the name the backend
     gives the fused MoE block.
     """
-    from dsmoe_compiler.capture.transformers_hf import describe_experts
+    from dsmoe_compiler.capture.transformers_hf import BLOCK_ROUTING, describe_experts
 
     model = unwrap(model)
     modules = dict(model.named_modules())
@@ -87,6 +88,9 @@ def find_experts(model):
         if first_projection(module) is None or "down" not in expert_tensors(module):
             continue
         if not isinstance(describe_experts(module), ExpertsSpec):
+            continue
+        if type(module).__name__ in BLOCK_ROUTING:  # the block itself (JetMoE): its router is its own child
+            found.append((path, module, _router_of(module, module)))
             continue
         parent_path = path.rpartition(".")[0]
         found.append((parent_path or path, module, _router_of(modules[parent_path], module)))
@@ -224,11 +228,17 @@ class _LayerStats:
 
 
 def _hook(stats: _LayerStats):
+    from dsmoe_compiler.capture.transformers_hf import BLOCK_ROUTING
+
+    block_routing = BLOCK_ROUTING.get(type(stats.module).__name__)
+
     def pre_hook(module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
         with torch.no_grad():
-            stats.update(*values)
+            if block_routing is not None:  # a whole block (JetMoE): route its input as the operator does
+                stats.update(*block_routing(module, args, kwargs))
+                return
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            stats.update(*(list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]))
 
     return pre_hook
 

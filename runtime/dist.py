@@ -112,7 +112,7 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     """Keep only this rank's experts in every transformers experts module of ``model``, in place.
 
     For each module with fused ``gate_up_proj`` / ``down_proj`` (and biases) that the capture can
-    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights), the
+    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights, JetMoE's block), the
     parameters are replaced by copies of the experts ``local_expert_range(E, partition, rank, W)`` of
     ``group`` (default: the default group) and the old ones are released: parameter memory drops to about
     1/W of the experts (plus router, attention, shared experts, which stay whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
@@ -136,7 +136,7 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     done = {}
     for name, module in model.named_modules():
-        sharder = EXPERT_SHARDERS.get(type(module).__name__)  # experts with weights of their own (DBRX)
+        sharder = EXPERT_SHARDERS.get(type(module).__name__)  # experts with weights of their own (DBRX, JetMoE)
         if sharder is None and not (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
                                     and isinstance(getattr(module, "down_proj", None), torch.Tensor)):
             continue
@@ -163,7 +163,7 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
         module.register_forward_pre_hook(_refuse_eager)
     if not done:
         raise ValueError("dualsparse: shard_experts_ found no experts module it can shard (transformers' "
-                         "gate_up_proj/down_proj, or DBRX's)")
+                         "gate_up_proj/down_proj, or DBRX's or JetMoE's)")
     return done
 
 

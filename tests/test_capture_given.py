@@ -102,11 +102,12 @@ def test_deepseek_v4_partial_partition_and_dropping():
     assert _rel(dropped, expected) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v4", "gemma4", "nemotron_h", "longcat_flash"])
+@pytest.mark.parametrize("arch", ["deepseek_v4", "gemma4", "nemotron_h", "longcat_flash", "jetmoe"])
 def test_a_calibration_plan_applies(arch):
     """A plan (neuron orders) on blocks whose operator takes activations as inputs (DeepSeek-V4's given routing,
     Gemma-4's router input) or whose experts have no gate (NemotronH: the rows of up_proj are the neurons): only
-    weights are permuted, the router is found for the fingerprint (Gemma-4's keeps its linear as ``router.proj``),
+    weights are permuted, the router is found for the fingerprint (Gemma-4's keeps its linear as ``router.proj``;
+    JetMoE's experts are the block itself, routed by the block's own router through ``BLOCK_ROUTING``),
     P = 2 on the permuted weights stays exact, and the 2T drop rate meets a target fitted on the calibration batches
     (within 2 points; not Gemma-4, whose random per-expert scales make weights negative, nor the tiny LongCat-Flash,
     whose router leaves at most one routed pair a token, of normalised score 1, which no threshold splits)."""

@@ -23,6 +23,7 @@ from test_expert_parallel import _init, _max_err, _port
 # neighbouring ranks share an expert at W = 2 and 4).
 CASES = (("olmoe E=8 P=1", "olmoe", {"num_experts": 8}, 1),
          ("dbrx E=8 P=1", "dbrx", {}, 1),  # experts of its own: 2-D [E I, H] weights (transformers_hf.EXPERT_SHARDERS)
+         ("jetmoe E=8 P=1", "jetmoe", {}, 1),  # the block is the experts module: router and bias stay whole
          ("gpt_oss E=6 P=2", "gpt_oss", {"num_local_experts": 6}, 2),
          ("olmoe E=3 P=2", "olmoe", {"num_experts": 3}, 2))
 # LongCat-Flash (as the capture survey builds it: 8 routed experts and 4 zero-computation ones, whose gate_up_proj
@@ -54,7 +55,17 @@ def _experts_modules(model):
 
 
 def _experts_bytes(model):
-    return sum(p.numel() * p.element_size() for m in _experts_modules(model) for p in m.parameters())
+    from dsmoe_compiler.runtime.calibrate import expert_tensors
+
+    return sum(t.numel() * t.element_size() for m in _experts_modules(model) for t in expert_tensors(m).values())
+
+
+def _first_expert_weight(model):
+    """The tensor behind the first experts module's first weight (DBRX's weights are views of its 2-D tensors)."""
+    from dsmoe_compiler.runtime.calibrate import expert_tensors
+
+    t = next(iter(expert_tensors(_experts_modules(model)[0]).values()))
+    return t if t._base is None else t._base
 
 
 def _compile(model, **options):
@@ -76,7 +87,7 @@ def _worker(rank, world, port, seed, out_dir):
             want = model(ids).logits
             full_ep = _compile(model, expert_parallel=True, partition=P)(ids).logits
         before = _experts_bytes(model)
-        old = weakref.ref(next(_experts_modules(model)[0].parameters()))
+        old = weakref.ref(_first_expert_weight(model))
         shards = ds_dist.shard_experts_(model, partition=P)
         gc.collect()
         after = _experts_bytes(model)

@@ -460,31 +460,65 @@ def longcat_moe_forward(self, hidden_states):
 
 
 @torch._dynamo.assume_constant_result
-def jetmoe_plan(act_name: str, input_shape: tuple, output_shape: tuple, top_k: int) -> tuple[str, str] | str:
+def jetmoe_plan(act_name: str, input_shape: tuple, output_shape: tuple, experts: int, top_k: int,
+                sharded_from: int | None = None) -> tuple[str, str] | str:
     """(route spec JSON, experts spec JSON) of a JetMoE MoE block, or why it is left alone.
 
     JetMoE routes by the top-k of its (input-dtype) logits, weighted by the fp32 softmax of those k cast back
     (``JetMoeTopKGating``), and its experts are two ``JetMoeParallelExperts``: [E, 2I, H] (gate; up concatenated)
-    and [E, H, I], the fused layout; its bias is added after the sum (plain op)."""
-    activation = _ACTIVATIONS.get(act_name)
-    if activation is None:
-        return f"JetMoeMoE: activation {act_name} not supported"
-    if len(input_shape) != 3 or len(output_shape) != 3 or input_shape[0] != output_shape[0]:
-        return "JetMoeMoE: experts of unexpected shapes"
-    E, inter2, H = input_shape
-    route = MoESpec(name="router", num_experts=E, top_k=top_k, hidden=H, intermediate=0,
+    and [E, H, I], the fused layout; its bias is added after the sum (plain op). ``sharded_from``: the first of the
+    experts a block ``runtime.dist.shard_experts_`` sharded holds (``input_shape[0]`` of the ``experts``)."""
+    described = _known_experts(act_name, "fused")
+    if isinstance(described, str):
+        reason = f"JetMoeMoE: {described}"
+    elif len(input_shape) != 3 or len(output_shape) != 3 or input_shape[0] != output_shape[0]:
+        reason = "JetMoeMoE: experts of unexpected shapes"
+    else:
+        reason = None
+    if reason is not None and sharded_from is not None:
+        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
+                           "expert-parallel operators can run them")
+    if reason is not None:
+        return reason
+    held, inter2, H = input_shape
+    if sharded_from is not None:
+        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
+    route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=H, intermediate=0,
                     routing=RoutingSpec(score_after_topk=True, scores_fp32=True), slots=("router_weight",))
-    experts = MoESpec(name="experts", num_experts=E, top_k=top_k, hidden=H, intermediate=inter2 // 2,
-                      experts=ExpertsSpec(layout="fused", activation=activation), slots=("gate_up", "down"))
-    return route.to_json(), experts.to_json()
+    spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=H, intermediate=inter2 // 2,
+                   experts=described, slots=("gate_up", "down"))
+    return route.to_json(), spec.to_json()
+
+
+def _jetmoe_plan_of(block) -> tuple[str, str] | str:
+    return jetmoe_plan(_activation_name(block.activation), tuple(block.input_linear.weight.shape),
+                       tuple(block.output_linear.weight.shape), block.router.num_experts, block.router.top_k,
+                       getattr(block, "dualsparse_expert_offset", None))
+
+
+def jetmoe_expert_tensors(block) -> dict[str, torch.Tensor]:
+    """A ``JetMoeMoE``'s experts by operator slot: input_linear [E, 2I, H] (gate; up) and output_linear [E, H, I]."""
+    return {"gate_up": block.input_linear.weight, "down": block.output_linear.weight}
+
+
+def jetmoe_routing(block, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [T, H], expert ids [T, k], weights [T, k]) of one ``JetMoeMoE`` call, from its arguments: the route
+    spec of ``jetmoe_plan`` on its router, which reproduces the block's routing bit for bit
+    (tests/test_capture_given.py::test_jetmoe_block_is_captured_exactly)."""
+    from dsmoe_compiler.codegen import reference
+
+    x = args[0] if args else kwargs["layer_input"]
+    x = x.reshape(-1, x.shape[-1])
+    route_json, _ = _jetmoe_plan_of(block)
+    _, weights, index = reference.route(x, [block.router.layer.weight], reference.parse_spec(route_json))
+    return x, index, weights
 
 
 def jetmoe_moe_forward(self, layer_input):
     """``JetMoeMoE.forward`` as route + experts markers (one ``dualsparse.moe``), its bias added after."""
     batch, length, hidden = layer_input.size()
     x = layer_input.reshape(-1, hidden)
-    plan = jetmoe_plan(_activation_name(self.activation), tuple(self.input_linear.weight.shape),
-                       tuple(self.output_linear.weight.shape), self.router.top_k)
+    plan = _jetmoe_plan_of(self)
     if isinstance(plan, str):
         return torch.ops.dualsparse.left_alone(_ORIGINAL_FORWARDS[type(self)](self, layer_input), plan)
     route_json, experts_json = plan
@@ -555,6 +589,15 @@ def dbrx_expert_tensors(experts) -> dict[str, torch.Tensor]:
     return {"gate": mlp.w1.view(shape), "up": mlp.v1.view(shape), "down": mlp.w2.view(shape).transpose(1, 2)}
 
 
+def shard_jetmoe_experts_(block, first: int, last: int) -> None:
+    """Keep experts first .. last - 1 of a ``JetMoeMoE`` (``runtime.dist.shard_experts_``): of its two
+    ``JetMoeParallelExperts``' [E, out, in] weights."""
+    from dsmoe_compiler.runtime.dist import keep_rows_
+
+    keep_rows_(block.input_linear, ("weight",), first, last)
+    keep_rows_(block.output_linear, ("weight",), first, last)
+
+
 def shard_dbrx_experts_(experts, first: int, last: int) -> None:
     """Keep experts first .. last - 1 of a ``DbrxExperts`` (``runtime.dist.shard_experts_``): rows [first I, last I) of
     w1, v1 and w2."""
@@ -568,12 +611,16 @@ _BLOCKS = {("llama4", "Llama4TextMoe"): llama4_moe_forward, ("longcat_flash", "L
            ("jetmoe", "JetMoeMoE"): jetmoe_moe_forward, ("dbrx", "DbrxFFN"): dbrx_moe_forward}
 """(model folder, block class) -> our forward for it, patched where that modeling module is loaded."""
 _BLOCK_EXPERTS = {"LongcatFlashExperts": lambda module: _known_experts(_activation_name(module.act_fn), "fused"),
-                  "DbrxExperts": lambda module: _known_experts(_activation_name(module.mlp.activation_fn), "separate")}
+                  "DbrxExperts": lambda module: _known_experts(_activation_name(module.mlp.activation_fn), "separate"),
+                  "JetMoeMoE": lambda block: _known_experts(_activation_name(block.activation), "fused")}
 """Experts classes of the ``_BLOCKS`` without transformers' decorator -> their ``describe_experts`` (for sharding and
 calibration)."""
-EXPERT_TENSORS = {"DbrxExperts": dbrx_expert_tensors}
+EXPERT_TENSORS = {"DbrxExperts": dbrx_expert_tensors, "JetMoeMoE": jetmoe_expert_tensors}
 """Experts classes whose weights are not transformers' ``gate_up_proj`` / ``down_proj`` -> their slot tensors."""
-EXPERT_SHARDERS = {"DbrxExperts": shard_dbrx_experts_}
+BLOCK_ROUTING = {"JetMoeMoE": jetmoe_routing}
+"""Experts that are the whole MoE block, router inside (its forward takes the hidden states) -> (hidden, expert ids,
+weights) of one call's (args, kwargs), as transformers' experts modules take them (for calibration)."""
+EXPERT_SHARDERS = {"DbrxExperts": shard_dbrx_experts_, "JetMoeMoE": shard_jetmoe_experts_}
 """The same classes -> how ``runtime.dist.shard_experts_`` keeps experts first .. last - 1 of one, in place."""
 
 
