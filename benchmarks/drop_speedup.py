@@ -126,13 +126,14 @@ def main():
         return profile(name, int(tokens), float(rate))
     torch.manual_seed(0)
     rows = []
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     for name in args.shapes.split(","):
         for tokens in map(int, args.tokens.split(",")):
             rows += run(name, *SHAPES[name], tokens)
             torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            with open(args.json, "w") as f:  # after every shape: a run cut short keeps what it measured
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
+                          indent=1)
     print(table(rows))
 
 
