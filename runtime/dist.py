@@ -112,10 +112,11 @@ def shard_experts_(model: torch.nn.Module, group: dist.ProcessGroup | None = Non
     """Keep only this rank's experts in every transformers experts module of ``model``, in place.
 
     For each module with fused ``gate_up_proj`` / ``down_proj`` (and biases) that the capture can
-    describe, or with experts of its own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights, JetMoE's block), the
-    parameters are replaced by copies of the experts ``local_expert_range(E, partition, rank, W)`` of
+    describe, or with experts of their own (``transformers_hf.EXPERT_SHARDERS``: DBRX's 2-D weights, JetMoE's block),
+    the parameters are replaced by copies of the experts ``local_expert_range(E, partition, rank, W)`` of
     ``group`` (default: the default group) and the old ones are released: parameter memory drops to about
-    1/W of the experts (plus router, attention, shared experts, which stay whole). The module records the global E and its first expert (``SHARD_ATTRS``); the capture reads
+    1/W of the experts (plus router, attention, shared experts, which stay whole). The module records the
+    global E and its first expert (``SHARD_ATTRS``); the capture reads
     them, so ``torch.compile(model, backend="dualsparse", options={"expert_parallel": group,
     "partition": partition})`` runs it and gives the unsharded model's outputs. Use the same group and
     partition for sharding and compiling (checked when compiling). Any other way of running the

@@ -185,3 +185,20 @@ def test_check_local_weights_names_the_mismatch():
     ep.check_local_weights(ok, e)
     held, offset = ep.local_spec(spec.replace(experts=ExpertsSpec(expert_offset=1, local_experts=2)))
     assert (held.num_experts, held.experts.local_experts, offset) == (2, 0, 2)
+
+
+def test_a_sharded_block_that_cannot_be_captured_raises():
+    """The patched blocks (LongCat-Flash, JetMoE, DBRX) left alone run their own code, which would index a sharded
+    module's held weights by global expert ids: their plans raise instead (``transformers_hf._held_experts``), and
+    unsharded they only say why."""
+    from dsmoe_compiler.capture import transformers_hf as hf
+
+    plans = {"longcat": lambda offset: hf.longcat_plan("NoSuchAct", 8, (4, 96, 32), (4, 32, 48), 2, offset),
+             "jetmoe": lambda offset: hf.jetmoe_plan("NoSuchAct", (4, 96, 32), (4, 32, 48), 8, 2, offset),
+             "dbrx": lambda offset: hf.dbrx_plan("NoSuchAct", 1.0, False, 8, 48, 32, 2, 4, offset)}
+    for name, plan in plans.items():
+        assert "activation NoSuchAct not supported" in plan(None), name
+        with pytest.raises(RuntimeError, match="sharded by shard_experts_"):
+            plan(4)
+    held = hf.jetmoe_plan("SiLUActivation", (4, 96, 32), (4, 32, 48), 8, 2, 4)[1]
+    assert '"expert_offset": 4' in held and '"local_experts": 4' in held, held

@@ -418,6 +418,21 @@ def _known_experts(act_name: str, layout: str) -> ExpertsSpec | str:
     return ExpertsSpec(layout=layout, activation=activation)
 
 
+def _held_experts(described: ExpertsSpec | str, reason: str | None, sharded_from: int | None,
+                  held: int) -> ExpertsSpec | str:
+    """A patched block's experts: ``reason`` when it is left alone, else ``described``, holding experts
+    ``sharded_from`` .. ``sharded_from + held - 1`` if ``runtime.dist.shard_experts_`` sharded it. A sharded block
+    cannot be left alone (its own code would index the held weights by global expert ids): that raises."""
+    if reason is not None and sharded_from is not None:
+        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
+                           "expert-parallel operators can run them")
+    if reason is not None:
+        return reason
+    if sharded_from is None:
+        return described
+    return dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
+
+
 @torch._dynamo.assume_constant_result
 def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_shape: tuple, top_k: int,
                  sharded_from: int | None = None) -> str:
@@ -426,14 +441,12 @@ def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_
     the first ``routed_experts`` of them, as transformers' loop does. ``sharded_from``: the first expert held by a
     module that ``runtime.dist.shard_experts_`` sharded (then the weights hold ``down_shape[0]`` experts)."""
     described = _known_experts(act_name, "fused")
+    reason = None
     if isinstance(described, str) or routed_experts == 0 or len(gate_up_shape) != 3 or len(down_shape) != 3:
         reason = f"LongcatFlashMoE: {described if isinstance(described, str) else 'no 3-D routed experts'}"
-        if sharded_from is not None:
-            raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
-                               "expert-parallel operators can run them")
-        return reason
-    if sharded_from is not None:
-        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=down_shape[0])
+    described = _held_experts(described, reason, sharded_from, down_shape[0] if down_shape else 0)
+    if isinstance(described, str):
+        return described
     spec = MoESpec(name="experts", num_experts=routed_experts, top_k=top_k, hidden=down_shape[1],
                    intermediate=down_shape[2], experts=described, slots=("gate_up", "down"),
                    routing=RoutingSpec(score_func="given", absent_ids=True))  # ids of zero-computation experts
@@ -475,14 +488,10 @@ def jetmoe_plan(act_name: str, input_shape: tuple, output_shape: tuple, experts:
         reason = "JetMoeMoE: experts of unexpected shapes"
     else:
         reason = None
-    if reason is not None and sharded_from is not None:
-        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
-                           "expert-parallel operators can run them")
-    if reason is not None:
-        return reason
-    held, inter2, H = input_shape
-    if sharded_from is not None:
-        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
+    described = _held_experts(described, reason, sharded_from, input_shape[0] if input_shape else 0)
+    if isinstance(described, str):
+        return described
+    _, inter2, H = input_shape
     route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=H, intermediate=0,
                     routing=RoutingSpec(score_after_topk=True, scores_fp32=True), slots=("router_weight",))
     spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=H, intermediate=inter2 // 2,
@@ -542,19 +551,15 @@ def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hid
     described = _known_experts(act_name, "separate")
     reason = (f"DbrxFFN: {described}" if isinstance(described, str)
               else "DbrxFFN: router jitter in training mode" if jitter else None)
-    if reason is not None and sharded_from is not None:
-        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
-                           "expert-parallel operators can run them")
-    if reason is not None:
-        return reason
+    described = _held_experts(described, reason, sharded_from, held)
+    if isinstance(described, str):
+        return described
     route = None
     if norm_p is None or float(norm_p) == 1.0:
         route = MoESpec(name="router", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=0,
                         routing=RoutingSpec(score_func="softmax", renormalize=norm_p is not None,
                                             softmax_in_logits_dtype=True),
                         slots=("router_weight",)).to_json()
-    if sharded_from is not None:
-        described = dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
     spec = MoESpec(name="experts", num_experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
                    experts=described, slots=("gate", "up", "down"))
     return route, spec.to_json()
