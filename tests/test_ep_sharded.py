@@ -188,10 +188,17 @@ def test_check_local_weights_names_the_mismatch():
 
 
 def test_a_sharded_block_that_cannot_be_captured_raises():
-    """The patched blocks (LongCat-Flash, JetMoE, DBRX) left alone run their own code, which would index a sharded
-    module's held weights by global expert ids: their plans raise instead (``transformers_hf._held_experts``), and
-    unsharded they only say why."""
+    """A block left alone runs its own code, which would index a sharded module's held weights by global expert ids:
+    the plans of transformers' experts modules and of the patched blocks (LongCat-Flash, JetMoE, DBRX) raise instead
+    (``transformers_hf._held_experts``), and unsharded they only say why."""
     from dsmoe_compiler.capture import transformers_hf as hf
+
+    facts = dict(zip(hf._EXPERTS_FACTS, ("silu-glu", "SiLUActivation", True, True, False, True, False, False, 1.702,
+                                         7.0, 0.0, None, 0)))  # a post-expert norm: not captured
+    assert "post-expert norm" in hf.experts_plan("E", tuple(facts.values()), (4, 96, 32), 2)
+    with pytest.raises(RuntimeError, match="sharded by shard_experts_"):
+        hf.experts_plan("E", tuple({**facts, "dualsparse_num_experts": 8, "dualsparse_expert_offset": 4}.values()),
+                        (4, 96, 32), 2)
 
     plans = {"longcat": lambda offset: hf.longcat_plan("NoSuchAct", 8, (4, 96, 32), (4, 32, 48), 2, offset),
              "jetmoe": lambda offset: hf.jetmoe_plan("NoSuchAct", (4, 96, 32), (4, 32, 48), 8, 2, offset),

@@ -330,22 +330,38 @@ def describe_facts(f: dict) -> ExpertsSpec | str:
                        clamp=form.clamp, gate_limit=f["gate_limit"], glu_fp32=form.glu_fp32)
 
 
+def _held_experts(described: ExpertsSpec | str, reason: str | None, sharded_from: int | None,
+                  held: int) -> ExpertsSpec | str:
+    """A block's experts (a transformers experts module's, a patched block's): ``reason`` when it is left alone, else
+    ``described``, holding experts ``sharded_from`` .. ``sharded_from + held - 1`` if ``runtime.dist.shard_experts_``
+    sharded it. A sharded block cannot be left alone (its own code would index the held weights by global expert
+    ids): that raises."""
+    if reason is not None and sharded_from is not None:
+        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
+                           "expert-parallel operators can run them")
+    if reason is not None:
+        return reason
+    if sharded_from is None:
+        return described
+    return dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
+
+
 @torch._dynamo.assume_constant_result
 def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int) -> tuple[str, tuple[str, ...]] | str:
     """(spec JSON, attribute names of its tensors), or the reason the module is left alone."""
     f = dict(zip(_EXPERTS_FACTS, facts))
     described = describe_facts(f)
+    reason = None
     if isinstance(described, str):
-        if f["dualsparse_num_experts"] is not None:  # a sharded module's own forward would index local weights globally
-            raise RuntimeError(f"dualsparse: {class_name} was sharded by shard_experts_ but cannot be captured "
-                               f"({described}); only the expert-parallel operators can run a sharded model")
-        return f"{class_name}: {described}"
-    if len(gate_up_shape) != 3:
-        return f"{class_name}: no 3-D {'gate_up_proj' if described.gated else 'up_proj'}"
-    held = gate_up_shape[0]
-    num_experts = held if f["dualsparse_num_experts"] is None else int(f["dualsparse_num_experts"])
-    if num_experts != held:  # sharded: E is the global count, the weights hold experts offset .. offset + held - 1
-        described = dataclasses.replace(described, expert_offset=f["dualsparse_expert_offset"], local_experts=held)
+        reason = f"{class_name}: {described}"
+    elif len(gate_up_shape) != 3:
+        reason = f"{class_name}: no 3-D {'gate_up_proj' if described.gated else 'up_proj'}"
+    sharded = f["dualsparse_num_experts"] is not None  # E is the global count, the weights hold offset .. + held - 1
+    described = _held_experts(described, reason, f["dualsparse_expert_offset"] if sharded else None,
+                              gate_up_shape[0] if gate_up_shape else 0)
+    if isinstance(described, str):
+        return described
+    num_experts = int(f["dualsparse_num_experts"]) if sharded else gate_up_shape[0]
     slots = [("gate_up", "gate_up_proj"), ("down", "down_proj")] if described.gated else [("up", "up_proj"),
                                                                                              ("down", "down_proj")]
     if described.has_bias:
@@ -416,21 +432,6 @@ def _known_experts(act_name: str, layout: str) -> ExpertsSpec | str:
     if activation is None:
         return f"activation {act_name} not supported"
     return ExpertsSpec(layout=layout, activation=activation)
-
-
-def _held_experts(described: ExpertsSpec | str, reason: str | None, sharded_from: int | None,
-                  held: int) -> ExpertsSpec | str:
-    """A patched block's experts: ``reason`` when it is left alone, else ``described``, holding experts
-    ``sharded_from`` .. ``sharded_from + held - 1`` if ``runtime.dist.shard_experts_`` sharded it. A sharded block
-    cannot be left alone (its own code would index the held weights by global expert ids): that raises."""
-    if reason is not None and sharded_from is not None:
-        raise RuntimeError(f"dualsparse: {reason}; its experts were sharded by shard_experts_ and only the "
-                           "expert-parallel operators can run them")
-    if reason is not None:
-        return reason
-    if sharded_from is None:
-        return described
-    return dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
 
 
 @torch._dynamo.assume_constant_result
