@@ -61,6 +61,26 @@ def test_prefill_then_decode_with_kv_cache(arch):
     assert all(("shared" in b.variant) == (arch in SHARED_EXPERTS) for b in report.rewritten), str(report)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_generate_with_a_static_cache(attention):
+    """``generate`` with transformers' static cache (the cache it recommends under torch.compile) writes the cache and
+    its position counter in place inside the graph; the compile-time check run of the shared-expert fold must leave
+    them alone (it once advanced the counter: an ``index_copy_`` out of bounds, or keys at the wrong positions).
+    Flex attention puts a higher-order op in the graph, which the check run takes outside its dispatch mode."""
+    model = hf_model("qwen2_moe", "grouped_mm")
+    model.set_attn_implementation(attention)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        model.forward = torch.compile(model.forward, backend="dualsparse", options=EAGER_INNER)
+        got = model.generate(ids, **settings)
+    assert torch.equal(got, expected)
+    report = dsmoe_compiler.last_report()
+    assert report.counters["fold_shared"] == len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
+    assert "fold_shared_failed" not in report.counters
+
+
 def test_inductor_end_to_end():
     model = hf_model("olmoe", "grouped_mm")
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))

@@ -1,5 +1,6 @@
 """Spine: user-written MoEs (no transformers), dense models, unsupported routing, reports and dumps."""
 
+import copy
 import os
 
 import pytest
@@ -60,6 +61,40 @@ def test_user_moe_in_low_precision_is_captured(dtype, moe_cls, kw):
     per_token = (got.double() - expected.double()).norm(dim=-1) / expected.double().norm(dim=-1)
     tol = {torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]  # bf16 keeps 8 bits of mantissa, fp16 11
     assert (per_token < tol).double().mean().item() >= 0.95, per_token.flatten().sort().values[-8:]
+
+
+class _WritesItsState(torch.nn.Module):
+    """A user MoE behind state written in place each call, as a static KV cache is: a step counter and a slot of
+    memory indexed by it, which the next calls read."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = UserBlockModel(ThreeDMoE, renormalize=True)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("memory", torch.zeros(4, 32))
+
+    def forward(self, x):
+        self.memory.index_copy_(0, self.steps.view(1), x.mean(dim=(0, 1)).unsqueeze(0))
+        self.steps.add_(1)
+        return self.block(x + self.memory.sum(dim=0))
+
+
+def test_a_check_run_leaves_written_inputs_as_they_were():
+    """The user-MoE check runs the graph once more at compile time; what that run writes into the model's buffers
+    is undone, so three compiled calls leave the same state and outputs as three eager ones (before the undo, the
+    compiled model's counter read 2 after its first call and the memory slot 1 held a spurious write)."""
+    torch.manual_seed(5)
+    model = _WritesItsState().eval()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="dualsparse", options=EAGER_INNER)
+    inputs = [torch.randn(2, 3, 32) for _ in range(3)]
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+            assert twin.steps.item() == model.steps.item()
+            torch.testing.assert_close(twin.memory, model.memory, rtol=0, atol=0)
+    report = dsmoe_compiler.last_report()
+    assert [b.form for b in report.rewritten] == ["user 3-D weights"] * 2, str(report)
 
 
 def test_rewritten_graph_runs_the_moe_operator(monkeypatch):

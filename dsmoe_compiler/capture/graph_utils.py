@@ -7,6 +7,7 @@ import re
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 _VIEW_METHODS = {"view", "reshape", "flatten", "contiguous"}
 CASTS = frozenset({"float", "to", "type", "type_as", "half", "bfloat16", "double"})
@@ -145,15 +146,63 @@ def region_between(end: fx.Node, x: fx.Node) -> list[fx.Node]:
     return [n for n in end.graph.nodes if n in region]
 
 
+class InputWritesUndone(TorchDispatchMode):
+    """Backs up each piece of an example input that an op is about to write, and puts it back on exit.
+
+    The numeric checks run the user's graph once more on the real inputs, and some graphs write into them: a static
+    KV cache (``index_copy_`` of the new keys, ``cumulative_length.add_``), a counter buffer. Without this, every
+    compile would advance such state by one extra step: the next real call then writes the cache at the wrong
+    position (a wrong answer, or transformers' ``index_copy_`` out of bounds). Writes are seen on the aten ops
+    (schema arguments marked ``a!``), so in-place methods, ``out=`` and ``setitem`` through views are all caught;
+    only the written views are copied, and they are restored newest first."""
+
+    def __init__(self, inputs):
+        super().__init__()
+        self._storages = {t.untyped_storage().data_ptr() for t in inputs
+                          if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0}
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for target in _written_tensors(func, args, kwargs):
+            if target.untyped_storage().data_ptr() in self._storages:
+                self._saved.append((target, target.clone()))
+        return func(*args, **kwargs)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)  # off the mode stack first: the copies back are not writes to record
+        saved, self._saved = self._saved, []
+        for target, backup in reversed(saved):
+            target.copy_(backup)
+
+
+def _written_tensors(func, args, kwargs):
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
 def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``. The run draws from
-    forked random generators, so a graph with random ops (dropout, PhiMoE's sampling in training) leaves the user's
-    random state as it found it."""
+    """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``. The run leaves the
+    user's state as it found it: it draws from forked random generators (dropout, PhiMoE's sampling in training),
+    and what it writes into its inputs (a static KV cache) is put back (``InputWritesUndone``; property test
+    ``test_capture_user.py::test_a_check_run_leaves_written_inputs_as_they_were``)."""
     values = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
+            if isinstance(n.target, torch._ops.HigherOrderOperator):  # HOPs (flex attention) take no dispatch mode
+                with _disable_current_modes():
+                    out = super().run_node(n)
+            else:
+                out = super().run_node(n)
             if n in wanted:
                 values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
             return out
@@ -162,6 +211,6 @@ def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) ->
         return int(v.node.hint) if isinstance(v, torch.SymInt) and v.node.hint is not None else v
 
     devices = sorted({v.device.index or 0 for v in example_inputs if isinstance(v, torch.Tensor) and v.is_cuda})
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), InputWritesUndone(example_inputs):
         Recorder(gm).run(*[concrete(v) for v in example_inputs])
     return values
