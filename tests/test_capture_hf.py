@@ -81,6 +81,24 @@ def test_generate_with_a_static_cache(attention):
     assert "fold_shared_failed" not in report.counters
 
 
+def test_generate_compiles_its_decode_steps_with_dualsparse():
+    """transformers' own compile of the decode steps (``CompileConfig``, taken on GPUs with a static cache) with our
+    backend: ``mode=None``, since torch.compile refuses ``mode`` beside ``options`` (ours takes it inside them)."""
+    from transformers import CompileConfig
+
+    model = hf_model("qwen2_moe", "grouped_mm")
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    config = CompileConfig(backend="dualsparse", mode=None, options=EAGER_INNER)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        got = model.generate(ids, compile_config=config, **settings)
+    assert torch.equal(got, expected)
+    report = dsmoe_compiler.last_report()
+    assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
+
+
 def test_inductor_end_to_end():
     model = hf_model("olmoe", "grouped_mm")
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
