@@ -9,6 +9,7 @@ from conftest import graph_breaks
 from models import DenseModel, ModuleListMoE, ThreeDMoE, UserBlockModel
 
 import dsmoe_compiler
+from dsmoe_compiler.capture.graph_utils import InputWritesUndone
 
 EAGER_INNER = {"inner": "eager"}
 
@@ -61,6 +62,27 @@ def test_user_moe_in_low_precision_is_captured(dtype, moe_cls, kw):
     per_token = (got.double() - expected.double()).norm(dim=-1) / expected.double().norm(dim=-1)
     tol = {torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]  # bf16 keeps 8 bits of mantissa, fp16 11
     assert (per_token < tol).double().mean().item() >= 0.95, per_token.flatten().sort().values[-8:]
+
+
+def test_input_writes_are_put_back_exactly():
+    """What ``InputWritesUndone`` sees written into its inputs comes back bit for bit: ``index_copy_`` with a repeated
+    index, ``setitem`` and an accumulating ``index_put_`` (their undo saves the indexed rows), ``add_``, ``out=``, a write
+    through a slice; a tensor made inside the block is not its business."""
+    torch.manual_seed(6)
+    cache, counter, buffer = torch.randn(2, 3, 10, 4), torch.zeros((), dtype=torch.long), torch.randn(5, 4)
+    before = [t.clone() for t in (cache, counter, buffer)]
+    with InputWritesUndone([cache, counter, buffer]):
+        cache.index_copy_(2, torch.tensor([7, 7, 2]), torch.randn(2, 3, 3, 4))
+        cache[:, :, torch.tensor([1, 1])] = torch.randn(2, 3, 2, 4)
+        cache.index_put_((torch.tensor([0]),), torch.randn(1, 3, 10, 4), accumulate=True)
+        counter.add_(3)
+        torch.mul(buffer, 2, out=buffer)
+        buffer[1:3].zero_()
+        made_here = torch.ones(3).add_(1)
+        assert not torch.equal(cache, before[0]) and counter.item() == 3
+    for now, then in zip((cache, counter, buffer), before):
+        assert torch.equal(now, then)
+    assert torch.equal(made_here, torch.full((3,), 2.0))
 
 
 class _WritesItsState(torch.nn.Module):

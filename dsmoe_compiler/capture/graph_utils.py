@@ -153,27 +153,44 @@ class InputWritesUndone(TorchDispatchMode):
     KV cache (``index_copy_`` of the new keys, ``cumulative_length.add_``), a counter buffer. Without this, every
     compile would advance such state by one extra step: the next real call then writes the cache at the wrong
     position (a wrong answer, or transformers' ``index_copy_`` out of bounds). Writes are seen on the aten ops
-    (schema arguments marked ``a!``), so in-place methods, ``out=`` and ``setitem`` through views are all caught;
-    only the written views are copied, and they are restored newest first."""
+    (schema arguments marked ``a!``), so in-place methods, ``out=`` and ``setitem`` through views are all caught.
+    What is copied is what the op writes: the written view, or for ``index_copy_`` / ``index_put_`` only the indexed
+    rows (a static cache is written a few rows at a time, and a whole copy of it could run a GPU out of memory).
+    Restored newest first, so overlapping writes come back to the first state."""
 
     def __init__(self, inputs):
         super().__init__()
         self._storages = {t.untyped_storage().data_ptr() for t in inputs
                           if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0}
-        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._undo: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for target in _written_tensors(func, args, kwargs):
             if target.untyped_storage().data_ptr() in self._storages:
-                self._saved.append((target, target.clone()))
+                self._undo.append(_undo_of(func, target, args))
         return func(*args, **kwargs)
 
     def __exit__(self, *exc):
-        super().__exit__(*exc)  # off the mode stack first: the copies back are not writes to record
-        saved, self._saved = self._saved, []
-        for target, backup in reversed(saved):
-            target.copy_(backup)
+        super().__exit__(*exc)  # off the mode stack first: the writes back are not writes to record
+        undo, self._undo = self._undo, []
+        for put_back in reversed(undo):
+            put_back()
+
+
+def _undo_of(func, target, args):
+    """A call that puts back what ``func`` is about to write into ``target``."""
+    aten = torch.ops.aten
+    if func is aten.index_copy_.default and args[0] is target:
+        dim, index = args[1], args[2]
+        rows = target.index_select(dim, index)
+        return lambda: target.index_copy_(dim, index, rows)
+    if func is aten.index_put_.default and args[0] is target:
+        indices = args[1]
+        rows = aten.index.Tensor(target, indices)
+        return lambda: aten.index_put_.default(target, indices, rows, False)
+    whole = target.clone()
+    return lambda: target.copy_(whole)
 
 
 def _written_tensors(func, args, kwargs):
