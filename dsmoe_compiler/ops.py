@@ -47,7 +47,7 @@ def refuse_sharded(spec) -> None:
                            "(sharded by shard_experts_); compile it with options={'expert_parallel': group}")
 
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's CPU interpreter is on: kernels="triton" runs the kernels on CPU tensors too (tests)."""
 
 
@@ -55,7 +55,7 @@ def _run_moe(x, params, spec_json, impl="reference"):
     spec = parse_spec(spec_json)
     refuse_sharded(spec)
     thresholds, stats = _drop_state(spec)
-    if impl == "triton" and (x.is_cuda or _INTERPRETED):
+    if impl == "triton" and (x.is_cuda or INTERPRETED):
         from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
 
         return moe_triton(_flat(x), params, spec, thresholds=thresholds, stats=stats).view_as(x)

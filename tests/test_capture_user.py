@@ -147,6 +147,17 @@ def test_unsupported_routing_is_left_alone_with_one_warning():
     assert "no routing/expert interpretation" in report.left_alone[0].reason
 
 
+def test_triton_kernels_asked_for_on_cpu_warn_once_and_run_the_reference(monkeypatch):
+    """``kernels="triton"`` on CPU inputs (no interpreter) runs the reference and says so, once per graph."""
+    from dsmoe_compiler import ops
+
+    monkeypatch.setattr(ops, "INTERPRETED", False)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="kernels='triton' needs CUDA inputs") as caught:
+        _run(UserBlockModel(ThreeDMoE).eval(), torch.randn(2, 5, 32), {**EAGER_INNER, "kernels": "triton"})
+    assert sum("needs CUDA inputs" in str(w.message) for w in caught) == 1
+
+
 def test_dense_model_compiles_unchanged():
     torch.manual_seed(4)
     report = _run(DenseModel().eval(), torch.randn(2, 6, 32))

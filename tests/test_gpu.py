@@ -53,6 +53,26 @@ def test_triton_kernels_gpt_oss_bf16_as_close_to_fp32_as_transformers(impl):
     assert sorted(ratios)[len(ratios) // 2] <= 1.25
 
 
+@pytest.mark.parametrize("arch, inner", [("qwen2_moe", "inductor"), ("olmoe", "eager")])
+def test_generate_with_a_static_cache_on_the_kernels(arch, inner):
+    """transformers' own compile of the decode steps (static cache, ``CompileConfig``) with our kernels, fp32: the
+    same tokens as eager's ``generate``. With inductor, under reduce-overhead (CUDA graphs around our operator)."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = hf_model(arch, "grouped_mm").to("cuda")
+    ids = torch.randint(3, VOCAB, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    settings = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    options = {"kernels": "triton", "inner": inner, **({"mode": "reduce-overhead"} if inner == "inductor" else {})}
+    with torch.no_grad():
+        expected = model.generate(ids, **settings)
+        got = model.generate(ids, compile_config=CompileConfig(backend="dualsparse", mode=None, options=options),
+                             **settings)
+    assert torch.equal(got, expected), (got, expected)
+    report = dsmoe_compiler.last_report()
+    assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
+
+
 @pytest.mark.parametrize("moe_cls", [ModuleListMoE, ThreeDMoE])
 def test_triton_kernels_run_user_moes_in_bf16(moe_cls):
     """User MoEs (ModuleList experts: address tables; separate 3-D weights) go through the grouped GEMMs."""
