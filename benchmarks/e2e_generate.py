@@ -1,0 +1,107 @@
+"""Serving through transformers' ``generate`` on the GPU: the OLMoE-1B-7B-shaped model of ``e2e_olmoe.py``.
+
+    PYTHONUNBUFFERED=1 python benchmarks/e2e_generate.py --json results/h200/e2e_generate.json
+
+Each case is a batch of B prompts of ``--prompt`` random tokens, greedy, exactly ``--new`` new tokens, with
+transformers' static cache. Columns: transformers without compile (``disable_compile=True``), transformers' own
+compile of the decode steps (``CompileConfig()``: inductor, reduce-overhead), and the same with dualsparse
+(``CompileConfig(backend="dualsparse", mode=None, options={"mode": "reduce-overhead", "kernels": "triton"})``), and
+dualsparse with 2T-Drop fitted to 25 % compute drop. transformers runs the prefill without compile in every column,
+as it does by default. Time: wall seconds of a whole ``generate`` call (synchronised), the median of ``--repeats``
+calls after two warm-up calls (the first compiles); tokens/s = B * new / time. "same tokens" is the share of the new
+tokens equal to the uncompiled column's (bf16: greedy choices may part on near ties; no assert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import dsmoe_compiler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_olmoe import calibration_plan, olmoe, two_t_options  # noqa: E402
+
+
+def compile_configs(plan) -> dict:
+    from transformers import CompileConfig
+
+    ours = {"mode": "reduce-overhead", "kernels": "triton"}
+    return {"no compile": None,
+            "inductor RO": CompileConfig(),
+            "dualsparse RO": CompileConfig(backend="dualsparse", mode=None, options=ours),
+            "dualsparse 2T 25% RO": CompileConfig(backend="dualsparse", mode=None,
+                                                  options={**two_t_options(plan), **ours})}
+
+
+def timed_generate(model, ids, new: int, config, repeats: int):
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+    if config is None:
+        settings["disable_compile"] = True
+    else:
+        settings["compile_config"] = config
+    seconds, out = [], None
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(ids, **settings)
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+    return seconds[0], statistics.median(seconds[2:]), out[:, ids.shape[1]:]
+
+
+def save(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="results/h200/e2e_generate.json")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = olmoe(args.layers)
+    model.generation_config.eos_token_id = None  # random weights: run every case to exactly --new tokens
+    model.generation_config.pad_token_id = 0
+    configs = compile_configs(calibration_plan(model))
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        ids = torch.randint(3, 50304, (batch, args.prompt), device="cuda")
+        row, baseline = {"batch": batch, "prompt": args.prompt, "new": args.new}, None
+        for name, config in configs.items():
+            torch._dynamo.reset()
+            dsmoe_compiler.reset_drop_stats()
+            first, median, tokens = timed_generate(model, ids, args.new, config, args.repeats)
+            baseline = tokens if baseline is None else baseline
+            row[name] = {"s": median, "tokens/s": batch * args.new / median, "first call s": first,
+                         "same tokens": (tokens == baseline).float().mean().item()}
+            print(f"B={batch} {name}: {median * 1e3:.1f} ms, {batch * args.new / median:.0f} tokens/s, "
+                  f"first call {first:.1f} s", flush=True)
+            save(args.json, rows + [row])  # after every column: a run cut short keeps what it measured
+        rows.append(row)
+    names = list(configs)
+    print(f"\ngenerate, prompt {args.prompt}, {args.new} new tokens, static cache; ms per call (tokens/s)")
+    print("| B | " + " | ".join(names) + " | dualsparse vs inductor | 2T vs inductor | same tokens (dualsparse) |")
+    print("|---" * (len(names) + 4) + "|")
+    for r in rows:
+        cells = " | ".join(f"{r[n]['s'] * 1e3:.1f} ({r[n]['tokens/s']:.0f})" for n in names)
+        ind = r["inductor RO"]["s"]
+        print(f"| {r['batch']} | {cells} | {ind / r['dualsparse RO']['s']:.2f}x | "
+              f"{ind / r['dualsparse 2T 25% RO']['s']:.2f}x | {r['dualsparse RO']['same tokens']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
