@@ -4,9 +4,10 @@
 
 Each case is a batch of B prompts of ``--prompt`` random tokens, greedy, exactly ``--new`` new tokens, with
 transformers' static cache. Columns: transformers without compile (``disable_compile=True``), transformers' own
-compile of the decode steps (``CompileConfig()``: inductor, reduce-overhead), and the same with dualsparse
-(``CompileConfig(backend="dualsparse", mode=None, options={"mode": "reduce-overhead", "kernels": "triton"})``), and
-dualsparse with 2T-Drop fitted to 25 % compute drop. transformers runs the prefill without compile in every column,
+compile of the decode steps with inductor and with dualsparse, without CUDA graphs (``CompileConfig(mode="default")``,
+``CompileConfig(backend="dualsparse", mode=None, options={"kernels": "triton"})``) and with them ("RO":
+``CompileConfig()``, whose default mode is reduce-overhead, and ``options={"mode": "reduce-overhead", ...}``), and
+dualsparse with 2T-Drop fitted to 25 % compute drop under reduce-overhead. transformers runs the prefill without compile in every column,
 as it does by default. Time: wall seconds of a whole ``generate`` call (synchronised), the median of ``--repeats``
 calls after two warm-up calls (the first compiles); tokens/s = B * new / time. "same tokens" is the share of the new
 tokens equal to the uncompiled column's (bf16: greedy choices may part on near ties; no assert).
@@ -32,12 +33,15 @@ from e2e_olmoe import calibration_plan, olmoe, two_t_options  # noqa: E402
 def compile_configs(plan) -> dict:
     from transformers import CompileConfig
 
-    ours = {"mode": "reduce-overhead", "kernels": "triton"}
+    ours = {"kernels": "triton"}
+    ours_ro = {**ours, "mode": "reduce-overhead"}
     return {"no compile": None,
+            "inductor": CompileConfig(mode="default"),
+            "dualsparse": CompileConfig(backend="dualsparse", mode=None, options=ours),
             "inductor RO": CompileConfig(),
-            "dualsparse RO": CompileConfig(backend="dualsparse", mode=None, options=ours),
+            "dualsparse RO": CompileConfig(backend="dualsparse", mode=None, options=ours_ro),
             "dualsparse 2T 25% RO": CompileConfig(backend="dualsparse", mode=None,
-                                                  options={**two_t_options(plan), **ours})}
+                                                  options={**two_t_options(plan), **ours_ro})}
 
 
 def timed_generate(model, ids, new: int, config, repeats: int):
@@ -57,6 +61,25 @@ def timed_generate(model, ids, new: int, config, repeats: int):
     return seconds[0], statistics.median(seconds[2:]), out[:, ids.shape[1]:]
 
 
+def profile_decode(model, batch: int, prompt: int, new: int = 16):
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    configs = compile_configs(None)
+    ids = torch.randint(3, 50304, (batch, prompt), device="cuda")
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+    for name in ("inductor", "dualsparse"):
+        torch._dynamo.reset()
+        counters.clear()
+        timed_generate(model, ids, new, configs[name], 1)  # compiles and warms up
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+            model.generate(ids, compile_config=configs[name], **settings)
+            torch.cuda.synchronize()
+        print(f"== {name}: counters", {k: dict(v) for k, v in counters.items()
+                                       if k in ("stats", "recompiles", "graph_break", "unimplemented")})
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def save(path: str, rows: list) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
@@ -71,12 +94,20 @@ def main():
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--columns", default=None, help="comma list of column names to run (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one generate of 16 tokens at the first batch size, inductor and dualsparse "
+                             "without CUDA graphs: dynamo counters and the top CUDA kernels")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = olmoe(args.layers)
     model.generation_config.eos_token_id = None  # random weights: run every case to exactly --new tokens
     model.generation_config.pad_token_id = 0
+    if args.profile:
+        return profile_decode(model, int(args.batches.split(",")[0]), args.prompt)
     configs = compile_configs(calibration_plan(model))
+    if args.columns:
+        configs = {name: configs[name] for name in args.columns.split(",")}
     rows = []
     for batch in map(int, args.batches.split(",")):
         ids = torch.randint(3, 50304, (batch, args.prompt), device="cuda")
@@ -93,14 +124,16 @@ def main():
             save(args.json, rows + [row])  # after every column: a run cut short keeps what it measured
         rows.append(row)
     names = list(configs)
+    if len(names) < len(compile_configs(None)):
+        return
     print(f"\ngenerate, prompt {args.prompt}, {args.new} new tokens, static cache; ms per call (tokens/s)")
-    print("| B | " + " | ".join(names) + " | dualsparse vs inductor | 2T vs inductor | same tokens (dualsparse) |")
+    print("| B | " + " | ".join(names) + " | dualsparse vs inductor | RO: dualsparse / 2T vs inductor | same tokens |")
     print("|---" * (len(names) + 4) + "|")
     for r in rows:
         cells = " | ".join(f"{r[n]['s'] * 1e3:.1f} ({r[n]['tokens/s']:.0f})" for n in names)
-        ind = r["inductor RO"]["s"]
-        print(f"| {r['batch']} | {cells} | {ind / r['dualsparse RO']['s']:.2f}x | "
-              f"{ind / r['dualsparse 2T 25% RO']['s']:.2f}x | {r['dualsparse RO']['same tokens']:.3f} |")
+        plain, ro = r["inductor"]["s"], r["inductor RO"]["s"]
+        print(f"| {r['batch']} | {cells} | {plain / r['dualsparse']['s']:.2f}x | {ro / r['dualsparse RO']['s']:.2f}x / "
+              f"{ro / r['dualsparse 2T 25% RO']['s']:.2f}x | {r['dualsparse']['same tokens']:.3f} |")
 
 
 if __name__ == "__main__":
