@@ -76,6 +76,7 @@ DEFAULT_DATA = shipped(DATA_DIR)
 OFFSET = 3  # ByT5Tokenizer: token = byte + 3
 SEQ = 512
 MC_CONTEXT, MC_CHOICE = 128, 32
+SAMPLE_PROMPT = 256  # bytes of held-out text before the demo's generated continuation
 METRICS = ("abs_gate", "gate", "gate_up", "abs_gate_up")
 RATE_METHODS = ("1t", "2t-natural", "2t-random") + tuple(f"2t-{m}" for m in METRICS) + (
     "1t-per_layer", "2t-abs_gate-per_layer", "skip")
@@ -188,6 +189,40 @@ def skip_median_beta(plan) -> float:
 
 
 # ---- running one setting ----------------------------------------------------------------------------
+def _model_and_options(model_dir, setting: Setting, plan, *, inner: str, device, kernels: str):
+    """A fresh copy of the model and the dualsparse options of ``setting`` (its plan ordered, its threshold)."""
+    torch._dynamo.reset()
+    model = load_model(model_dir, device)
+    options = {"inner": inner, "kernels": kernels, "stats": True, **setting.options}
+    if setting.order is not None:
+        options["plan"] = ordered_plan(plan, setting.order)
+    if setting.method == "skip-median":
+        options["threshold"] = skip_median_beta(plan)
+    return model, options
+
+
+def as_text(ids: torch.Tensor) -> str:
+    """Byte-level token ids back to text (special ids dropped, invalid UTF-8 replaced)."""
+    data = bytes(int(i) - OFFSET for i in ids.flatten() if OFFSET <= int(i) < OFFSET + 256)
+    return data.decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def continuations(model_dir, chosen: list[Setting], plan, prompt: torch.Tensor, new: int, *, inner: str, device="cpu",
+                  kernels: str = "auto") -> dict[str, str]:
+    """Greedy continuations of ``prompt`` through ``generate``, the model's forward compiled with dualsparse for
+    each setting; ``new`` bytes each."""
+    texts = {}
+    for setting in chosen:
+        model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels)
+        model.forward = torch.compile(model.forward, backend="dualsparse", options=options)
+        out = model.generate(prompt[None].to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        texts[setting.method] = as_text(out[0, prompt.numel():])
+    torch._dynamo.reset()
+    return texts
+
+
 def _forward_logits(compiled, x):
     return compiled(x).logits.float()
 
@@ -199,13 +234,7 @@ def run_setting(model_dir, setting: Setting, plan, lm: torch.Tensor, mc, *, inne
     import dsmoe_compiler
     from tqdm.auto import tqdm
 
-    torch._dynamo.reset()
-    model = load_model(model_dir, device)
-    options = {"inner": inner, "kernels": kernels, "stats": True, **setting.options}
-    if setting.order is not None:
-        options["plan"] = ordered_plan(plan, setting.order)
-    if setting.method == "skip-median":
-        options["threshold"] = skip_median_beta(plan)
+    model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels)
     compiled = torch.compile(model, backend="dualsparse", options=options)
     nll, correct = [], []
     dsmoe_compiler.reset_drop_stats()
@@ -395,9 +424,11 @@ def main_demo(args) -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads) if args.threads else None
     methods = ("none", "1t", "2t-natural", "2t-abs_gate", "topk")
+    torch.manual_seed(0)
+    plan = calibrate_plan(args.model, args.data, args.calib_windows, args.batch, True, args.device)
     rows = evaluate(args.model, args.data, (0.0, 0.25), methods, lm_windows=args.windows, mc_items_n=0,
                     calib_windows=args.calib_windows, inner=args.inner, batch=args.batch, device=args.device,
-                    kernels=args.kernels)
+                    kernels=args.kernels, plan=plan)
     print(f"\n{pathlib.Path(args.model).name}: byte-level Qwen3-MoE, {rows[0]['tokens']:,} held-out bytes of the "
           f"Python docs; dualsparse, inner={args.inner}; 'time s' = wall time of the pass, its first call (compile) "
           "included\n")
@@ -411,7 +442,23 @@ def main_demo(args) -> None:
         a, b = by["2t-abs_gate"], by["1t"]
         print(f"\nat ~25 %: 2T with reconstruction vs 1T: accuracy {100 * (a['accuracy'] - b['accuracy']):+.2f} points, "
               f"loss {a['loss'] - b['loss']:+.4f} (measured rates {a['measured_rate']:.1%} / {b['measured_rate']:.1%})")
+    if args.sample:
+        print_continuations(args, plan)
     print(f"plot: {out / 'eval.png'}; total {time.perf_counter() - t_start:.0f} s")
+
+
+def print_continuations(args, plan) -> None:
+    """The same held-out prompt continued without dropping and with 2T (reconstruction) at 25 %."""
+    test = load_split("test", args.data)
+    start = test.numel() // 2
+    prompt = test[start:start + SAMPLE_PROMPT]
+    chosen = settings((0.25,), ("none", "2t-abs_gate"))
+    texts = continuations(args.model, chosen, plan, prompt, args.sample, inner=args.inner, device=args.device,
+                          kernels=args.kernels)
+    print(f"\ngenerate() through dualsparse, greedy, {args.sample} bytes after a held-out prompt:")
+    print("  prompt: " + repr(as_text(prompt)[-120:]))
+    for setting in chosen:
+        print(f"  {LABELS.get(setting.method, setting.method):>20}: {texts[setting.method]!r}")
 
 
 def add_arguments(p, demo: bool = False) -> None:
@@ -425,6 +472,9 @@ def add_arguments(p, demo: bool = False) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"], help="dualsparse kernels")
     p.add_argument("--out", default="results/demo" if demo else "results/eval")
+    if demo:
+        p.add_argument("--sample", type=int, default=64,
+                       help="bytes to generate after a held-out prompt, without and with 2T at 25 %% (0: none)")
     if not demo:
         p.add_argument("--drop-rates", default="0,0.1,0.25,0.4")
         p.add_argument("--methods", default="all", help=f"comma-separated subset of {','.join(METHODS)}")

@@ -90,6 +90,21 @@ def test_eval_cli_on_a_tiny_slice(tmp_path):
     assert rows["2t-abs_gate"]["d_loss"] != 0.0 and 0 <= rows["topk"]["mc_accuracy"] <= 1
 
 
+def test_demo_continuations_through_generate():
+    """The demo's continuations: without dropping, ``generate`` through dualsparse writes the eager model's greedy
+    bytes; 2T at 25 % writes as many bytes (what it writes is the model's business, not checked)."""
+    plan = ev.calibrate_plan(MODEL, ev.DEFAULT_DATA, calib_windows=2, batch=2, progress=False)
+    prompt = ev.load_split("test")[1000:1000 + 64]
+    chosen = ev.settings((0.25,), ("none", "2t-abs_gate"))
+    texts = ev.continuations(MODEL, chosen, plan, prompt, 24, inner="eager")
+    model = ev.load_model(MODEL)
+    with torch.no_grad():
+        eager = model.generate(prompt[None], max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    assert texts["none"] == ev.as_text(eager[0, prompt.numel():])
+    assert len(texts["none"]) >= 8 and len(texts["2t-abs_gate"]) >= 8
+
+
 def test_shipped_files_are_found_outside_an_editable_install(tmp_path, monkeypatch):
     """After a normal ``pip install .`` the package no longer sits beside models/ and data/: the shipped checkpoint
     is then found under $DSMOE_HOME or the current directory (a checkout), and a missing one gives an error that
