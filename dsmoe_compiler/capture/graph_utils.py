@@ -160,14 +160,13 @@ class InputWritesUndone(TorchDispatchMode):
 
     def __init__(self, inputs):
         super().__init__()
-        self._storages = {t.untyped_storage().data_ptr() for t in inputs
-                          if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0}
+        self._storages = {_storage_address(t) for t in inputs if isinstance(t, torch.Tensor)} - {None}
         self._undo: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for target in _written_tensors(func, args, kwargs):
-            if target.untyped_storage().data_ptr() in self._storages:
+            if _storage_address(target) in self._storages:
                 self._undo.append(_undo_of(func, target, args))
         return func(*args, **kwargs)
 
@@ -176,6 +175,17 @@ class InputWritesUndone(TorchDispatchMode):
         undo, self._undo = self._undo, []
         for put_back in reversed(undo):
             put_back()
+
+
+def _storage_address(t: torch.Tensor) -> int | None:
+    """Where ``t``'s storage starts; None for an empty one or one that cannot be read (sparse tensors, wrapper
+    subclasses such as DTensor). Writes into those are not undone: a known gap, no such input is written in place by
+    the models we test."""
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return storage.data_ptr() if storage.nbytes() > 0 else None
 
 
 def _undo_of(func, target, args):
