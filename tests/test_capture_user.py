@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import graph_breaks
 from models import DenseModel, ModuleListMoE, ThreeDMoE, UserBlockModel
 
@@ -83,6 +85,37 @@ def test_input_writes_are_put_back_exactly():
     for now, then in zip((cache, counter, buffer), before):
         assert torch.equal(now, then)
     assert torch.equal(made_here, torch.full((3,), 2.0))
+
+
+_WRITES = st.sampled_from(["index_copy_", "index_put_", "index_put_accumulate", "slice_mul_", "view_copy_",
+                            "out_add", "fill_"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(writes=st.lists(st.tuples(_WRITES, st.integers(0, 2**31 - 1)), min_size=1, max_size=8))
+def test_any_sequence_of_input_writes_is_undone(writes):
+    """Property: whatever sequence of writes (overlapping rows, repeated indices, views, ``out=``) lands in the
+    inputs inside ``InputWritesUndone``, they are bit for bit as before on exit (newest undone first)."""
+    cache, other = torch.randn(3, 6, 4), torch.randn(6, 4)
+    before = (cache.clone(), other.clone())
+    with InputWritesUndone([cache, other]):
+        for kind, seed in writes:
+            g = torch.Generator().manual_seed(seed)
+            rows = torch.randint(0, 6, (3,), generator=g)
+            values = torch.randn(3, 3, 4, generator=g)
+            if kind == "index_copy_":
+                cache.index_copy_(1, rows, values)
+            elif kind.startswith("index_put_"):
+                other.index_put_((rows,), values[0], accumulate=kind.endswith("accumulate"))
+            elif kind == "slice_mul_":
+                cache[:, 1:4].mul_(values[:, :3])
+            elif kind == "view_copy_":
+                other.view(4, 6)[1].copy_(values[0].flatten()[:6])
+            elif kind == "out_add":
+                torch.add(other, 1.5, out=other)
+            else:
+                cache[int(rows[0]) % 3].fill_(float(seed % 7))
+    assert torch.equal(cache, before[0]) and torch.equal(other, before[1])
 
 
 class _WritesItsState(torch.nn.Module):

@@ -156,7 +156,8 @@ class InputWritesUndone(TorchDispatchMode):
     (schema arguments marked ``a!``), so in-place methods, ``out=`` and ``setitem`` through views are all caught.
     What is copied is what the op writes: the written view, or for ``index_copy_`` / ``index_put_`` only the indexed
     rows (a static cache is written a few rows at a time, and a whole copy of it could run a GPU out of memory).
-    Restored newest first, so overlapping writes come back to the first state."""
+    Restored newest first, so overlapping writes come back to the first state (property test
+    ``test_capture_user.py::test_any_sequence_of_input_writes_is_undone``)."""
 
     def __init__(self, inputs):
         super().__init__()
