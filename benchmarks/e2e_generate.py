@@ -44,8 +44,17 @@ def compile_configs(plan) -> dict:
                                                   options={**two_t_options(plan), **ours_ro})}
 
 
-def timed_generate(model, ids, new: int, config, repeats: int):
-    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+def timed_generate(model, ids, new: int, config, repeats: int, reuse_cache: bool = False):
+    """``reuse_cache``: one ``StaticCache`` for every call (reset before each), as a server would keep it; without it
+    each call makes a new cache, whose new addresses make CUDA graphs re-record every decode step."""
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if reuse_cache:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new)
+        settings["past_key_values"] = cache
+    else:
+        settings["cache_implementation"] = "static"
     if config is None:
         settings["disable_compile"] = True
     else:
@@ -53,6 +62,8 @@ def timed_generate(model, ids, new: int, config, repeats: int):
     seconds, out = [], None
     with torch.no_grad():
         for i in range(repeats + 2):
+            if reuse_cache:
+                cache.reset()
             torch.cuda.synchronize()
             start = time.perf_counter()
             out = model.generate(ids, **settings)
@@ -95,6 +106,7 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--columns", default=None, help="comma list of column names to run (default: all)")
+    parser.add_argument("--reuse-cache", action="store_true", help="one StaticCache for all calls of a column")
     parser.add_argument("--profile", action="store_true",
                         help="only profile one generate of 16 tokens at the first batch size, inductor and dualsparse "
                              "without CUDA graphs: dynamo counters and the top CUDA kernels")
@@ -111,11 +123,11 @@ def main():
     rows = []
     for batch in map(int, args.batches.split(",")):
         ids = torch.randint(3, 50304, (batch, args.prompt), device="cuda")
-        row, baseline = {"batch": batch, "prompt": args.prompt, "new": args.new}, None
+        row, baseline = {"batch": batch, "prompt": args.prompt, "new": args.new, "reuse cache": args.reuse_cache}, None
         for name, config in configs.items():
             torch._dynamo.reset()
             dsmoe_compiler.reset_drop_stats()
-            first, median, tokens = timed_generate(model, ids, args.new, config, args.repeats)
+            first, median, tokens = timed_generate(model, ids, args.new, config, args.repeats, args.reuse_cache)
             baseline = tokens if baseline is None else baseline
             row[name] = {"s": median, "tokens/s": batch * args.new / median, "first call s": first,
                          "same tokens": (tokens == baseline).float().mean().item()}
