@@ -220,7 +220,7 @@ def _written_tensors(func, args, kwargs):
 def recorded_values(gm: fx.GraphModule, example_inputs, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
     """Run the graph once on its example inputs (no grad) and keep the values of ``wanted``. The run leaves the
     user's state as it found it: it draws from forked random generators (dropout, PhiMoE's sampling in training),
-    and what it writes into its inputs (a static KV cache) is put back (``InputWritesUndone``; property test
+    and what it writes into its inputs (a static KV cache) is put back (``InputWritesUndone``; test
     ``test_capture_user.py::test_a_check_run_leaves_written_inputs_as_they_were``)."""
     values = {}
 
