@@ -7,10 +7,11 @@ transformers' static cache. Columns: transformers without compile (``disable_com
 compile of the decode steps with inductor and with dualsparse, without CUDA graphs (``CompileConfig(mode="default")``,
 ``CompileConfig(backend="dualsparse", mode=None, options={"kernels": "triton"})``) and with them ("RO":
 ``CompileConfig()``, whose default mode is reduce-overhead, and ``options={"mode": "reduce-overhead", ...}``), and
-dualsparse with 2T-Drop fitted to 25 % compute drop under reduce-overhead. transformers runs the prefill without compile in every column,
-as it does by default. Time: wall seconds of a whole ``generate`` call (synchronised), the median of ``--repeats``
-calls after two warm-up calls (the first compiles); tokens/s = B * new / time. "same tokens" is the share of the new
-tokens equal to the uncompiled column's (bf16: greedy choices may part on near ties; no assert).
+dualsparse with 2T-Drop fitted to 25 % compute drop under reduce-overhead. transformers runs the prefill without
+compile in every column, as it does by default. Time: wall seconds of a whole ``generate`` call (synchronised), the
+median of ``--repeats`` calls after two warm-up calls (the first compiles); tokens/s = B * new / time. "same tokens"
+is the share of the new tokens equal to the first column's: the uncompiled one, unless ``--columns`` leaves it out
+(bf16: greedy choices may part on near ties; no assert).
 """
 
 from __future__ import annotations
@@ -44,25 +45,32 @@ def compile_configs(plan) -> dict:
                                                   options={**two_t_options(plan), **ours_ro})}
 
 
-def timed_generate(model, ids, new: int, config, repeats: int, reuse_cache: bool = False):
-    """``reuse_cache``: one ``StaticCache`` for every call (reset before each), as a server would keep it; without it
-    each call makes a new cache, whose new addresses make CUDA graphs re-record every decode step."""
+def generate_settings(model_config, ids, new: int, config, reuse_cache: bool = False) -> dict:
+    """``generate``'s arguments: exactly ``new`` greedy tokens, a static cache, transformers' compile of the decode steps
+    by ``config`` (None: no compile). ``reuse_cache``: one ``StaticCache`` (in ``past_key_values``) for every call,
+    reset before each, as a server would keep it; without it each call makes a new cache, whose new addresses make
+    CUDA graphs re-record every decode step."""
     settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
     if reuse_cache:
         from transformers import StaticCache
 
-        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new)
-        settings["past_key_values"] = cache
+        settings["past_key_values"] = StaticCache(config=model_config, max_cache_len=ids.shape[1] + new)
     else:
         settings["cache_implementation"] = "static"
     if config is None:
         settings["disable_compile"] = True
     else:
         settings["compile_config"] = config
+    return settings
+
+
+def timed_generate(model, ids, new: int, config, repeats: int, reuse_cache: bool = False):
+    settings = generate_settings(model.config, ids, new, config, reuse_cache)
+    cache = settings.get("past_key_values")
     seconds, out = [], None
     with torch.no_grad():
         for i in range(repeats + 2):
-            if reuse_cache:
+            if cache is not None:
                 cache.reset()
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -78,13 +86,12 @@ def profile_decode(model, batch: int, prompt: int, new: int = 16):
 
     configs = compile_configs(None)
     ids = torch.randint(3, 50304, (batch, prompt), device="cuda")
-    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
     for name in ("inductor", "dualsparse"):
         torch._dynamo.reset()
         counters.clear()
         timed_generate(model, ids, new, configs[name], 1)  # compiles and warms up
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
-            model.generate(ids, compile_config=configs[name], **settings)
+            model.generate(ids, **generate_settings(model.config, ids, new, configs[name]))
             torch.cuda.synchronize()
         print(f"== {name}: counters", {k: dict(v) for k, v in counters.items()
                                        if k in ("stats", "recompiles", "graph_break", "unimplemented")})
@@ -135,9 +142,9 @@ def main():
                   f"first call {first:.1f} s", flush=True)
             save(args.json, rows + [row])  # after every column: a run cut short keeps what it measured
         rows.append(row)
-    names = list(configs)
-    if len(names) < len(compile_configs(None)):
+    if args.columns:  # the table below compares all the columns
         return
+    names = list(configs)
     print(f"\ngenerate, prompt {args.prompt}, {args.new} new tokens, static cache; ms per call (tokens/s)")
     print("| B | " + " | ".join(names) + " | dualsparse vs inductor | RO: dualsparse / 2T vs inductor | same tokens |")
     print("|---" * (len(names) + 4) + "|")

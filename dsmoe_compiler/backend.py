@@ -21,7 +21,8 @@ log = logging.getLogger("dsmoe_compiler")
 def _set_impl(gm: fx.GraphModule, options: Options, example_inputs) -> None:
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     impl = options.kernel_impl(on_cuda)
-    if impl == "triton" and not on_cuda and not ops.INTERPRETED and any(n.target is fuse_markers.MOE for n in gm.graph.nodes):
+    has_moe = any(node.target is fuse_markers.MOE for node in gm.graph.nodes)
+    if impl == "triton" and not on_cuda and not ops.INTERPRETED and has_moe:
         warnings.warn("dualsparse: kernels='triton' needs CUDA inputs (or TRITON_INTERPRET=1); this graph's are on the "
                       "CPU, so its MoE blocks run the reference implementation", stacklevel=2)
     for node in gm.graph.nodes:

@@ -67,9 +67,10 @@ def test_user_moe_in_low_precision_is_captured(dtype, moe_cls, kw):
 
 
 def test_input_writes_are_put_back_exactly():
-    """What ``InputWritesUndone`` sees written into its inputs comes back bit for bit: ``index_copy_`` with a repeated
-    index, ``setitem`` and an accumulating ``index_put_`` (their undo saves the indexed rows), ``add_``, ``out=``, a write
-    through a slice; a tensor made inside the block is not its business, nor are inputs without a readable storage."""
+    """What ``InputWritesUndone`` sees written into its inputs comes back bit for bit: ``index_copy_`` with a
+    repeated index, ``setitem`` and an accumulating ``index_put_`` (their undo saves the indexed rows), ``add_``,
+    ``out=``, a write through a slice; a tensor made inside the block is not its business, nor are inputs without a
+    readable storage."""
     torch.manual_seed(6)
     cache, counter, buffer = torch.randn(2, 3, 10, 4), torch.zeros((), dtype=torch.long), torch.randn(5, 4)
     before = [t.clone() for t in (cache, counter, buffer)]
