@@ -100,6 +100,55 @@ def test_generate_compiles_its_decode_steps_with_dualsparse():
     assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_dynamic_shapes_compile_one_graph(arch):
+    """``torch.compile(..., dynamic=True)``: one graph serves every length, with no graph break. Dynamo makes the
+    floats it reads off modules symbolic there (DeepSeek-V3's ``routed_scaling_factor``), and the router's plan,
+    computed at trace time, once refused them: a graph break at every router, 16 graphs instead of 1."""
+    model = hf_model(arch, "grouped_mm")
+    compiled = torch.compile(model, backend="dualsparse", options=EAGER_INNER, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 11):
+            ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+            _close(compiled(ids).logits, model(ids).logits)
+    report = dsmoe_compiler.last_report()
+    assert graph_breaks() == ({}, {})
+    assert report.graphs == 1
+    assert len(report.rewritten) == moe_layer_count(model) and not report.left_alone, str(report)
+
+
+class _BreakBefore(torch.nn.Module):
+    """A module calling ``inner`` after a graph break: ``inner`` then runs in a resumed frame whose inputs are the
+    router's outputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return self.inner(*args, **kwargs)
+
+
+def test_experts_after_a_graph_break_under_dynamic_shapes():
+    """A graph break between router and experts under ``dynamic=True``: the experts' frame gets the routing as inputs
+    with symbolic shapes, so top-k is a symbol there. The experts still become one operator (specialised on top-k),
+    with no graph break but the user's own, and run as ``given`` routing (the router is in the other graph)."""
+    model = hf_model("qwen3_moe", "grouped_mm")
+    for layer in model.model.layers:
+        layer.mlp.experts = _BreakBefore(layer.mlp.experts)
+    compiled = torch.compile(model, backend="dualsparse", options=EAGER_INNER, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 11):
+            ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+            _close(compiled(ids).logits, model(ids).logits)
+    breaks, _ = graph_breaks()
+    assert len(breaks) == 1 and "graph_break()" in next(iter(breaks)), breaks
+    report = dsmoe_compiler.last_report()  # the layers share the experts' resumed frame, so one rewrite serves both
+    assert report.rewritten and not report.left_alone, str(report)
+    assert {b.variant for b in report.rewritten} == {"given"}, str(report)
+
+
 def test_inductor_end_to_end():
     model = hf_model("olmoe", "grouped_mm")
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))

@@ -35,12 +35,38 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
 
 _ACTIVATIONS = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "ReLUSquaredActivation": "relu2",
                 "GELUTanh": "gelu_tanh",
                 "GELUActivation": "gelu", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def constant_plan(fn):
+    """``torch._dynamo.assume_constant_result`` for a plan function whose arguments are read in traced code.
+
+    Under ``torch.compile(..., dynamic=True)`` dynamo makes the floats it reads off modules (a router's scaling factor)
+    and the shapes of a resumed frame's inputs symbolic, and ``assume_constant_result`` refuses symbolic arguments: a
+    graph break at every MoE block. Each number is specialised first (``guard_scalar``: dynamo guards on its value, so
+    a changed value recompiles). Test: ``test_capture_hf.py::test_dynamic_shapes_compile_one_graph``.
+    """
+    constant = torch._dynamo.assume_constant_result(fn)
+
+    @functools.wraps(fn, updated=())  # not its __dict__: the wrapper must not be marked constant itself
+    def plan(*args):
+        return constant(*_specialised(args))
+
+    return plan
+
+
+def _specialised(value):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_specialised(v) for v in value)
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
+        return guard_scalar(value)
+    return value
 
 
 # ---- routers --------------------------------------------------------------------------------------
@@ -111,7 +137,7 @@ def _router_facts(module) -> tuple:
     return (module.top_k, *[getattr(module, name, None) for name in _ROUTER_FACTS[1:]])
 
 
-@torch._dynamo.assume_constant_result
+@constant_plan
 def router_plan(class_name: str, weight_shape: tuple, facts: tuple) -> tuple[str, tuple[str, ...]] | None:
     """(spec JSON, attribute names of its tensors) for a known router; computed once at trace time.
 
@@ -346,7 +372,7 @@ def _held_experts(described: ExpertsSpec | str, reason: str | None, sharded_from
     return dataclasses.replace(described, expert_offset=sharded_from, local_experts=held)
 
 
-@torch._dynamo.assume_constant_result
+@constant_plan
 def experts_plan(class_name: str, facts: tuple, gate_up_shape: tuple, top_k: int) -> tuple[str, tuple[str, ...]] | str:
     """(spec JSON, attribute names of its tensors), or the reason the module is left alone."""
     f = dict(zip(_EXPERTS_FACTS, facts))
@@ -387,7 +413,7 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights, *, fallback
 
 
 # ---- blocks with experts of their own --------------------------------------------------------------
-@torch._dynamo.assume_constant_result
+@constant_plan
 def llama4_plan(act_name: str, router_bias: bool, gate_up_shape: tuple, top_k: int) -> tuple[str, str] | str:
     """(route spec JSON, experts spec JSON) of a Llama-4 MoE block, or the reason it is left alone.
 
@@ -434,7 +460,7 @@ def _known_experts(act_name: str, layout: str) -> ExpertsSpec | str:
     return ExpertsSpec(layout=layout, activation=activation)
 
 
-@torch._dynamo.assume_constant_result
+@constant_plan
 def longcat_plan(act_name: str, routed_experts: int, gate_up_shape: tuple, down_shape: tuple, top_k: int,
                  sharded_from: int | None = None) -> str:
     """Experts spec JSON of a LongCat-Flash MoE block's routed experts, or why it is left alone (a string starting
@@ -473,7 +499,7 @@ def longcat_moe_forward(self, hidden_states):
     return (routed + (x * identity).to(x.dtype)).view(hidden_states.shape)
 
 
-@torch._dynamo.assume_constant_result
+@constant_plan
 def jetmoe_plan(act_name: str, input_shape: tuple, output_shape: tuple, experts: int, top_k: int,
                 sharded_from: int | None = None) -> tuple[str, str] | str:
     """(route spec JSON, experts spec JSON) of a JetMoE MoE block, or why it is left alone.
@@ -538,7 +564,7 @@ def jetmoe_moe_forward(self, layer_input):
     return routed.view(batch, length, hidden) + self.bias
 
 
-@torch._dynamo.assume_constant_result
+@constant_plan
 def dbrx_plan(act_name: str, norm_p, jitter: bool, experts: int, inter: int, hidden: int, top_k: int,
               held: int, sharded_from: int | None = None) -> tuple[str | None, str] | str:
     """(route spec JSON or None for given routing, experts spec JSON) of a DBRX FFN, or why it is left alone.
