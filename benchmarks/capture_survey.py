@@ -7,6 +7,7 @@ Usage::
     python benchmarks/capture_survey.py --arch mixtral,olmoe  # a subset (folder names under transformers/models)
     python benchmarks/capture_survey.py --impls grouped_mm,eager --jobs 2 --timeout 120
     python benchmarks/capture_survey.py --list                # only print the discovered architectures
+    python benchmarks/capture_survey.py --dynamic --out results/capture_survey_dynamic.json  # dynamic=True
 
 What it does, per architecture:
 
@@ -25,6 +26,10 @@ What it does, per architecture:
   ModuleList of experts), blocks the backend rewrote (``dsmoe_compiler.last_report()``), blocks it left
   alone and why, max abs / relative error vs eager, dualsparse warnings / log lines, graphs and graph-break
   reasons, exceptions (type + first line).
+
+With ``--dynamic`` the compile is ``torch.compile(..., dynamic=True)``, run on two lengths ([2, 12] then [2, 7]),
+each compared with eager; the same model under ``backend="eager"`` gives the graphs and breaks that the model has
+without us, and a row with more graphs than that says so.
 
 Each architecture runs in its own subprocess (``--worker``) with a ``signal.alarm`` guard per case, so a
 crash or a hang costs one row. Results: ``results/capture_survey.json`` and ``results/capture_survey.md``;
@@ -280,7 +285,17 @@ def _where(error: BaseException) -> str:
     return ""
 
 
-def run_case(arch: str, model_type: str, impl: str | None, timeout: int) -> dict:
+def _graphs_and_breaks(counters) -> tuple[int, dict]:
+    # torch 2.13 counts most breaks under "unimplemented" (first line of the reason), older ones under "graph_break"
+    return counters["stats"]["unique_graphs"], {str(k).splitlines()[0][:160]: v for kind in ("graph_break", "unimplemented")
+                                                for k, v in counters[kind].items()}
+
+
+def _lengths(dynamic: bool) -> tuple[int, ...]:
+    return (12, 7) if dynamic else (12,)
+
+
+def run_case(arch: str, model_type: str, impl: str | None, timeout: int, dynamic: bool = False) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
@@ -302,16 +317,25 @@ def run_case(arch: str, model_type: str, impl: str | None, timeout: int) -> dict
             row["build"], row["overrides"] = True, {k: v for k, v in overrides.items() if k in PER_ARCH.get(arch, {})}
             blocks = moe_blocks(model)
             row["blocks"], row["block_names"] = len(blocks), blocks[:4]
-            ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+            inputs = [torch.randint(3, VOCAB, (2, n), generator=torch.Generator().manual_seed(1)) for n in _lengths(dynamic)]
             stage = "eager"
             with torch.no_grad():
-                expected = model(ids).logits.float()
+                expected = torch.cat([model(ids).logits.float().flatten() for ids in inputs])
+            if dynamic:
+                stage = "baseline"
+                torch._dynamo.reset()
+                counters.clear()
+                baseline = torch.compile(model, backend="eager", dynamic=True)
+                with torch.no_grad():
+                    for ids in inputs:
+                        baseline(ids)
+                row["baseline_graphs"], row["baseline_breaks"] = _graphs_and_breaks(counters)
             stage = "compile"
             torch._dynamo.reset()
             counters.clear()
-            compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager"})
+            compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager"}, dynamic=dynamic or None)
             with torch.no_grad():
-                got = compiled(ids).logits.float()
+                got = torch.cat([compiled(ids).logits.float().flatten() for ids in inputs])
             report = dsmoe_compiler.last_report()
             # one entry per rewritten block; names alone can repeat (a graph that starts inside a decoder layer names
             # its block from that layer: "mlp")
@@ -319,9 +343,7 @@ def run_case(arch: str, model_type: str, impl: str | None, timeout: int) -> dict
             row["variants"] = sorted({f"{b.form}/{b.variant}" for b in report.rewritten})
             row["left_alone"] = sorted({f"{b.name}: {b.reason}" for b in report.left_alone})
             row["graphs"] = report.graphs
-            # torch 2.13 counts most breaks under "unimplemented" (first line of the reason), older ones under "graph_break"
-            row["graph_breaks"] = {str(k).splitlines()[0][:160]: v for kind in ("graph_break", "unimplemented")
-                                   for k, v in counters[kind].items()}
+            row["graph_breaks"] = _graphs_and_breaks(counters)[1]
             diff = (got - expected).abs().max().item()
             row["max_abs"] = diff
             row["rel_err"] = diff / max(expected.abs().max().item(), 1e-30)
@@ -385,7 +407,7 @@ def discover() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def worker(arch: str, model_type: str, impls: list[str], timeout: int) -> list[dict]:
+def worker(arch: str, model_type: str, impls: list[str], timeout: int, dynamic: bool) -> list[dict]:
     import torch
 
     torch.set_num_threads(int(os.environ.get("SURVEY_THREADS", "1")))
@@ -396,12 +418,12 @@ def worker(arch: str, model_type: str, impls: list[str], timeout: int) -> list[d
     except Exception as error:  # noqa: BLE001
         return [{"arch": arch, "model_type": model_type, "impl": "default", "build": False,
                  "error": f"[import] {_first_line(error)}", "where": _where(error)}]
-    return [run_case(arch, model_type, impl, timeout) for impl in (impls if can_set else [None])]
+    return [run_case(arch, model_type, impl, timeout, dynamic) for impl in (impls if can_set else [None])]
 
 
-def _run_worker(arch, model_type, impls, timeout) -> list[dict]:
+def _run_worker(arch, model_type, impls, timeout, dynamic) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", arch, "--model-type", model_type,
-           "--impls", ",".join(impls), "--timeout", str(timeout)]
+           "--impls", ",".join(impls), "--timeout", str(timeout)] + (["--dynamic"] if dynamic else [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * (len(impls) + 1) + 60, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -431,6 +453,8 @@ def note(row: dict) -> str:
         parts.append("left alone: " + "; ".join(reasons))
     if row.get("graph_breaks") or (row.get("graphs") or 1) > 1:
         parts.append(f"{row.get('graphs')} graphs, breaks: " + "; ".join(sorted(row.get("graph_breaks") or {})))
+    if row.get("baseline_graphs") is not None and (row.get("graphs") or 0) > row["baseline_graphs"]:
+        parts.append(f"**more graphs than backend=eager ({row['baseline_graphs']})**")
     if row.get("variants"):
         parts.append(",".join(row["variants"]))
     return "; ".join(parts)
@@ -457,13 +481,14 @@ def main():
     ap.add_argument("--timeout", type=int, default=120, help="seconds per (arch, impl) case")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "capture_survey.json"))
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--dynamic", action="store_true", help="compile with dynamic=True, two lengths")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-type", help=argparse.SUPPRESS)
     args = ap.parse_args()
     impls = [i for i in args.impls.split(",") if i]
 
     if args.worker:
-        rows = worker(args.worker, args.model_type, impls, args.timeout)
+        rows = worker(args.worker, args.model_type, impls, args.timeout, args.dynamic)
         print("SURVEY_JSON " + json.dumps(rows, default=str))
         return
 
@@ -480,7 +505,7 @@ def main():
     start = time.time()
     results: dict[str, list[dict]] = {}
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(_run_worker, a, t, impls, args.timeout): a for a, t in keep}
+        futures = {pool.submit(_run_worker, a, t, impls, args.timeout, args.dynamic): a for a, t in keep}
         for fut in cf.as_completed(futures):
             arch = futures[fut]
             results[arch] = fut.result()
@@ -493,13 +518,13 @@ def main():
     import transformers
 
     payload = {"torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(time.time() - start),
-               "impls": impls, "rows": rows, "skipped": [{"arch": a, "reason": w} for a, w in skipped]}
+               "impls": impls, "dynamic": args.dynamic, "rows": rows, "skipped": [{"arch": a, "reason": w} for a, w in skipped]}
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     table = markdown(rows, skipped)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(f"# dualsparse capture survey (torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"CPU fp32, inner=eager)\n\n{table}\n")
+                f"CPU fp32, inner=eager{', dynamic=True' if args.dynamic else ''})\n\n{table}\n")
     print()
     print(table)
 

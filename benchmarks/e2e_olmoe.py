@@ -10,7 +10,9 @@ OLMoE with 1 expert, top-1, as a plain MLP is not available, so a Llama of the s
 the rest of the graph compiles as with inductor. Median ms of triton.testing.do_bench.
 Columns marked "RO" compile with mode="reduce-overhead" (CUDA graphs for the whole step, both backends).
 ``--cases`` runs a subset (the whole run takes longer than one device call); ``--merge a.json b.json``
-combines the rows of partial runs into --json and prints the table.
+combines the rows of partial runs into --json and prints the table. ``--dynamic`` compiles every column with
+``dynamic=True`` (the graph that serving with varying lengths runs: dynamo's automatic dynamic shapes recompile to
+it at the second length), ``--columns`` keeps the named columns.
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ def ms(fn) -> float:
     return float(do_bench(fn, warmup=200, rep=1000, return_mode="median"))
 
 
-def bench(model, inputs, backend, options=None, mode=None):
+def bench(model, inputs, backend, options=None, mode=None, dynamic=None):
     torch._dynamo.reset()
     if backend == "dualsparse" and mode is not None:  # torch.compile takes mode or options, not both
         options, mode = {**(options or {}), "mode": mode}, None
-    fn = model if backend is None else torch.compile(model, backend=backend, options=options, mode=mode)
+    fn = model if backend is None else torch.compile(model, backend=backend, options=options, mode=mode,
+                                                      dynamic=dynamic)
     with torch.no_grad():
         start = time.perf_counter()
         fn(**inputs)
@@ -141,6 +144,8 @@ def main():
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--cases", default="prefill,step,dense", help="comma list of prefill, step, dense")
     parser.add_argument("--merge", nargs="*", default=None, help="JSON files of partial runs to combine")
+    parser.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (cases marked 'dynamic')")
+    parser.add_argument("--columns", default="", help="comma list of columns to keep (default: all)")
     parser.add_argument("--profile", action="store_true", help="only print the top kernels of a prefill, both backends")
     parser.add_argument("--host-profile", action="store_true",
                         help="only print where the host time of a 64 x 1 step goes (cProfile), without and with 2T-Drop")
@@ -167,18 +172,24 @@ def main():
     cases = {"prefill 1x4096": {"input_ids": torch.randint(0, 50304, (1, 4096), device="cuda"), "use_cache": False},
              "step 64x1": {"input_ids": torch.randint(0, 50304, (64, 1), device="cuda"), "use_cache": False}}
     cases = {k: v for k, v in cases.items() if k.split()[0] in wanted}
-    plan = calibration_plan(model)
+    kept = [c for c in args.columns.split(",") if c]
+    plan = calibration_plan(model) if not kept or any("2T" in c for c in kept) else None
     columns = {"eager": (None, None), "inductor": ("inductor", None),
                "dualsparse": ("dualsparse", {"kernels": "triton"}),
                "dualsparse 2T 25%": ("dualsparse", two_t_options(plan))}
     columns.update({name + " RO": (backend, options) for name, (backend, options) in columns.items()
                     if backend is not None})
+    if kept:
+        columns = {k: v for k, v in columns.items() if k in kept}
+    if args.dynamic:
+        cases = {f"{k} dynamic": v for k, v in cases.items()}
     for case, inputs in cases.items():
         row = {"model": "OLMoE-shaped", "case": case}
         for column, (backend, options) in columns.items():
             dsmoe_compiler.reset_drop_stats()
             mode = "reduce-overhead" if column.endswith(" RO") else None
-            row[column], row[column + " first call s"] = bench(model, inputs, backend, options, mode)
+            row[column], row[column + " first call s"] = bench(model, inputs, backend, options, mode,
+                                                               True if args.dynamic and backend else None)
             if options and options.get("drop"):
                 row[column + " measured drop"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
             print(case, column, f"{row[column]:.2f} ms", flush=True)
