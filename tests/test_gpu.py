@@ -87,7 +87,7 @@ def test_dynamic_shapes_on_the_kernels(arch, inner):
     generator = torch.Generator("cuda").manual_seed(5)
     errors = []
     with torch.no_grad():
-        for batch, length in ((2, 7), (4, 33), (8, 700)):
+        for batch, length in ((2, 7), (4, 33), (16, 120)):  # within the tiny configs' 128 positions
             ids = torch.randint(3, VOCAB, (batch, length), device="cuda", generator=generator)
             got = compiled(ids).logits
             assert torch.isfinite(got).all()
