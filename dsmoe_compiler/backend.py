@@ -70,7 +70,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, options: Options, mode: s
 def dualsparse_backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     """``torch.compile(model, backend="dualsparse", options={...})``."""
     opts = Options.from_dict(options)
-    report = report_mod.current()
+    with report_mod.current().undone_on_error() as report:
+        return _compile(gm, example_inputs, opts, report, mode)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, opts: Options, report, mode):
     report.graphs += 1
     dumper = dump.Dumper(opts.dump_dir, report.graphs)
     dumper.graph(gm, "captured")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,20 @@ class Report:
     graphs: int = 0
     counters: collections.Counter = field(default_factory=collections.Counter)
     """Pass counters: how often each rewrite fired (inductor fx_passes style)."""
+
+    @contextlib.contextmanager
+    def undone_on_error(self):
+        """What one backend call adds is taken back if the call raises. Dynamo restarts a compile when a backend
+        specialises a float it had turned into a tensor (``TensorifyScalarRestartAnalysis``, under
+        ``dynamic=True``) and calls the backend again on the new graph: one graph, not two, and its blocks once
+        (``test_capture_hf.py::test_dynamic_shapes_compile_one_graph``)."""
+        kept = (len(self.rewritten), len(self.left_alone), self.graphs, collections.Counter(self.counters))
+        try:
+            yield self
+        except BaseException:
+            del self.rewritten[kept[0]:], self.left_alone[kept[1]:]
+            self.graphs, self.counters = kept[2], kept[3]
+            raise
 
     def __str__(self) -> str:
         lines = [f"dualsparse: {self.graphs} graph(s), {len(self.rewritten)} MoE block(s) rewritten, "
