@@ -100,13 +100,13 @@ def test_generate_compiles_its_decode_steps_with_dualsparse():
     assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
 
 
-@pytest.mark.parametrize("arch, inner", [("deepseek_v3", "aot_eager"), ("qwen3_moe", "eager")])
+@pytest.mark.parametrize("arch, inner", [("deepseek_v3", "aot_eager"), ("gpt_oss", "eager")])
 def test_dynamic_shapes_compile_one_graph(arch, inner):
     """``torch.compile(..., dynamic=True)``: one graph serves every length, with no graph break. Dynamo makes the
     floats it reads off modules symbolic there (DeepSeek-V3's ``routed_scaling_factor``), and the router's plan,
-    computed at trace time, once refused them: a graph break at every router, 16 graphs instead of 1. Now the plan
-    specialises the float, so AOT autograd (under aot_eager and inductor) restarts the compile once; the report
-    counts the graph once."""
+    computed at trace time, once refused them: a graph break at every router, 16 graphs instead of 1 (GPT-OSS:
+    its experts' alpha and limit, 13 graphs). Now the plan specialises the float, so AOT autograd (under aot_eager
+    and inductor) restarts the compile once; the report counts the graph once."""
     model = hf_model(arch, "grouped_mm")
     compiled = torch.compile(model, backend="dualsparse", options={"inner": inner}, dynamic=True)
     with torch.no_grad():
