@@ -35,9 +35,10 @@ class Report:
 
     @contextlib.contextmanager
     def undone_on_error(self):
-        """What one backend call adds is taken back if the call raises. Dynamo restarts a compile when a backend
-        specialises a float it had turned into a tensor (``TensorifyScalarRestartAnalysis``, under
-        ``dynamic=True``) and calls the backend again on the new graph: one graph, not two, and its blocks once
+        """What one backend call adds is taken back if the call raises. Under ``dynamic=True``, AOT autograd raises
+        ``TensorifyScalarRestartAnalysis`` when a float that dynamo had turned into a tensor was specialised while
+        tracing (``transformers_hf.constant_plan`` does that), and dynamo traces again and calls the backend on the
+        new graph: the report counts one graph, and its blocks once
         (``test_capture_hf.py::test_dynamic_shapes_compile_one_graph``)."""
         kept = (len(self.rewritten), len(self.left_alone), self.graphs, collections.Counter(self.counters))
         try:
