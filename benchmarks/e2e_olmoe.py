@@ -188,8 +188,7 @@ def main():
         for column, (backend, options) in columns.items():
             dsmoe_compiler.reset_drop_stats()
             mode = "reduce-overhead" if column.endswith(" RO") else None
-            row[column], row[column + " first call s"] = bench(model, inputs, backend, options, mode,
-                                                               True if args.dynamic and backend else None)
+            row[column], row[column + " first call s"] = bench(model, inputs, backend, options, mode, args.dynamic or None)
             if options and options.get("drop"):
                 row[column + " measured drop"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
             print(case, column, f"{row[column]:.2f} ms", flush=True)

@@ -100,6 +100,14 @@ def test_generate_compiles_its_decode_steps_with_dualsparse():
     assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
 
 
+def _close_at_lengths(compiled, model, lengths):
+    """The compiled model's logits are eager's on a random batch of 2 at each length."""
+    with torch.no_grad():
+        for length in lengths:
+            ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+            _close(compiled(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("arch, inner", [("deepseek_v3", "aot_eager"), ("gpt_oss", "eager")])
 def test_dynamic_shapes_compile_one_graph(arch, inner):
     """``torch.compile(..., dynamic=True)``: one graph serves every length, with no graph break. Dynamo makes the
@@ -109,10 +117,7 @@ def test_dynamic_shapes_compile_one_graph(arch, inner):
     and inductor) restarts the compile once; the report counts the graph once."""
     model = hf_model(arch, "grouped_mm")
     compiled = torch.compile(model, backend="dualsparse", options={"inner": inner}, dynamic=True)
-    with torch.no_grad():
-        for length in (5, 11):
-            ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-            _close(compiled(ids).logits, model(ids).logits)
+    _close_at_lengths(compiled, model, (5, 11))
     report = dsmoe_compiler.last_report()
     assert graph_breaks() == ({}, {})
     assert report.graphs == 1
@@ -140,10 +145,7 @@ def test_experts_after_a_graph_break_under_dynamic_shapes():
     for layer in model.model.layers:
         layer.mlp.experts = _BreakBefore(layer.mlp.experts)
     compiled = torch.compile(model, backend="dualsparse", options=EAGER_INNER, dynamic=True)
-    with torch.no_grad():
-        for length in (5, 11):
-            ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-            _close(compiled(ids).logits, model(ids).logits)
+    _close_at_lengths(compiled, model, (5, 11))
     breaks, _ = graph_breaks()
     assert len(breaks) == 1 and "graph_break()" in next(iter(breaks)), breaks
     report = dsmoe_compiler.last_report()  # the layers share the experts' resumed frame, so one rewrite serves both
