@@ -9,7 +9,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from dsmoe_compiler import dump, ops  # noqa: F401  (ops registers torch.ops.dualsparse.*)
+from dsmoe_compiler import dump, gradients, ops  # noqa: F401  (ops registers torch.ops.dualsparse.*)
 from dsmoe_compiler import report as report_mod
 from dsmoe_compiler.capture import fold_shared, fuse_markers, route_graph, transformers_hf, unmatched, user_moe
 from dsmoe_compiler.capture.graph_utils import ssa_inplace
@@ -104,6 +104,8 @@ def _compile(gm: fx.GraphModule, example_inputs, opts: Options, report, mode):
     _run_passes(gm, opts, report, dumper)
     _refresh_report(gm, report)
     _set_impl(gm, opts, example_inputs)
+    if gradients.bind_gradients(gm, example_inputs):
+        report.counters["bind_gradients"] += 1
     gm.recompile()
     dumper.moe_pictures(gm)
     log.info("%s", report)

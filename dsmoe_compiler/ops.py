@@ -24,11 +24,11 @@ from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.runtime import state
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
+def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _drop_state(spec):
+def drop_state(spec):
     """(thresholds, stats) of a dropping block, looked up on every call so new thresholds need no recompile."""
     if spec.drop.mode == "none":
         return None, None
@@ -51,15 +51,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's CPU interpreter is on: kernels="triton" runs the kernels on CPU tensors too (tests)."""
 
 
-def _run_moe(x, params, spec_json, impl="reference"):
+def run_moe(x, params, spec_json, impl="reference"):
     spec = parse_spec(spec_json)
     refuse_sharded(spec)
-    thresholds, stats = _drop_state(spec)
+    thresholds, stats = drop_state(spec)
     if impl == "triton" and (x.is_cuda or INTERPRETED):
         from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
 
-        return moe_triton(_flat(x), params, spec, thresholds=thresholds, stats=stats).view_as(x)
-    return reference.moe(_flat(x), params, spec, thresholds, stats).view_as(x)
+        return moe_triton(flat(x), params, spec, thresholds=thresholds, stats=stats).view_as(x)
+    return reference.moe(flat(x), params, spec, thresholds, stats).view_as(x)
 
 
 # The hot operator is registered through torch.library.Library rather than @custom_op: the custom_op
@@ -68,7 +68,7 @@ def _run_moe(x, params, spec_json, impl="reference"):
 # operator with a CompositeExplicitAutograd kernel costs ~6 us. Its outputs never alias its inputs.
 _LIB = torch.library.Library("dualsparse", "DEF")
 _LIB.define("moe(Tensor x, Tensor[] params, str spec, str impl='reference') -> Tensor")
-_LIB.impl("moe", _run_moe, "CompositeExplicitAutograd")
+_LIB.impl("moe", run_moe, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("dualsparse::moe")
@@ -81,7 +81,7 @@ moe = torch.ops.dualsparse.moe
 
 @torch.library.custom_op("dualsparse::route", mutates_args=())
 def route(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, weights, index = reference.route(_flat(x), params, parse_spec(spec))
+    logits, weights, index = reference.route(flat(x), params, parse_spec(spec))
     return logits, weights, index
 
 

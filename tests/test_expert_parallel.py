@@ -225,6 +225,14 @@ def _main_worker(rank, world, port, seed, out_dir):
             got = torch.compile(model, backend="dualsparse",
                                 options={"inner": "eager", "expert_parallel": True, "partition": 2})(ids).logits
         res["compiled olmoe"] = _max_err(got, want) + (dsmoe_compiler.last_report().counters["expert_parallel"],)
+        torch._dynamo.reset()  # grad mode on: the forward runs, a backward raises naming the block (no gradients)
+        compiled = torch.compile(model, backend="dualsparse", options={"inner": "aot_eager", "expert_parallel": True})
+        logits = compiled(ids).logits
+        try:
+            logits.sum().backward()
+            res["grad mode olmoe"] = _max_err(logits.detach(), want) + ("no error",)
+        except RuntimeError as error:
+            res["grad mode olmoe"] = _max_err(logits.detach(), want) + (str(error),)
         torch._dynamo.reset()  # shared experts (Qwen2-MoE's, gated): computed while the combine exchange is in flight
         model = hf_model("qwen2_moe", seed=seed)
         with torch.no_grad():
@@ -408,6 +416,18 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
                                          ("compiled longcat_flash", 2), ("compiled dbrx", 2), ("compiled jetmoe", 2)):
                 err, ok, fired = res[name]
                 assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
+
+
+def test_expert_parallel_backward_raises(group_results):
+    """Compiled in grad mode, the EP model runs its forward and its backward raises naming a block
+    (``gradients.inference_only``), where before it left the experts' gradients out without an error."""
+    world, seed, results, _ = group_results
+    if world != 2:
+        pytest.skip("the model checks run in the 2-process group")
+    for rank, res in enumerate(results):
+        err, ok, message = res["grad mode olmoe"]
+        assert ok, f"rank={rank}: max abs err {err:.3g}"
+        assert "runs expert parallelism, which has no backward" in message and "model.layers." in message, message
 
 
 @pytest.mark.parametrize("mode", ["1t", "2t"])

@@ -567,6 +567,28 @@ def test_compiled_transformers_model_through_the_kernels(arch):
 
 
 @pytestmark_case
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_gradients_of_a_model_on_the_kernels(inner):
+    """Grad mode on: the forward through the kernels, the backward rerunning the reference (gradients.py); every
+    parameter's gradient against eager transformers'."""
+    from models import VOCAB, hf_model
+
+    model = hf_model("qwen2_moe").train()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    model(ids, labels=ids).loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    dispatch._PLANS.clear()
+    torch._dynamo.reset()
+    torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": inner})(ids, labels=ids).loss.backward()
+    assert len(dispatch._PLANS) > 0, "the reference ran instead of the kernels"
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        err = ((p.grad - want[name]).norm() / want[name].norm()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"  # NaN fails too
+
+
+@pytestmark_case
 @pytest.mark.parametrize("mode", ["1t", "2t"])
 def test_compiled_model_drops_the_same_pairs_through_the_kernels(mode):
     from conftest import drop_runs

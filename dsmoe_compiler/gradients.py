@@ -1,0 +1,213 @@
+"""Gradients through the MoE operators: a backward that reruns the reference under autograd.
+
+The kernels are inference kernels. A graph that can need gradients (grad mode on and an input that requires
+them: training, or inference written without ``torch.no_grad()``) gets ``dualsparse::moe_trainable`` in place
+of ``dualsparse::moe`` (``bind_gradients``). Its forward is the same call, kernels included; its backward runs
+the block's reference implementation again under autograd and returns its vector-Jacobian product
+(``dualsparse::moe_backward``, opaque to AOT autograd and inductor like the forward). That is exact: the
+reference is the operator's definition (the kernels are checked against it), and a dropping block recomputes
+the same kept pairs from the same thresholds. It is as fast as the reference, which is fine for fine-tuning
+checks and wrong for serious training; this backend is for inference.
+
+Inference graphs keep ``dualsparse::moe``, which has no autograd formula: a Python autograd kernel would add
+its dispatch to every call (``ops.py`` says why that operator avoids ``@custom_op``). Dynamo guards on grad
+mode and on ``requires_grad``, so a model compiled for one case recompiles for the other.
+
+Expert parallelism has no backward: its block output passes through ``dualsparse::inference_only``, whose
+backward raises, naming the block, instead of leaving the experts' gradients silently out.
+
+Before this module, a backward through a compiled block (AOT autograd: the inductor and aot_eager inner
+compilers, or the Triton kernels) left the router's and experts' gradients out and gave wrong gradients
+upstream, without an error. Tests: ``tests/test_gradients.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from dsmoe_compiler import ops
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen.reference import parse_spec
+
+_LIB = torch.library.Library("dualsparse", "FRAGMENT")
+
+
+def reference_vjp(fn, inputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The gradients of ``fn(*inputs)``'s outputs (weighted by ``grads``; None: that output has none) against
+    ``inputs``, by running ``fn`` again under autograd. Inputs that are not floating point get zeros."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        outputs = fn(*leaves)
+        used = [(out, g) for out, g in zip(outputs, grads) if g is not None and out.requires_grad]
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad([out for out, _ in used], wanted, [g for _, g in used], allow_unused=True)
+                     if used and wanted else [None] * len(wanted))
+    grads_in = [next(found) if t.requires_grad else None for t in leaves]
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads_in, inputs)]
+
+
+def _param_grads(grads: list[torch.Tensor], params) -> list[torch.Tensor | None]:
+    """Autograd takes no gradient for an integer input (given top-k indices, expert maps)."""
+    return [g if p.is_floating_point() else None for g, p in zip(grads, params)]
+
+
+def _define_backward(schema: str, kernel, differentiated) -> None:
+    """A backward op: opaque to AOT autograd and inductor (a fake returns one empty gradient per tensor that
+    ``differentiated`` lists). Registered through ``Library`` with no autograd kernel of its own, so that the
+    reference ops inside it record their autograd graph (``@custom_op`` runs its kernel below autograd)."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"dualsparse::{name}")(
+        lambda *args: [torch.empty_like(t) for t in differentiated(*args)])
+
+
+# ---- the whole block -------------------------------------------------------------------------------------
+# ``impl`` has no default: the dispatcher drops arguments equal to their defaults before autograd sees them,
+# and the backward must return one gradient per argument passed
+_LIB.define("moe_trainable(Tensor x, Tensor[] params, str spec, str impl) -> Tensor")
+_LIB.impl("moe_trainable", ops.run_moe, "CompositeExplicitAutograd")
+torch.library.register_fake("dualsparse::moe_trainable")(lambda x, params, spec, impl: torch.empty_like(x))
+
+
+def _moe_backward(grad, x, params, spec_json):
+    spec = parse_spec(spec_json)
+    thresholds, _ = ops.drop_state(spec)
+
+    def block(x, *params):  # no drop statistics: the forward counted them
+        return (reference.moe(ops.flat(x), list(params), spec, thresholds).view_as(x),)
+
+    return reference_vjp(block, [x, *params], [grad])
+
+
+_define_backward("moe_backward(Tensor grad, Tensor x, Tensor[] params, str spec) -> Tensor[]", _moe_backward,
+                 lambda grad, x, params, spec: [x, *params])
+
+
+def _save_moe_inputs(ctx, inputs, output):
+    x, params, ctx.spec = inputs[:3]
+    ctx.save_for_backward(x, *params)
+
+
+def _moe_grad(ctx, grad):
+    x, *params = ctx.saved_tensors
+    grad_x, *grad_params = torch.ops.dualsparse.moe_backward(grad, x, params, ctx.spec)
+    return grad_x, _param_grads(grad_params, params), None, None
+
+
+torch.library.register_autograd("dualsparse::moe_trainable", _moe_grad, setup_context=_save_moe_inputs)
+MOE_TRAINABLE = torch.ops.dualsparse.moe_trainable.default
+
+
+# ---- the capture markers (exact on their own when a pair stays unfused) ----------------------------------
+def _route_backward(grad_logits, grad_weights, x, params, spec):
+    parsed = parse_spec(spec)
+    return reference_vjp(lambda x, *params: reference.route(ops.flat(x), list(params), parsed)[:2],
+                         [x, *params], [grad_logits, grad_weights])
+
+
+_define_backward("route_backward(Tensor? grad_logits, Tensor? grad_weights, Tensor x, Tensor[] params, str spec) "
+                 "-> Tensor[]", _route_backward, lambda gl, gw, x, params, spec: [x, *params])
+
+
+def _save_route_inputs(ctx, inputs, output):
+    x, params, ctx.spec = inputs
+    ctx.save_for_backward(x, *params)
+
+
+def _route_grad(ctx, grad_logits, grad_weights, _grad_index):
+    x, *params = ctx.saved_tensors
+    grad_x, *grad_params = torch.ops.dualsparse.route_backward(grad_logits, grad_weights, x, params, ctx.spec)
+    return grad_x, _param_grads(grad_params, params), None
+
+
+ops.route.register_autograd(_route_grad, setup_context=_save_route_inputs)
+
+
+def _experts_backward(grad, x, index, weights, params, spec):
+    parsed = parse_spec(spec)
+    return reference_vjp(lambda x, weights, *params: (reference.experts(x, index, weights, list(params), parsed),),
+                         [x, weights, *params], [grad])
+
+
+_define_backward("experts_backward(Tensor grad, Tensor x, Tensor index, Tensor weights, Tensor[] params, str spec) "
+                 "-> Tensor[]", _experts_backward, lambda grad, x, index, weights, params, spec: [x, weights, *params])
+
+
+def _save_experts_inputs(ctx, inputs, output):
+    x, index, weights, params, ctx.spec = inputs
+    ctx.save_for_backward(x, index, weights, *params)
+
+
+def _experts_grad(ctx, grad):
+    x, index, weights, *params = ctx.saved_tensors
+    grad_x, grad_weights, *grad_params = torch.ops.dualsparse.experts_backward(grad, x, index, weights, params, ctx.spec)
+    return grad_x, None, grad_weights, _param_grads(grad_params, params), None
+
+
+ops.experts.register_autograd(_experts_grad, setup_context=_save_experts_inputs)
+
+
+# ---- operators without a backward -------------------------------------------------------------------------
+@torch.library.custom_op("dualsparse::no_backward", mutates_args=())
+def no_backward(grad: torch.Tensor, why: str) -> torch.Tensor:
+    raise RuntimeError(f"dualsparse: {why}")
+
+
+@no_backward.register_fake
+def _(grad, why):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("dualsparse::inference_only", mutates_args=())
+def inference_only(x: torch.Tensor, why: str) -> torch.Tensor:
+    """Identity whose backward raises ``why`` (the raise sits in an opaque op, so that AOT autograd can trace
+    the backward graph at compile time and the forward still runs)."""
+    return x.clone()
+
+
+@inference_only.register_fake
+def _(x, why):
+    return torch.empty_like(x)
+
+
+def _save_why(ctx, inputs, output):
+    ctx.why = inputs[1]
+
+
+inference_only.register_autograd(lambda ctx, grad: (no_backward(grad, ctx.why), None), setup_context=_save_why)
+
+# ---- the backend's choice --------------------------------------------------------------------------------
+def may_need_gradients(gm: fx.GraphModule, example_inputs) -> bool:
+    """Grad mode is on, or the graph turns it on, and some input or parameter requires grad: AOT autograd's own
+    rule for tracing a backward."""
+    requires = (any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+                or any(p.requires_grad for p in gm.parameters()))
+    turns_on = any(node.target is torch._C._set_grad_enabled and node.args[:1] == (True,) for node in gm.graph.nodes)
+    return requires and (torch.is_grad_enabled() or turns_on)
+
+
+def bind_gradients(gm: fx.GraphModule, example_inputs) -> int:
+    """Give each MoE node of a graph that may need gradients its backward; returns how many were bound."""
+    if not may_need_gradients(gm, example_inputs):
+        return 0
+    bound = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is ops.moe.default:
+            node.target = MOE_TRAINABLE
+            bound += 1
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.name() == "dualsparse::ep_combine":
+            _guard_backward(gm, node, f"MoE block {parse_spec(node.args[5]).name} runs expert parallelism, which has "
+                                      "no backward; run it under torch.no_grad() or torch.inference_mode()")
+            bound += 1
+    return bound
+
+
+def _guard_backward(gm: fx.GraphModule, node: fx.Node, why: str) -> None:
+    with gm.graph.inserting_after(node):
+        guarded = gm.graph.call_function(torch.ops.dualsparse.inference_only.default, (node, why))
+    node.replace_all_uses_with(guarded, delete_user_cb=lambda user: user is not guarded)
+    guarded.meta.update(node.meta)
