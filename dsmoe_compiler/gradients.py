@@ -150,33 +150,33 @@ ops.experts.register_autograd(_experts_grad, setup_context=_save_experts_inputs)
 
 
 # ---- operators without a backward -------------------------------------------------------------------------
-@torch.library.custom_op("dualsparse::no_backward", mutates_args=())
-def no_backward(grad: torch.Tensor, why: str) -> torch.Tensor:
+# A backward that raises must sit in the gradients that the block's inputs receive: AOT autograd traces the
+# backward graph at compile time (so the raise is an opaque op, run only by a real backward) and removes
+# every node whose result no gradient uses.
+def _raise(grad, inputs, why):
     raise RuntimeError(f"dualsparse: {why}")
 
 
-@no_backward.register_fake
-def _(grad, why):
-    return torch.empty_like(grad)
+_define_backward("no_backward(Tensor grad, Tensor[] inputs, str why) -> Tensor[]", _raise,
+                 lambda grad, inputs, why: inputs)
+
+_LIB.define("inference_only(Tensor out, Tensor[] inputs, str why) -> Tensor")
+_LIB.impl("inference_only", lambda out, inputs, why: out.clone(), "CompositeExplicitAutograd")
+torch.library.register_fake("dualsparse::inference_only")(lambda out, inputs, why: torch.empty_like(out))
 
 
-@torch.library.custom_op("dualsparse::inference_only", mutates_args=())
-def inference_only(x: torch.Tensor, why: str) -> torch.Tensor:
-    """Identity whose backward raises ``why`` (the raise sits in an opaque op, so that AOT autograd can trace
-    the backward graph at compile time and the forward still runs)."""
-    return x.clone()
+def _save_inputs_and_why(ctx, inputs, output):
+    _, block_inputs, ctx.why = inputs
+    ctx.save_for_backward(*block_inputs)
 
 
-@inference_only.register_fake
-def _(x, why):
-    return torch.empty_like(x)
+def _raise_in_backward(ctx, grad):
+    inputs = list(ctx.saved_tensors)
+    return None, _param_grads(torch.ops.dualsparse.no_backward(grad, inputs, ctx.why), inputs), None
 
 
-def _save_why(ctx, inputs, output):
-    ctx.why = inputs[1]
+torch.library.register_autograd("dualsparse::inference_only", _raise_in_backward, setup_context=_save_inputs_and_why)
 
-
-inference_only.register_autograd(lambda ctx, grad: (no_backward(grad, ctx.why), None), setup_context=_save_why)
 
 # ---- the backend's choice --------------------------------------------------------------------------------
 def may_need_gradients(gm: fx.GraphModule, example_inputs) -> bool:
@@ -207,7 +207,10 @@ def bind_gradients(gm: fx.GraphModule, example_inputs) -> int:
 
 
 def _guard_backward(gm: fx.GraphModule, node: fx.Node, why: str) -> None:
+    """Route ``node``'s uses through ``inference_only`` with the block's input and parameters (ep_combine's
+    first and fifth arguments)."""
+    x, params = node.args[0], node.args[4]
     with gm.graph.inserting_after(node):
-        guarded = gm.graph.call_function(torch.ops.dualsparse.inference_only.default, (node, why))
+        guarded = gm.graph.call_function(torch.ops.dualsparse.inference_only.default, (node, [x, *params], why))
     node.replace_all_uses_with(guarded, delete_user_cb=lambda user: user is not guarded)
     guarded.meta.update(node.meta)

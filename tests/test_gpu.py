@@ -73,6 +73,25 @@ def test_generate_with_a_static_cache_on_the_kernels(arch, inner):
     assert report.graphs >= 1 and len(report.rewritten) == report.graphs * moe_layer_count(model), str(report)
 
 
+@pytest.mark.parametrize("arch, inner", [("qwen2_moe", "inductor"), ("deepseek_v3", "aot_eager")])
+def test_gradients_with_the_kernels(arch, inner):
+    """Grad mode on, fp32 on the GPU: the forward on the kernels, the backward rerunning the reference
+    (``gradients.py``); every parameter's gradient against eager transformers'."""
+    torch._dynamo.reset()
+    model = hf_model(arch, seed=3).to("cuda").train()
+    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    model(ids, labels=ids).loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": inner})
+    compiled(ids, labels=ids).loss.backward()
+    report = dsmoe_compiler.last_report()
+    assert len(report.rewritten) == moe_layer_count(model) and report.counters["bind_gradients"] == 1
+    worst = max(_rel(p.grad, want[name]) for name, p in model.named_parameters())  # a missing grad raises
+    print(f"{arch}/{inner}: worst parameter gradient rel. err. {worst:.2e}")
+    assert worst < 1e-2  # the kernels' fp32 products run as TF32 (tl.dot's default); NaN fails too
+
+
 @pytest.mark.parametrize("arch, inner", [("deepseek_v3", "inductor"), ("qwen3_moe", "eager")])
 def test_dynamic_shapes_on_the_kernels(arch, inner):
     """``dynamic=True`` (one graph for every length, as serving with varying prompts ends up with): bf16 logits
