@@ -27,6 +27,10 @@ What it does, per architecture:
   alone and why, max abs / relative error vs eager, dualsparse warnings / log lines, graphs and graph-break
   reasons, exceptions (type + first line).
 
+With ``--backward`` (grad mode on, ``inner="aot_eager"``, so that AOT autograd traces a backward) the row also
+compares every parameter's gradient of a fixed random projection of the logits with eager's (``grad_rel_err``,
+the worst relative error over parameters, and the parameters whose gradient went missing).
+
 With ``--dynamic`` the compile is ``torch.compile(..., dynamic=True)``, run on two lengths ([2, 12] then [2, 7]),
 each compared with eager; the same model under ``backend="eager"`` gives the graphs and breaks that the model has
 without us, and a row with more graphs than that says so.
@@ -295,7 +299,30 @@ def _lengths(dynamic: bool) -> tuple[int, ...]:
     return (12, 7) if dynamic else (12,)
 
 
-def run_case(arch: str, model_type: str, impl: str | None, timeout: int, dynamic: bool = False) -> dict:
+def _probe_loss(model, ids, probe):
+    """A fixed random projection of the logits (every logit gets a gradient), and the parameters' gradients."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits.float()
+    (logits * probe).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _gradients_against_eager(model, compiled, ids) -> dict:
+    import torch
+
+    probe = torch.randn(model(ids).logits.shape, generator=torch.Generator().manual_seed(2))
+    _, want = _probe_loss(model, ids, probe)
+    got_logits, got = _probe_loss(compiled, ids, probe)
+    got = {n.removeprefix("_orig_mod."): g for n, g in got.items()}
+    errors = [((got[n] - g).norm() / g.norm()).item() for n, g in want.items() if n in got and g.norm() > 0]
+    if any(not torch.isfinite(g).all() for g in got.values()):
+        errors.append(float("inf"))
+    return {"grad_rel_err": max(errors, default=None), "missing_grads": sorted(n for n in want if n not in got)[:6],
+            "logits": got_logits}
+
+
+def run_case(arch: str, model_type: str, impl: str | None, timeout: int, dynamic: bool = False,
+             backward: bool = False) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
@@ -318,6 +345,7 @@ def run_case(arch: str, model_type: str, impl: str | None, timeout: int, dynamic
             blocks = moe_blocks(model)
             row["blocks"], row["block_names"] = len(blocks), blocks[:4]
             inputs = [torch.randint(3, VOCAB, (2, n), generator=torch.Generator().manual_seed(1)) for n in _lengths(dynamic)]
+            inputs = inputs[:1] if backward else inputs  # gradients at the first length
             stage = "eager"
             with torch.no_grad():
                 expected = torch.cat([model(ids).logits.float().flatten() for ids in inputs])
@@ -333,9 +361,15 @@ def run_case(arch: str, model_type: str, impl: str | None, timeout: int, dynamic
             stage = "compile"
             torch._dynamo.reset()
             counters.clear()
-            compiled = torch.compile(model, backend="dualsparse", options={"inner": "eager"}, dynamic=dynamic or None)
-            with torch.no_grad():
-                got = torch.cat([compiled(ids).logits.float().flatten() for ids in inputs])
+            compiled = torch.compile(model, backend="dualsparse", options={"inner": "aot_eager" if backward else "eager"},
+                                     dynamic=dynamic or None)
+            if backward:
+                grads = _gradients_against_eager(model, compiled, inputs[0])
+                got = grads.pop("logits").flatten()
+                row.update(grads)
+            else:
+                with torch.no_grad():
+                    got = torch.cat([compiled(ids).logits.float().flatten() for ids in inputs])
             report = dsmoe_compiler.last_report()
             # one entry per rewritten block; names alone can repeat (a graph that starts inside a decoder layer names
             # its block from that layer: "mlp")
@@ -407,7 +441,7 @@ def discover() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def worker(arch: str, model_type: str, impls: list[str], timeout: int, dynamic: bool) -> list[dict]:
+def worker(arch: str, model_type: str, impls: list[str], timeout: int, dynamic: bool, backward: bool) -> list[dict]:
     import torch
 
     torch.set_num_threads(int(os.environ.get("SURVEY_THREADS", "1")))
@@ -418,12 +452,13 @@ def worker(arch: str, model_type: str, impls: list[str], timeout: int, dynamic: 
     except Exception as error:  # noqa: BLE001
         return [{"arch": arch, "model_type": model_type, "impl": "default", "build": False,
                  "error": f"[import] {_first_line(error)}", "where": _where(error)}]
-    return [run_case(arch, model_type, impl, timeout, dynamic) for impl in (impls if can_set else [None])]
+    return [run_case(arch, model_type, impl, timeout, dynamic, backward) for impl in (impls if can_set else [None])]
 
 
-def _run_worker(arch, model_type, impls, timeout, dynamic) -> list[dict]:
+def _run_worker(arch, model_type, impls, timeout, dynamic, backward) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", arch, "--model-type", model_type,
-           "--impls", ",".join(impls), "--timeout", str(timeout)] + (["--dynamic"] if dynamic else [])
+           "--impls", ",".join(impls), "--timeout", str(timeout)] + (["--dynamic"] if dynamic else []) + (
+        ["--backward"] if backward else [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * (len(impls) + 1) + 60, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -455,6 +490,10 @@ def note(row: dict) -> str:
         parts.append(f"{row.get('graphs')} graphs, breaks: " + "; ".join(sorted(row.get("graph_breaks") or {})))
     if row.get("baseline_graphs") is not None and (row.get("graphs") or 0) > row["baseline_graphs"]:
         parts.append(f"**more graphs than backend=eager ({row['baseline_graphs']})**")
+    if row.get("missing_grads"):
+        parts.append("**MISSING GRADIENTS** " + ",".join(row["missing_grads"]))
+    if row.get("grad_rel_err") is not None and row["grad_rel_err"] > WRONG:
+        parts.append(f"**WRONG GRADIENTS** ({row['grad_rel_err']:.1e})")
     if row.get("variants"):
         parts.append(",".join(row["variants"]))
     return "; ".join(parts)
@@ -464,10 +503,13 @@ def markdown(rows: list[dict], skipped: list[tuple[str, str]]) -> str:
     def fmt(v):
         return "-" if v is None else (f"{v:.1e}" if isinstance(v, float) else str(v))
 
-    lines = ["| arch | impl | blocks | captured | rel err | note |", "|---|---|---|---|---|---|"]
+    grads = any("grad_rel_err" in r for r in rows)
+    lines = ["| arch | impl | blocks | captured | rel err |" + (" grad rel err |" if grads else "") + " note |",
+             "|---|---|---|---|---|" + ("---|" if grads else "") + "---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r.get('impl')} | {fmt(r.get('blocks'))} | {fmt(r.get('captured'))} | "
-                     f"{fmt(r.get('rel_err'))} | {note(r).replace('|', '/')} |")
+                     f"{fmt(r.get('rel_err'))} |" + (f" {fmt(r.get('grad_rel_err'))} |" if grads else "")
+                     + f" {note(r).replace('|', '/')} |")
     if skipped:
         lines += ["", "Skipped (no text CausalLM mapping): " + ", ".join(f"{f}" for f, _ in skipped)]
     return "\n".join(lines)
@@ -482,13 +524,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "capture_survey.json"))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dynamic", action="store_true", help="compile with dynamic=True, two lengths")
+    ap.add_argument("--backward", action="store_true", help="grad mode, inner=aot_eager: gradients against eager's")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-type", help=argparse.SUPPRESS)
     args = ap.parse_args()
     impls = [i for i in args.impls.split(",") if i]
 
     if args.worker:
-        rows = worker(args.worker, args.model_type, impls, args.timeout, args.dynamic)
+        rows = worker(args.worker, args.model_type, impls, args.timeout, args.dynamic, args.backward)
         print("SURVEY_JSON " + json.dumps(rows, default=str))
         return
 
@@ -505,7 +548,7 @@ def main():
     start = time.time()
     results: dict[str, list[dict]] = {}
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(_run_worker, a, t, impls, args.timeout, args.dynamic): a for a, t in keep}
+        futures = {pool.submit(_run_worker, a, t, impls, args.timeout, args.dynamic, args.backward): a for a, t in keep}
         for fut in cf.as_completed(futures):
             arch = futures[fut]
             results[arch] = fut.result()
@@ -518,13 +561,14 @@ def main():
     import transformers
 
     payload = {"torch": torch.__version__, "transformers": transformers.__version__, "seconds": round(time.time() - start),
-               "impls": impls, "dynamic": args.dynamic, "rows": rows, "skipped": [{"arch": a, "reason": w} for a, w in skipped]}
+               "impls": impls, "dynamic": args.dynamic, "backward": args.backward, "rows": rows, "skipped": [{"arch": a, "reason": w} for a, w in skipped]}
     with open(args.out, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     table = markdown(rows, skipped)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(f"# dualsparse capture survey (torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"CPU fp32, inner=eager{', dynamic=True' if args.dynamic else ''})\n\n{table}\n")
+                f"CPU fp32, inner={'aot_eager, gradients' if args.backward else 'eager'}"
+                f"{', dynamic=True' if args.dynamic else ''})\n\n{table}\n")
     print()
     print(table)
 

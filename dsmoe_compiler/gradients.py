@@ -44,7 +44,15 @@ def reference_vjp(fn, inputs: list[torch.Tensor], grads: list[torch.Tensor | Non
         found = iter(torch.autograd.grad([out for out, _ in used], wanted, [g for _, g in used], allow_unused=True)
                      if used and wanted else [None] * len(wanted))
     grads_in = [next(found) if t.requires_grad else None for t in leaves]
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads_in, inputs)]
+    return [_like(t, g) for g, t in zip(grads_in, inputs)]
+
+
+def _like(t: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """The gradient in ``t``'s layout, as the backward ops' fakes promise (``empty_like``): AOT autograd's backward
+    may view it the way the forward viewed ``t`` (DBRX's down weights are a transposed view)."""
+    if grad is None:
+        return torch.zeros_like(t)
+    return grad if grad.stride() == t.stride() else torch.empty_like(t).copy_(grad)
 
 
 def _param_grads(grads: list[torch.Tensor], params) -> list[torch.Tensor | None]:
