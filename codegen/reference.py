@@ -192,17 +192,28 @@ def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
     return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32, ex.gate_limit)
 
 
+def pairs_by_sub_expert(index: torch.Tensor, keep: torch.Tensor | None, subs: int):
+    """(sub-expert, (tokens, slots)) of the kept pairs of every sub-expert that has any, each in (token, slot) order
+    (what ``torch.where(index == sub)`` gives), from one stable sort and one host read of the counts, not one host
+    synchronisation per sub-expert (the loop runs again under autograd in ``gradients.py``'s backward)."""
+    flat = index.flatten() if keep is None else index.flatten().masked_fill(~keep.flatten(), subs)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=subs + 1)[:subs].tolist()
+    start = 0
+    for sub, count in enumerate(counts):
+        if count:
+            chosen = order[start:start + count]
+            yield sub, (chosen // index.shape[1], chosen % index.shape[1])
+        start += count
+
+
 def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
             keep: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: sum over kept (token, slot) pairs of weight * sub_expert(x) (weight_on_input:
     sub_expert(weight * x)). index holds sub-expert ids."""
     out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    mask = torch.ones_like(index, dtype=torch.bool) if keep is None else keep
     ex = spec.experts
-    for sub in range(spec.num_experts * spec.partition):
-        token, slot = torch.where((index == sub) & mask)
-        if token.numel() == 0:
-            continue
+    for sub, (token, slot) in pairs_by_sub_expert(index, keep, spec.num_experts * spec.partition):
         gate, up, down, gb, ub, db = sub_expert_weights(params, spec, sub)
         xs, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:

@@ -1,0 +1,78 @@
+"""What a backward through dualsparse costs: one training step (forward with labels + backward) of an
+OLMoE-1B-7B-shaped model, random bf16 weights, on the GPU.
+
+    PYTHONUNBUFFERED=1 python benchmarks/train_step.py --json results/train_step.json
+
+Columns: eager, torch.compile with inductor, dualsparse (kernels forward; backward rerunning the reference,
+``dsmoe_compiler/gradients.py``). Median ms of ``triton.testing.do_bench`` (gradients accumulate across calls,
+which costs the same every call), and each compiled column's worst parameter-gradient relative error against
+eager's on one step. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_olmoe import ms, olmoe  # noqa: E402
+
+
+def step(model, ids):
+    model(ids, labels=ids).loss.backward()
+
+
+def gradients(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    step(model, ids)
+    return {name.removeprefix("_orig_mod."): p.grad.float().clone() for name, p in model.named_parameters()
+            if p.grad is not None}
+
+
+def worst_error(got: dict, want: dict) -> float:
+    if set(got) != set(want):
+        return float("inf")
+    return max(((got[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in want.items())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="results/train_step.json")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = olmoe(args.layers).train()
+    ids = torch.randint(0, 50304, (1, args.tokens), device="cuda")
+    want = gradients(model, ids)
+    rows = []
+    for name, backend, options in (("eager", None, None), ("inductor", "inductor", None),
+                                   ("dualsparse", "dualsparse", {"kernels": "triton"})):
+        torch._dynamo.reset()
+        target = model if backend is None else torch.compile(model, backend=backend, options=options)
+        start = time.perf_counter()
+        got = gradients(target, ids)
+        first = time.perf_counter() - start
+        row = {"column": name, "first_call_s": first, "ms": ms(lambda: step(target, ids)),
+               "worst_grad_rel_err": None if backend is None else worst_error(got, want)}
+        print(row, flush=True)
+        rows.append(row)
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+                   "tokens": args.tokens, "rows": rows}, f, indent=1)
+    print(f"\ntraining step, OLMoE-shaped, {args.layers} layers, 1 x {args.tokens} tokens, bf16")
+    print("| column | ms | vs eager | first call s | worst grad rel. err. vs eager |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        err = "–" if r["worst_grad_rel_err"] is None else f"{r['worst_grad_rel_err']:.1e}"
+        print(f"| {r['column']} | {r['ms']:.2f} | {rows[0]['ms'] / r['ms']:.2f}× | {r['first_call_s']:.1f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
