@@ -106,6 +106,10 @@ def _compile(gm: fx.GraphModule, example_inputs, opts: Options, report, mode):
     _set_impl(gm, opts, example_inputs)
     if gradients.bind_gradients(gm, example_inputs):
         report.counters["bind_gradients"] += 1
+        warnings.warn("dualsparse: this graph was compiled with gradients enabled, so its MoE blocks' backward reruns "
+                      "their reference implementation (exact, but a training step is many times slower than "
+                      "inductor's); for inference, call the model under torch.no_grad() or torch.inference_mode()",
+                      stacklevel=2)
     gm.recompile()
     dumper.moe_pictures(gm)
     log.info("%s", report)
