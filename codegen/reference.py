@@ -192,15 +192,19 @@ def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
     return glu(gate, up, ex.activation, ex.alpha, ex.limit, ex.clamp, ex.glu_fp32, ex.gate_limit)
 
 
+def sorted_pairs(index: torch.Tensor, keep: torch.Tensor | None, subs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat pair ids ordered by sub-expert, stable, dropped pairs last; kept pairs per sub-expert [subs])."""
+    flat = index.flatten() if keep is None else index.flatten().masked_fill(~keep.flatten(), subs)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=subs + 1)[:subs]
+
+
 def pairs_by_sub_expert(index: torch.Tensor, keep: torch.Tensor | None, subs: int):
     """(sub-expert, (tokens, slots)) of the kept pairs of every sub-expert that has any, each in (token, slot) order
     (what ``torch.where(index == sub)`` gives), from one stable sort and one host read of the counts, not one host
     synchronisation per sub-expert (the loop runs again under autograd in ``gradients.py``'s backward)."""
-    flat = index.flatten() if keep is None else index.flatten().masked_fill(~keep.flatten(), subs)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=subs + 1)[:subs].tolist()
+    order, counts = sorted_pairs(index, keep, subs)
     start = 0
-    for sub, count in enumerate(counts):
+    for sub, count in enumerate(counts.tolist()):
         if count:
             chosen = order[start:start + count]
             yield sub, (chosen // index.shape[1], chosen % index.shape[1])
@@ -310,10 +314,11 @@ def record_drops(stats: torch.Tensor, keep: torch.Tensor, spec: MoESpec, present
 
 # ---- the whole block -----------------------------------------------------------------------------
 def moe(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor | None = None,
-        stats: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        stats: torch.Tensor | None = None, keep: torch.Tensor | None = None, routed=None) -> torch.Tensor:
     """The MoE block on x [T, H]: route, drop, (partial transform), experts, shared experts.
 
-    ``keep`` [T, K'] overrides the drop rule with a given mask of kept (token, slot) pairs.
+    ``keep`` [T, K'] overrides the drop rule with a given mask of kept (token, slot) pairs. ``routed`` replaces
+    ``experts`` with a function of the same arguments and result (the batched one of the backward).
     """
     _, weights, index = route(x, params, spec)
     if keep is None and spec.drop.mode != "none":
@@ -324,7 +329,7 @@ def moe(x: torch.Tensor, params, spec: MoESpec, thresholds: torch.Tensor | None 
         index, weights = partial_transform(index, weights, spec.partition)
     if stats is not None and keep is not None:
         record_drops(stats, keep, spec, present)
-    out = experts(x, index, weights, params, spec, keep)
+    out = (routed or experts)(x, index, weights, params, spec, keep)
     if spec.shared is not None:
         out = out + shared_experts(x, params, spec)
     return out
