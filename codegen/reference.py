@@ -194,7 +194,8 @@ def expert_glu(gate: torch.Tensor, up: torch.Tensor, ex) -> torch.Tensor:
 
 def sorted_pairs(index: torch.Tensor, keep: torch.Tensor | None, subs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat pair ids ordered by sub-expert, stable, dropped pairs last; kept pairs per sub-expert [subs])."""
-    flat = index.flatten() if keep is None else index.flatten().masked_fill(~keep.flatten(), subs)
+    flat = index.flatten().long()  # ids may come as floats (given routing in a test's fp64 copy of the params)
+    flat = flat if keep is None else flat.masked_fill(~keep.flatten(), subs)
     return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=subs + 1)[:subs]
 
 

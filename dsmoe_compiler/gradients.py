@@ -91,12 +91,37 @@ def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _stacked_sub_experts(params, spec, subs: int) -> list[torch.Tensor | None]:
     """``reference.sub_expert_weights`` of every sub-expert, stacked ([S, ...]); a weight no sub-expert has stays
     None, one that only some have (the down bias, on the Major halves) is zero on the others."""
+    if spec.experts.layout == "fused" and spec.experts.gated:
+        return _fused_sub_experts(params, spec)
     stacked = []
     for parts in zip(*(reference.sub_expert_weights(params, spec, s) for s in range(subs))):
         present = [p for p in parts if p is not None]
         stacked.append(torch.stack([torch.zeros_like(present[0]) if p is None else p for p in parts])
                        if present else None)
     return stacked
+
+
+def _fused_sub_experts(params, spec) -> list[torch.Tensor | None]:
+    """The same for 3-D ``gate_up`` / ``down`` tensors, from views of whole tensors: the backward of a view is one
+    full-size gradient, so a view per sub-expert would write the whole weight's size once per sub-expert."""
+    ex, E, P, I = spec.experts, spec.num_experts, spec.partition, spec.intermediate
+    gate_up = reference._param(spec, params, "gate_up")
+    gate_up = gate_up.transpose(1, 2) if ex.transposed else gate_up  # [E, 2I, H]
+    down = reference._param(spec, params, "down")
+    down = down.transpose(1, 2) if ex.transposed else down  # [E, H, I]
+    halves = (slice(0, None, 2), slice(1, None, 2)) if ex.interleaved else (slice(0, I), slice(I, 2 * I))
+
+    def split_rows(w):  # [E, I, ...] -> [E * P, I / P, ...]: sub-expert e * P + p holds rows p * c .. (p + 1) * c
+        return w.reshape(E * P, I // P, *w.shape[2:])
+
+    gate, up = (split_rows(gate_up[:, half]) for half in halves)
+    down = down.reshape(E, down.shape[1], P, I // P).transpose(1, 2).reshape(E * P, down.shape[1], I // P)
+    bias = reference._param(spec, params, "gate_up_bias")
+    gate_bias, up_bias = (None, None) if bias is None else (split_rows(bias[:, half]) for half in halves)
+    down_bias = reference._param(spec, params, "down_bias")
+    if down_bias is not None:  # the whole expert's bias, on its Major half (p = 0) only
+        down_bias = torch.stack([down_bias, *[torch.zeros_like(down_bias)] * (P - 1)], dim=1).reshape(E * P, -1)
+    return [gate, up, down, gate_bias, up_bias, down_bias]
 
 
 def _param_grads(grads: list[torch.Tensor], params) -> list[torch.Tensor | None]:
