@@ -107,8 +107,8 @@ def _compile(gm: fx.GraphModule, example_inputs, opts: Options, report, mode):
     if gradients.bind_gradients(gm, example_inputs):
         report.counters["bind_gradients"] += 1
         warnings.warn("dualsparse: this graph was compiled with gradients enabled, so its MoE blocks' backward reruns "
-                      "their reference implementation (exact, but a training step is many times slower than "
-                      "inductor's); for inference, call the model under torch.no_grad() or torch.inference_mode()",
+                      "their reference implementation (exact, but a training step is slower than under inductor); for "
+                      "inference, call the model under torch.no_grad() or torch.inference_mode()",
                       stacklevel=2)
     gm.recompile()
     dumper.moe_pictures(gm)

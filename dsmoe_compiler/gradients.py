@@ -7,8 +7,8 @@ the block's reference implementation again under autograd and returns its vector
 (``dualsparse::moe_backward``, opaque to AOT autograd and inductor like the forward). That is exact: the
 reference is the operator's definition (the kernels are checked against it), and a dropping block recomputes
 the same kept pairs from the same thresholds (on the kernels: up to exact ties, which their routing may break
-the other way). It is as fast as the reference, which is fine for fine-tuning
-checks and wrong for serious training; this backend is for inference.
+the other way). The recompute batches the experts over sub-experts (``batched_experts``);
+``benchmarks/train_step.py`` times a training step against inductor's. This backend is for inference.
 
 Inference graphs keep ``dualsparse::moe``, which has no autograd formula: a Python autograd kernel would add
 its dispatch to every call (``ops.py`` says why that operator avoids ``@custom_op``). Dynamo guards on grad
