@@ -105,9 +105,10 @@ def _fused_sub_experts(params, spec) -> list[torch.Tensor | None]:
     """The same for 3-D ``gate_up`` / ``down`` tensors, from views of whole tensors: the backward of a view is one
     full-size gradient, so a view per sub-expert would write the whole weight's size once per sub-expert."""
     ex, E, P, I = spec.experts, spec.num_experts, spec.partition, spec.intermediate
-    gate_up = reference._param(spec, params, "gate_up")
+    # [:E]: a tensor may hold more experts than route (LongCat-Flash's), as sub_expert_weights reads them
+    gate_up = reference._param(spec, params, "gate_up")[:E]
     gate_up = gate_up.transpose(1, 2) if ex.transposed else gate_up  # [E, 2I, H]
-    down = reference._param(spec, params, "down")
+    down = reference._param(spec, params, "down")[:E]
     down = down.transpose(1, 2) if ex.transposed else down  # [E, H, I]
     halves = (slice(0, None, 2), slice(1, None, 2)) if ex.interleaved else (slice(0, I), slice(I, 2 * I))
 
@@ -117,9 +118,10 @@ def _fused_sub_experts(params, spec) -> list[torch.Tensor | None]:
     gate, up = (split_rows(gate_up[:, half]) for half in halves)
     down = down.reshape(E, down.shape[1], P, I // P).transpose(1, 2).reshape(E * P, down.shape[1], I // P)
     bias = reference._param(spec, params, "gate_up_bias")
-    gate_bias, up_bias = (None, None) if bias is None else (split_rows(bias[:, half]) for half in halves)
+    gate_bias, up_bias = (None, None) if bias is None else (split_rows(bias[:E, half]) for half in halves)
     down_bias = reference._param(spec, params, "down_bias")
     if down_bias is not None:  # the whole expert's bias, on its Major half (p = 0) only
+        down_bias = down_bias[:E]
         down_bias = torch.stack([down_bias, *[torch.zeros_like(down_bias)] * (P - 1)], dim=1).reshape(E * P, -1)
     return [gate, up, down, gate_bias, up_bias, down_bias]
 
