@@ -173,3 +173,22 @@ def test_patches_are_scoped_to_dualsparse_calls():
     with torch.no_grad():
         torch.compile(model, backend="dualsparse", options=EAGER_INNER)(torch.tensor([[5, 6, 7]]))
     assert (modeling_olmoe.OlmoeTopKRouter.forward, moe.ExpertsInterface.get_interface) == before
+
+
+@pytest.mark.parametrize("arch, inner", [("olmoe", "eager"), ("qwen2_moe", "aot_eager")])
+def test_autocast_bf16(arch, inner):
+    """Under ``torch.autocast`` (fp32 weights, bf16 autocast): every block is rewritten and the logits are eager
+    autocast's to bf16 rounding, no farther from the fp32 model than eager autocast's own (the operator has no
+    autocast rule: what it runs inside is cast by autocast as in eager, its fp32 inputs stay fp32)."""
+    model = hf_model(arch, "grouped_mm")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(ids).logits
+            got = torch.compile(model, backend="dualsparse", options={"inner": inner})(ids).logits
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert torch.isfinite(got).all() and got.dtype == expected.dtype
+    assert rel(got, expected) < 1e-2
+    assert rel(got, fp32) < 1.5 * rel(expected, fp32)
+    assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)

@@ -118,6 +118,30 @@ def test_dynamic_shapes_on_the_kernels(arch, inner):
     assert max(errors) < 1e-2
 
 
+@pytest.mark.parametrize("arch, inner", [("olmoe", "inductor"), ("qwen2_moe", "eager")])
+def test_autocast_on_the_kernels(arch, inner):
+    """fp32 weights under ``torch.autocast("cuda", torch.bfloat16)``: every block on the kernels, logits within 1e-2
+    of eager autocast's and no farther from the fp32 model than eager autocast's own (times 1.5). The operator has no
+    autocast rule: its router GEMM is cast by autocast as in eager, its grouped GEMMs take the fp32 inputs (TF32)."""
+    from dsmoe_compiler.codegen import dispatch
+
+    torch._dynamo.reset()
+    dispatch._PLANS.clear()
+    model = hf_model(arch, "grouped_mm", seed=2).to("cuda")
+    ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = model(ids).logits
+            got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": inner})(ids).logits
+    print(f"{arch}/{inner} autocast: ours-vs-eager-autocast {_rel(got, expected):.2e}, vs fp32: ours "
+          f"{_rel(got, fp32):.2e}, eager autocast {_rel(expected, fp32):.2e}")
+    assert torch.isfinite(got).all() and got.dtype == expected.dtype
+    assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
+    assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
+    assert _rel(got, expected) < 1e-2 and _rel(got, fp32) < 1.5 * _rel(expected, fp32)
+
+
 @pytest.mark.parametrize("moe_cls", [ModuleListMoE, ThreeDMoE])
 def test_triton_kernels_run_user_moes_in_bf16(moe_cls):
     """User MoEs (ModuleList experts: address tables; separate 3-D weights) go through the grouped GEMMs."""
