@@ -58,8 +58,8 @@ def print_markdown(title: str, header: list[str], lines: list[list[str]]) -> Non
 def save_json(path: str, rows: list, **extra) -> None:
     """A benchmark's result file: the machine and versions, the script's extra fields, then its rows."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
     with open(path, "w") as f:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
         json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
                    **extra, "rows": rows}, f, indent=1)
 

@@ -12,7 +12,6 @@ eager's on one step. Prints a table last and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_olmoe import ms, olmoe  # noqa: E402
+from moe_layer import print_markdown, save_json  # noqa: E402
 
 
 def step(model, ids):
@@ -62,16 +62,12 @@ def main():
                "worst_grad_rel_err": None if backend is None else worst_error(got, want)}
         print(row, flush=True)
         rows.append(row)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-                   "tokens": args.tokens, "rows": rows}, f, indent=1)
-    print(f"\ntraining step, OLMoE-shaped, {args.layers} layers, 1 x {args.tokens} tokens, bf16")
-    print("| column | ms | vs eager | first call s | worst grad rel. err. vs eager |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        err = "–" if r["worst_grad_rel_err"] is None else f"{r['worst_grad_rel_err']:.1e}"
-        print(f"| {r['column']} | {r['ms']:.2f} | {rows[0]['ms'] / r['ms']:.2f}× | {r['first_call_s']:.1f} | {err} |")
+    save_json(args.json, rows, layers=args.layers, tokens=args.tokens)
+    err = lambda r: "–" if r["worst_grad_rel_err"] is None else f"{r['worst_grad_rel_err']:.1e}"  # noqa: E731
+    print_markdown(f"\ntraining step, OLMoE-shaped, {args.layers} layers, 1 x {args.tokens} tokens, bf16",
+                   ["column", "ms", "vs eager", "first call s", "worst grad rel. err. vs eager"],
+                   [[r["column"], f"{r['ms']:.2f}", f"{rows[0]['ms'] / r['ms']:.2f}×", f"{r['first_call_s']:.1f}", err(r)]
+                    for r in rows])
 
 
 if __name__ == "__main__":

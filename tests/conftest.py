@@ -27,6 +27,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def graph_breaks():
     from torch._dynamo.utils import counters
 

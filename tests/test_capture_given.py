@@ -13,13 +13,10 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 from models import VOCAB, eager_and_compiled, hf_model, moe_layer_count, random_ids, triton_bf16_errors
 
 import dsmoe_compiler
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _close(got, expected):
@@ -38,7 +35,7 @@ def test_deepseek_v4_is_captured_exactly():
         if hasattr(module, "gate_up_proj"):
             module.limit = math.inf
     with torch.no_grad():
-        assert _rel(model(ids).logits, expected) > 1e-3
+        assert rel_err(model(ids).logits, expected) > 1e-3
 
 
 def test_a_shared_mlp_clamp_is_read_off_its_ops():
@@ -99,7 +96,7 @@ def test_deepseek_v4_partial_partition_and_dropping():
     routed = 2 * model.config.moe_intermediate_size
     shared = model.model.layers[0].mlp.shared_experts.gate_proj.weight.shape[0]
     assert dsmoe_compiler.drop_stats()["overall"]["drop_rate"] == pytest.approx(routed / 2 / (routed + shared))
-    assert _rel(dropped, expected) > 1e-3
+    assert rel_err(dropped, expected) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v4", "gemma4", "nemotron_h", "longcat_flash", "jetmoe"])
@@ -343,7 +340,7 @@ def test_inkling2_softcaps_matter():
     for module in caps:
         module.softcap = 1e6  # tanh(v / c) c is v here
     with torch.no_grad():
-        assert _rel(model(ids).logits, expected) > 1e-2
+        assert rel_err(model(ids).logits, expected) > 1e-2
 
 
 def test_an_unknown_two_product_activation_is_left_alone(monkeypatch):
@@ -406,7 +403,7 @@ def test_jetmoe_triton_kernels_bf16_on_gpu():
             want, eager = fp32(ids).logits, model(ids).logits
             got = compiled(ids).logits
         assert torch.isfinite(got).all()
-        assert _rel(got, want) < _rel(eager, want) + 1e-2, (_rel(got, want), _rel(eager, want))
+        assert rel_err(got, want) < rel_err(eager, want) + 1e-2, (rel_err(got, want), rel_err(eager, want))
     assert len(dsmoe_compiler.last_report().rewritten) == 2, str(dsmoe_compiler.last_report())
     assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import graph_breaks
+from conftest import graph_breaks, rel_err
 from models import ARCHITECTURES, IMPLEMENTATIONS, VOCAB, hf_model, moe_layer_count
 
 import dsmoe_compiler
@@ -187,8 +187,7 @@ def test_autocast_bf16(arch, inner):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected = model(ids).logits
             got = torch.compile(model, backend="dualsparse", options={"inner": inner})(ids).logits
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
     assert torch.isfinite(got).all() and got.dtype == expected.dtype
-    assert rel(got, expected) < 1e-2
-    assert rel(got, fp32) < 1.5 * rel(expected, fp32)
+    assert rel_err(got, expected) < 1e-2
+    assert rel_err(got, fp32) < 1.5 * rel_err(expected, fp32)
     assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)

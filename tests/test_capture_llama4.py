@@ -4,14 +4,10 @@ the shared expert folded in (``transformers_hf.llama4_moe_forward``), and gives 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import graph_breaks
+from conftest import graph_breaks, rel_err
 from models import eager_and_compiled, hf_model, moe_layer_count, random_ids, triton_bf16_errors
 
 import dsmoe_compiler
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_llama4_block_is_captured_exactly():
@@ -31,7 +27,7 @@ def test_llama4_bf16_and_a_partition():
         for options in ({"inner": "eager"}, {"inner": "eager", "partition": 2}):
             torch._dynamo.reset()
             got = torch.compile(model, backend="dualsparse", options=options)(random_ids()).logits
-            assert torch.isfinite(got).all() and _rel(got, expected) < 1e-2, options
+            assert torch.isfinite(got).all() and rel_err(got, expected) < 1e-2, options
 
 
 def test_llama4_unknown_activation_is_left_alone():

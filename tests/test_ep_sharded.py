@@ -35,6 +35,10 @@ OUTPUT_CASES = (("longcat_flash E=8 P=2", "longcat_flash", {}, 2),)
 AT_FOUR = ("olmoe E=8 P=1", "gpt_oss E=6 P=2", "olmoe E=3 P=2")
 
 
+def _runs_at(world: int, case: str) -> bool:
+    return world <= 2 or case in AT_FOUR
+
+
 def _model(arch, overrides, seed):
     import transformers as tf
     from models import SURVEY_BUILT, hf_config, hf_model
@@ -85,7 +89,7 @@ def _worker(rank, world, port, seed, out_dir):
     res = {}
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(seed * 100 + rank))  # per-rank tokens
     for name, arch, overrides, P in CASES + OUTPUT_CASES:
-        if world > 2 and name not in AT_FOUR:
+        if not _runs_at(world, name):
             continue
         t0 = time.monotonic()
         model = _model(arch, overrides, seed)
@@ -130,7 +134,7 @@ def sharded_results(request, tmp_path_factory):
 
 
 def _skip_if_not_run(world, case):
-    if world > 2 and case not in AT_FOUR:
+    if not _runs_at(world, case):
         pytest.skip(f"{case}: run at 2 ranks only (AT_FOUR)")
 
 

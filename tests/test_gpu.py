@@ -2,17 +2,13 @@
 
 import pytest
 import torch
-from conftest import drop_runs
+from conftest import drop_runs, rel_err
 from models import (ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count,
                     poisoned_empty)
 
 import dsmoe_compiler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _errors(arch, impl, seed=0):
@@ -27,7 +23,7 @@ def _errors(arch, impl, seed=0):
         got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
     assert torch.isfinite(got).all()
     assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
-    return _rel(got, expected), _rel(got, exact), _rel(expected, exact)
+    return rel_err(got, expected), rel_err(got, exact), rel_err(expected, exact)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "gpt_oss"])
@@ -87,7 +83,7 @@ def test_gradients_with_the_kernels(arch, inner):
     compiled(ids, labels=ids).loss.backward()
     report = dsmoe_compiler.last_report()
     assert len(report.rewritten) == moe_layer_count(model) and report.counters["bind_gradients"] == 1
-    worst = max(_rel(p.grad, want[name]) for name, p in model.named_parameters())  # a missing grad raises
+    worst = max(rel_err(p.grad, want[name]) for name, p in model.named_parameters())  # a missing grad raises
     print(f"{arch}/{inner}: worst parameter gradient rel. err. {worst:.2e}")
     assert worst < 1e-2  # the kernels' fp32 products run as TF32 (tl.dot's default); NaN fails too
 
@@ -110,7 +106,7 @@ def test_dynamic_shapes_on_the_kernels(arch, inner):
             ids = torch.randint(3, VOCAB, (batch, length), device="cuda", generator=generator)
             got = compiled(ids).logits
             assert torch.isfinite(got).all()
-            errors.append(_rel(got, model(ids).logits))
+            errors.append(rel_err(got, model(ids).logits))
     report = dsmoe_compiler.last_report()
     print(f"{arch}/{inner} dynamic: ours-vs-eager-bf16 per length {[f'{e:.2e}' for e in errors]}, {report.graphs} graphs")
     assert report.graphs == 1 and len(report.rewritten) == moe_layer_count(model), str(report)
@@ -134,12 +130,12 @@ def test_autocast_on_the_kernels(arch, inner):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             expected = model(ids).logits
             got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": inner})(ids).logits
-    print(f"{arch}/{inner} autocast: ours-vs-eager-autocast {_rel(got, expected):.2e}, vs fp32: ours "
-          f"{_rel(got, fp32):.2e}, eager autocast {_rel(expected, fp32):.2e}")
+    print(f"{arch}/{inner} autocast: ours-vs-eager-autocast {rel_err(got, expected):.2e}, vs fp32: ours "
+          f"{rel_err(got, fp32):.2e}, eager autocast {rel_err(expected, fp32):.2e}")
     assert torch.isfinite(got).all() and got.dtype == expected.dtype
     assert len(dsmoe_compiler.last_report().rewritten) == moe_layer_count(model)
     assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
-    assert _rel(got, expected) < 1e-2 and _rel(got, fp32) < 1.5 * _rel(expected, fp32)
+    assert rel_err(got, expected) < 1e-2 and rel_err(got, fp32) < 1.5 * rel_err(expected, fp32)
 
 
 @pytest.mark.parametrize("moe_cls", [ModuleListMoE, ThreeDMoE])
@@ -160,7 +156,7 @@ def test_triton_kernels_run_user_moes_in_bf16(moe_cls):
     assert len(dsmoe_compiler.last_report().rewritten) == 2
     assert len(dispatch._PLANS) > 0, "the reference loop ran instead of the kernels"
     assert torch.isfinite(got).all()
-    between, ours, theirs = _rel(got, expected), _rel(got, exact), _rel(expected, exact)
+    between, ours, theirs = rel_err(got, expected), rel_err(got, exact), rel_err(expected, exact)
     print(f"{moe_cls.__name__}: ours-vs-eager-bf16 {between:.2e}, vs fp32: ours {ours:.2e}, eager bf16 {theirs:.2e}")
     # ThreeDMoE's bf16 einsums over gathered weights are themselves ~6e-2 from fp32 (CPU), ours ~4e-2
     assert between < 1e-2 or ours <= 1.25 * theirs
@@ -173,7 +169,7 @@ def test_triton_drop_matches_reference_drop(mode):
     ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     outs = drop_runs(model, ids, mode, threshold=0.45)
     assert outs["triton_rate"] == outs["reference_rate"] > 0
-    assert _rel(outs["triton"], outs["reference"]) < 1e-4
+    assert rel_err(outs["triton"], outs["reference"]) < 1e-4
 
 
 @pytest.mark.parametrize("P, nested", [(1, False), (2, False), (2, True)])
@@ -200,7 +196,7 @@ def test_expert_parallel_local_step_and_combine_in_bf16(P, nested, monkeypatch):
     for fused in (True, False, True):  # labels by the kernel or torch; the third call replays recorded launches
         monkeypatch.setattr(ep, "FUSED", fused)
         got = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "triton")
-        assert torch.isfinite(got).all() and _rel(got, want) < 1e-2
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-2
     rows = torch.randint(-1, recv.shape[0], (333, 2 * P), generator=g, dtype=torch.int32).cuda()
     weights = torch.rand(333, 2 * P, generator=g).cuda()
     for _ in range(2):  # the second call replays the recorded launch (launch.py) on new inputs
@@ -208,7 +204,7 @@ def test_expert_parallel_local_step_and_combine_in_bf16(P, nested, monkeypatch):
         out = torch.full((333, 256), float("nan"), dtype=torch.bfloat16, device="cuda")
         combined = gather_combine(got, rows, weights, out=out)
         assert torch.isfinite(combined).all()
-        assert _rel(combined, gather_combine_reference(got.float(), rows, weights)) < 1e-2
+        assert rel_err(combined, gather_combine_reference(got.float(), rows, weights)) < 1e-2
 
 
 @pytest.mark.parametrize("nested,split,drop", [(False, False, False), (False, False, True), (True, False, False),
@@ -277,5 +273,5 @@ def test_triton_glu_epilogues_in_bf16(clamp, monkeypatch):
     expected = reference.moe(x, params, spec)
     unbounded = reference.moe(x, params, spec.replace(experts=dataclasses.replace(spec.experts, clamp="none")))
     assert torch.isfinite(out).all()
-    assert _rel(out, expected) < 1e-2
-    assert _rel(unbounded, expected) > 5e-2
+    assert rel_err(out, expected) < 1e-2
+    assert rel_err(unbounded, expected) > 5e-2
