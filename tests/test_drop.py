@@ -8,7 +8,7 @@ from models import VOCAB, hf_model
 import dsmoe_compiler
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.ir import DropSpec, ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
-from dsmoe_compiler.runtime import state, thresholds as fit
+from dsmoe_compiler.runtime import thresholds as fit
 
 E, H, I, K = 6, 16, 8, 3
 

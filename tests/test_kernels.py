@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import rel_err
 from models import poisoned_empty
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -99,7 +100,7 @@ def check(x, params, spec, keep=None, out=None):
         ref = reference.experts(xd, idx, w.double(), [p.double() for p in params], spec, keep=keep)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output"
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    err = rel_err(out, ref)
     assert err < TOL[x.dtype], f"relative error {err:.2e}"
 
 
@@ -237,7 +238,7 @@ def test_weight_on_input_partition(dtype, P, routing):
         output_weighted = spec.replace(experts=dataclasses.replace(spec.experts, weight_on_input=False))
         ref = reference.moe(x.double(), [p.double() for p in params], output_weighted)
         out = dispatch.moe_triton(x, params, spec).double()
-        assert ((out - ref).norm() / ref.norm()).item() > 1e-2
+        assert rel_err(out, ref) > 1e-2
 
 
 @pytestmark_case
@@ -257,7 +258,7 @@ def test_bounded_glu(dtype, clamp, activation):
         unbounded = spec.replace(experts=dataclasses.replace(spec.experts, clamp="none"))
         ref = reference.moe(x.double(), [p.double() for p in params], unbounded)
         out = dispatch.moe_triton(x, params, spec).double()
-        assert ((out - ref).norm() / ref.norm()).item() > 1e-2
+        assert rel_err(out, ref) > 1e-2
 
 
 @pytestmark_case
@@ -315,7 +316,7 @@ def test_given_ids_outside_the_experts_add_nothing(dtype):
     others = (index >= 0) & (index < spec.num_experts)
     ref = reference.experts(x.double(), index.clamp(0, spec.num_experts - 1), params[1].double(),
                             [p.double() for p in params], spec, keep=others)
-    err = ((out.double() - ref).norm() / ref.norm()).item()
+    err = rel_err(out, ref)
     assert err < TOL[dtype], f"relative error {err:.2e}"
 
 
@@ -325,8 +326,6 @@ def test_absent_pairs_are_not_grouped_nor_counted(dtype, monkeypatch):
     """A given id outside the experts is an absent pair (``reference.present_pairs``; LongCat-Flash's zero-computation
     experts): the grouping leaves it out (the grouped GEMMs see only the other pairs' rows, not a row of expert 0 at
     weight 0), and the drop statistics count it neither kept nor dropped, in the kernels as in the reference."""
-    import dataclasses
-
     from dsmoe_compiler.codegen import launch
     from dsmoe_compiler.ir import DropSpec
 
@@ -353,7 +352,7 @@ def test_absent_pairs_are_not_grouped_nor_counted(dtype, monkeypatch):
     stats, ref_stats = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     out = dispatch.moe_triton(x, params, spec, thresholds=thresholds, stats=stats)
     ref = reference.moe(x.double(), [p.double() for p in params], spec, thresholds, ref_stats)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     torch.testing.assert_close(stats, ref_stats, rtol=0, atol=0)
     assert stats[1].item() == present.sum().item() * spec.intermediate  # no shared experts: the present pairs
     assert 0 < stats[0].item() < stats[1].item()
@@ -438,7 +437,7 @@ def test_labelled_rows_match_the_reference_per_row(dtype, P):
             gate, up, down, gb, ub, db = reference.sub_expert_weights(pd, spec, int(sub[i]))
             h = reference.expert_glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts)
             ref[i] = (h @ down.t())[0]
-        err = ((y.double() - ref).norm() / ref.norm()).item()
+        err = rel_err(y, ref)
         assert err < TOL[dtype], f"n={n}: relative error {err:.2e}"
 
 
@@ -464,7 +463,7 @@ def test_labelled_rows_with_neuron_halves(dtype):
                     gate, up, down, gb, ub, db = reference.sub_expert_weights(pd, spec, int(expert[i]) * 2 + half)
                     h = reference.expert_glu(xd[i:i + 1] @ gate.t(), xd[i:i + 1] @ up.t(), spec.experts)
                     ref[i] += (h @ down.t())[0]
-        err = ((y.double() - ref).norm() / ref.norm()).item()
+        err = rel_err(y, ref)
         assert err < TOL[dtype], f"n={n}: relative error {err:.2e}"
 
 
@@ -500,7 +499,7 @@ def test_gather_combine_weights_and_skips_dropped_rows(dtype):
               * w[:, j, None].double() for j in range(K))
     assert torch.isfinite(got).all() and (got[4] == 0).all()
     for name, val in (("kernel", got), ("torch", gather_combine_reference(src, rows, w))):
-        err = ((val.double() - ref).norm() / ref.norm()).item()
+        err = rel_err(val, ref)
         assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
 
 
@@ -567,7 +566,7 @@ def test_compiled_transformers_model_through_the_kernels(arch):
         got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
     assert len(dispatch._PLANS) > 0, "the reference ran instead of the kernels"
     assert torch.isfinite(got).all()
-    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    err = rel_err(got, want)
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
@@ -589,7 +588,7 @@ def test_gradients_of_a_model_on_the_kernels(inner):
     assert len(dispatch._PLANS) > 0, "the reference ran instead of the kernels"
     for name, p in model.named_parameters():
         assert p.grad is not None, name
-        err = ((p.grad - want[name]).norm() / want[name].norm()).item()
+        err = rel_err(p.grad, want[name])
         assert err < 1e-4, f"{name}: relative error {err:.2e}"  # NaN fails too
 
 
@@ -602,7 +601,7 @@ def test_compiled_model_drops_the_same_pairs_through_the_kernels(mode):
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     outs = drop_runs(hf_model("olmoe"), ids, mode, threshold=0.49)  # top-2 of 8: about half the pairs
     assert outs["triton_rate"] == outs["reference_rate"] > 0
-    err = ((outs["triton"].double() - outs["reference"].double()).norm() / outs["reference"].double().norm()).item()
+    err = rel_err(outs["triton"], outs["reference"])
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
@@ -760,7 +759,7 @@ def test_ep_local_step_through_the_kernels_matches_the_loop(nested):
     got = ep.local_experts(recv, counts, params, spec.to_json(), e.to_json(), "triton")
     want = ep.local_experts(recv.double(), counts, [p.double() for p in params], spec.to_json(), e.to_json(), "reference")
     assert torch.isfinite(got).all()
-    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    assert rel_err(got, want) < 1e-5
 
 
 @pytestmark_case
