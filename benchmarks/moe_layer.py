@@ -118,7 +118,7 @@ def make_params(spec: MoESpec, dtype=torch.bfloat16):
 
 
 def rel_err(out, ref) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def check_variants() -> list[dict]:
@@ -189,14 +189,14 @@ def layout_rows() -> list[dict]:
     return rows
 
 
-def transformers_layer(H, I, E, K, renorm, params, impl):
+def transformers_layer(H, I, E, K, renorm, params, impl, dtype=torch.bfloat16):
     from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeExperts, OlmoeTopKRouter
 
     config = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K,
                          norm_topk_prob=renorm)
     config._experts_implementation = impl
-    router, experts = OlmoeTopKRouter(config).to(DEV, torch.bfloat16), OlmoeExperts(config).to(DEV, torch.bfloat16)
+    router, experts = OlmoeTopKRouter(config).to(DEV, dtype), OlmoeExperts(config).to(DEV, dtype)
     router.weight.data, experts.gate_up_proj.data, experts.down_proj.data = params[0], params[1], params[2]
 
     def layer(x):

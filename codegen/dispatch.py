@@ -306,6 +306,23 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 "off": gate and up apart, each load striding by 2."""
 
 
+FP32_DOT = os.environ.get("DSMOE_FP32_DOT", "tf32x3")
+"""How the grouped GEMMs multiply fp32 inputs when torch's fp32 matmuls may not use TF32 (its default):
+"tf32x3" (three TF32 products per step, the error of an fp32 product), or "ieee" (no tensor cores). When
+``torch.backends.cuda.matmul.fp32_precision`` is "tf32" (``torch.set_float32_matmul_precision("high")``), they use
+TF32 as cuBLAS and inductor then do. 16-bit inputs ignore it."""
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype``: TF32 only where torch allows it for fp32 matmuls (the
+    rule of inductor's own Triton products)."""
+    if dtype != torch.float32:
+        return "tf32"  # unused: tl.dot multiplies 16-bit inputs exactly
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    return "tf32" if allowed else FP32_DOT
+
+
 def _use_desc(x: torch.Tensor) -> bool:
     if TMA == "off" or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
@@ -362,6 +379,7 @@ class _Plan:
         H, E = spec.hidden, spec.num_experts
         expand = _copies(spec)  # columns per routed slot: P under a partial transformation
         self.T, self.H, self.dtype = T, H, dtype
+        self.dot_precision = dot_precision(dtype)  # part of the plan's key: a changed torch setting builds a new plan
         self.num_subs, c = E * P, spec.intermediate // P
         self.pairs_per_token = topk * expand
         self.pairs = pairs = T * self.pairs_per_token
@@ -458,7 +476,7 @@ class _Plan:
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
                  GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input, CLAMP=ex.clamp,
-                 GATED=ex.gated))
+                 GATED=ex.gated, DOT_PRECISION=self.dot_precision))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,
@@ -466,7 +484,8 @@ class _Plan:
              H, I, programs, c),
             dict(HAS_BIAS=db is not None, BLOCK_SUBS=self.block_subs, W_DESC=dn_desc, W_NMAJOR=dn_nmajor,
                  W_TABLE=wts.table,
-                 GROUPS="nested" if self.nested else "plain", OUTPUT_WEIGHT=not ex.weight_on_input))
+                 GROUPS="nested" if self.nested else "plain", OUTPUT_WEIGHT=not ex.weight_on_input,
+                 DOT_PRECISION=self.dot_precision))
 
     def __call__(self, x, params, logits=None, weights=None, index=None, keep=None, thresholds=None, stats=None,
                  list_key=None, present=None):
@@ -607,7 +626,7 @@ def received_rows(x: torch.Tensor, counts: torch.Tensor, lo: int, hi: int, param
 def _rows_plan(spec: MoESpec, n: int, slots: int, x: torch.Tensor):
     """(the labelled-rows plan for n rows, its capacity): one plan per power-of-two capacity, reused."""
     cap = max(256, triton.next_power_of_2(n))
-    key = ("rows", id(spec), cap, slots, x.dtype, x.device)
+    key = ("rows", id(spec), cap, slots, x.dtype, x.device, dot_precision(x.dtype))
     return _plan(key, spec, lambda: _labelled_rows_plan(spec, cap, x.dtype, x.device)), cap
 
 
@@ -636,7 +655,7 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     if drop_on:
         keep = None  # recomputed from the thresholds, as before
     fused = _fused_routing_ok(spec, x.dtype)
-    key = (id(spec), T, x.dtype, x.device, keep is not None, drop_on, stats is not None)
+    key = (id(spec), T, x.dtype, x.device, keep is not None, drop_on, stats is not None, dot_precision(x.dtype))
     plan = _PLANS.get(key)
     if plan is None or plan.spec is not spec:
         topk = spec.top_k * (spec.partition if spec.transform == "complete" and not fused else 1)

@@ -31,7 +31,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE"],
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_by_rows})
 @triton.jit
 def down_weighted_kernel(
@@ -43,7 +43,7 @@ def down_weighted_kernel(
     W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    OUTPUT_WEIGHT: tl.constexpr = True,
+    OUTPUT_WEIGHT: tl.constexpr = True, DOT_PRECISION: tl.constexpr = "tf32",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr
@@ -63,7 +63,7 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT,
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT, DOT_PRECISION,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
@@ -74,7 +74,7 @@ def down_weighted_kernel(
             _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0, rows_left, pid_n,
                   major_left, minor_from, HALF,
                   N, K, PAIRS, TOPK, P, stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp,
-                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT,
+                  W_ROWS, W_COLS, HAS_BIAS, W_DESC, W_NMAJOR, W_TABLE, GROUPS, OUTPUT_WEIGHT, DOT_PRECISION,
                   BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
@@ -83,7 +83,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
           major_left, minor_from, HALF, N, K, PAIRS, TOPK, P,
           stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_yp, W_ROWS, W_COLS,
           HAS_BIAS: tl.constexpr, W_DESC: tl.constexpr, W_NMAJOR: tl.constexpr, W_TABLE: tl.constexpr,
-          GROUPS: tl.constexpr, OUTPUT_WEIGHT: tl.constexpr,
+          GROUPS: tl.constexpr, OUTPUT_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
           BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """y rows of the pairs in sorted rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x channel block pid_n.
     GROUPS "nested": h columns below HALF (the Major half) count for the first major_left rows only, those from HALF
@@ -133,7 +133,7 @@ def _tile(h_ptr, w_ptr, w_all, b_ptr, route_w_ptr, y_ptr, sorted_ptr, sub, row0,
             w = w_all.load([w_row, part * K + k * BLOCK_SIZE_K]).T
         else:
             w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_wk
 

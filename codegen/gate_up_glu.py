@@ -94,7 +94,7 @@ def _activation(gate, ACTIVATION: tl.constexpr):
         return gate * tl.sigmoid(2.0 * z)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED"],
+@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_launch_shape})
 @triton.jit
 def gate_up_glu_kernel(
@@ -107,6 +107,7 @@ def gate_up_glu_kernel(
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
     INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none", GATED: tl.constexpr = True,
+    DOT_PRECISION: tl.constexpr = "tf32",
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -131,7 +132,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -140,7 +141,7 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
 
 
 @triton.jit
@@ -150,7 +151,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
           GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
           W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr, CLAMP: tl.constexpr,
-          GATED: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -171,15 +173,16 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
     k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     if STACKED:
         acc_g, acc_u = _stacked(x_ptrs, mask_m, offs_k, g_all, expert, neuron0, K, k_tiles,
-                                BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                                DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     elif PAIRED:
         acc_g, acc_u = _paired(x_ptrs, mask_m, offs_k, w_ptr, g_all, expert, neuron0, pid_n * BLOCK_SIZE_N, N, K,
                                k_tiles, stride_we, stride_wn, stride_wk, W_NMAJOR,
-                               BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                               DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         acc_g, acc_u = _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert,
                                      neuron0, K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
-                                     W_DESC, W_TABLE, GATED, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                                     W_DESC, W_TABLE, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N,
+                                     BLOCK_SIZE_K)
 
     if INPUT_WEIGHT:  # Llama-4: the expert sees w x, so both products scale by w before the activation
         w_in = pair_weight(route_w_ptr, pair, mask_m, PAIRS, TOPK)[:, None]
@@ -200,7 +203,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
 @triton.jit
 def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all, u_all, expert, neuron0,
                   K, k_tiles, UP_OFFSET, stride_we, stride_wn, stride_wk, W_ROWS,
-                  W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GATED: tl.constexpr,
+                  W_DESC: tl.constexpr, W_TABLE: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators from two weight operands per K step: pointers (any strides), a descriptor per
     expert (W_TABLE), or the descriptor over all experts. Not GATED: the first operand only (up stays zero)."""
@@ -232,13 +235,13 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
             wg = g_all.load([g_row, k * BLOCK_SIZE_K]).T
         else:
             wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc_g = tl.dot(a, wg, acc_g)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
         if GATED:
             if W_DESC:
                 wu = u_all.load([g_row + UP_OFFSET, k * BLOCK_SIZE_K]).T
             else:
                 wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            acc_u = tl.dot(a, wu, acc_u)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_SIZE_K
         g_ptrs += BLOCK_SIZE_K * stride_wk
         u_ptrs += BLOCK_SIZE_K * stride_wk
@@ -247,7 +250,7 @@ def _two_operands(x_ptrs, mask_m, offs_k, mask_n, gate_rows, w_ptr, u_ptr, g_all
 
 @triton.jit
 def _paired(x_ptrs, mask_m, offs_k, w_ptr, w_desc, expert, neuron0, first_col, N, K, k_tiles,
-            stride_we, stride_wn, stride_wk, W_NMAJOR: tl.constexpr,
+            stride_we, stride_wn, stride_wk, W_NMAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators of an interleaved fused weight (g0, u0, g1, u1, ...: GPT-OSS): the 2 x BLOCK_SIZE_N
     consecutive rows of this column block are one operand, read whole (contiguous along them in the transposed
@@ -267,14 +270,14 @@ def _paired(x_ptrs, mask_m, offs_k, w_ptr, w_desc, expert, neuron0, first_col, N
             w = w_desc.load([expert * K + k * BLOCK_SIZE_K, 2 * neuron0])
         else:
             w = tl.load(w_ptrs, mask=k_live[:, None] & live[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_wk
     return acc.reshape(BLOCK_SIZE_M, BLOCK_SIZE_N, 2).split()
 
 
 @triton.jit
-def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles,
+def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles, DOT_PRECISION: tl.constexpr,
              BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """(gate, up) accumulators of a fused [gate; up] read through its [E, 2, I, K] view: the gate block and
     the up block arrive as one [2 x BLOCK_SIZE_N, BLOCK_SIZE_K] operand, so each K step is one
@@ -283,6 +286,6 @@ def _stacked(x_ptrs, mask_m, offs_k, gu_desc, expert, neuron0, K, k_tiles,
     for k in range(0, k_tiles):
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k * BLOCK_SIZE_K), other=0.0)
         w = gu_desc.load([expert, 0, neuron0, k * BLOCK_SIZE_K]).reshape(2 * BLOCK_SIZE_N, BLOCK_SIZE_K)
-        acc = tl.dot(a, w.T, acc)
+        acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_SIZE_K
     return acc.reshape(BLOCK_SIZE_M, 2, BLOCK_SIZE_N).permute(0, 2, 1).split()
