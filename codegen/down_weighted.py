@@ -26,7 +26,9 @@ CONFIGS = launch_shapes(
     [_cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 256, 64, 8, 3, lo=32, hi=256)],
-    [_cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64), _cfg(128, 256, 32, 8, 5, lo=128)])
+    [_cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64), _cfg(128, 256, 32, 8, 5, lo=128)]
+    + [_cfg(*tile, lo=64, wide=True) for tile in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                                   (128, 256, 32, 8, 3))])
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
 
@@ -43,7 +45,7 @@ def down_weighted_kernel(
     W_TABLE: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
-    OUTPUT_WEIGHT: tl.constexpr = True, DOT_PRECISION: tl.constexpr = "tf32",
+    OUTPUT_WEIGHT: tl.constexpr = True, DOT_PRECISION: tl.constexpr = "tf32", WIDE: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     w_all = w_ptr

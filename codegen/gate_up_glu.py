@@ -44,7 +44,9 @@ CONFIGS = launch_shapes(
     [_cfg(16, 64, 128, 4, 4, hi=16), _cfg(16, 128, 128, 4, 3, hi=16), _cfg(16, 64, 256, 4, 3, hi=16),
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 128, 64, 4, 4, lo=32, hi=256)],
-    [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)],
+    [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)]
+    + [_cfg(*tile, lo=64, wide=True) for tile in ((128, 64, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3),
+                                                   (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))],
     both_for_prefill=True)
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
@@ -107,7 +109,7 @@ def gate_up_glu_kernel(
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
     INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none", GATED: tl.constexpr = True,
-    DOT_PRECISION: tl.constexpr = "tf32",
+    DOT_PRECISION: tl.constexpr = "tf32", WIDE: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr

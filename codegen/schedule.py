@@ -13,8 +13,10 @@ host synchronisation, CUDA-graph capturable), in either of the two launch shapes
   the loads of the next tile start while this tile's epilogue runs, and no program starts empty.
 """
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -23,11 +25,19 @@ PERSISTENT = os.environ.get("DSMOE_PERSISTENT", "auto")
 "on" (all persistent), "off" (all one program per tile)."""
 
 
-def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=False):
-    """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for."""
+def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=False, wide=False):
+    """One autotuning config of the grouped GEMMs; (lo, hi) = the average rows per group it is tried for. ``wide``:
+    a prefill tile for 4-byte inputs (fp32) only. The 16-bit prefill tiles' K steps need more shared memory than a
+    GPU has when an element takes 4 bytes (H200, fp32 OLMoE at 4096 tokens: 360 KB asked for, 227 KB there;
+    benchmarks/fp32_layer.py)."""
     return triton.Config({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": group,
-                          "MIN_ROWS": lo, "MAX_ROWS": hi, "PERSISTENT": persistent},
+                          "MIN_ROWS": lo, "MAX_ROWS": hi, "PERSISTENT": persistent, "WIDE": wide},
                          num_warps=warps, num_stages=stages)
+
+
+def tile_key(config) -> tuple:
+    kw = config.kwargs
+    return kw["BLOCK_SIZE_M"], kw["BLOCK_SIZE_N"], kw["BLOCK_SIZE_K"], config.num_warps, config.num_stages
 
 
 def launch_shapes(decode, prefill, both_for_prefill=False):
@@ -156,10 +166,36 @@ def _arg(name, named_args, kwargs):
 
 
 def prune_by_rows(configs, named_args, **kwargs):
-    """Keep the tiles whose BLOCK_SIZE_M suits the rows per group: 16 for decode, up to 128 for prefill."""
+    """Keep the tiles whose BLOCK_SIZE_M suits the rows per group (16 for decode, up to 128 for prefill) and whose
+    pipeline fits the GPU's shared memory for the input's element size (prefill: the ``wide`` tiles of ``gemm_config``
+    for 4-byte inputs, the others for 16-bit ones)."""
     rows = _arg("ROWS_BUCKET", named_args, kwargs)
     fit = [c for c in configs if c.kwargs.get("MIN_ROWS", 0) <= rows <= c.kwargs.get("MAX_ROWS", 1 << 30)]
-    return fit or configs[:1]
+    fit = fit or configs[:1]
+    gate_up = "x_ptr" in named_args
+    operand = named_args.get("x_ptr" if gate_up else "h_ptr")  # absent: a policy test without tensors
+    element = operand.element_size() if operand is not None else 2
+    wide = element >= 4
+    sized = [c for c in fit if c.kwargs.get("WIDE", False) == wide or (wide and not is_prefill(c))] or fit
+    if operand is None:
+        return sized
+    limit = _shared_memory(operand.device)
+    return [c for c in sized if _pipeline_bytes(c, element, 2 if gate_up else 1) <= limit] or sized
+
+
+def _pipeline_bytes(config, element_bytes: int, weight_tiles: int) -> int:
+    """A lower bound of a tile's shared memory: the buffers of its software pipeline (one fewer than its stages,
+    as Triton allocates them), each an x tile and ``weight_tiles`` weight tiles (gate/up: gate and up)."""
+    m, n, k, _, stages = tile_key(config)
+    return (stages - 1) * (m + weight_tiles * n) * k * element_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device) -> int:
+    if device.type != "cuda":  # the interpreter: no limit
+        return 1 << 62
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def prune_launch_shape(configs, named_args, **kwargs):

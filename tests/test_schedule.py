@@ -43,3 +43,23 @@ def test_down_keeps_one_launch_shape_per_tile():
     keys = [(c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps, c.num_stages)
             for c in prefill]
     assert prefill and len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 512])
+def test_fp32_gets_tiles_that_fit_the_shared_memory(rows, monkeypatch):
+    """16-bit inputs keep the shipped tiles; 4-byte inputs get the ``wide`` prefill tiles, and only tiles whose
+    pipeline buffers fit the GPU's shared memory (the H200's 227 KB here): the 16-bit prefill tiles asked for
+    360 KB in fp32 (benchmarks/fp32_layer.py)."""
+    import torch
+
+    monkeypatch.setattr(schedule, "_shared_memory", lambda device: 232448)
+    for kernel, operand, weight_tiles in ((gate_up_glu.gate_up_glu_kernel, "x_ptr", 2),
+                                          (down_weighted.down_weighted_kernel, "h_ptr", 1)):
+        args = {"ROWS_BUCKET": rows, "STACKED": True}
+        narrow = schedule.prune_by_rows(kernel.configs, {operand: torch.empty(1, dtype=torch.bfloat16)}, **args)
+        assert narrow == schedule.prune_by_rows(kernel.configs, {}, **args)  # what the policy tests above see
+        assert not any(c.kwargs["WIDE"] for c in narrow)
+        wide = schedule.prune_by_rows(kernel.configs, {operand: torch.empty(1)}, **args)
+        assert wide and all(schedule._pipeline_bytes(c, 4, weight_tiles) <= 232448 for c in wide)
+        if rows >= 64:
+            assert all(c.kwargs["WIDE"] for c in wide)
