@@ -3,8 +3,8 @@
     PYTHONUNBUFFERED=1 python benchmarks/fp32_layer.py --json results/h200/fp32_layer.json
 
 For each torch setting of fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision``: "ieee", torch's default,
-and "tf32") the table gives ours with each ``tl.dot`` input precision that setting may map to
-(``dispatch.FP32_DOT``: "tf32x3" or "ieee" without TF32; "tf32" with it) and transformers' OLMoE experts
+and "tf32") the table gives ours, whose ``tl.dot`` input precision follows it (``dispatch.dot_precision``: "tf32x3"
+without TF32, "tf32" with it), and transformers' OLMoE experts
 (eager, grouped_mm, grouped_mm under inductor) in the same setting: ms (median of do_bench) and the relative error
 against fp64 experts on the same routing (the fp32 router GEMM's, so no top-k choice differs). Prints a table last
 and writes JSON.
@@ -19,10 +19,10 @@ from moe_layer import SHAPES, make_params, make_spec, median_ms, print_markdown,
 
 from dsmoe_compiler.codegen import dispatch, reference
 
-DOTS = {"ieee": ("tf32x3", "ieee"), "tf32": ("tf32",)}
+SETTINGS = ("ieee", "tf32")
 
 
-def run_case(name: str, tokens: int, setting: str, skip_eager_at: int, ieee_up_to: int) -> list[dict]:
+def run_case(name: str, tokens: int, setting: str, skip_eager_at: int) -> list[dict]:
     H, I, E, K, renorm, _ = SHAPES[name]
     spec = make_spec(H, I, E, K, renorm)
     params = make_params(spec, torch.float32)
@@ -30,13 +30,8 @@ def run_case(name: str, tokens: int, setting: str, skip_eager_at: int, ieee_up_t
     torch.backends.cuda.matmul.fp32_precision = setting
     _, weights, index = reference.route(x, params, spec)
     want = reference.experts(x.double(), index, weights.double(), [p.double() for p in params], spec)
-    rows = []
-    for dot in DOTS[setting]:
-        if dot == "ieee" and tokens > ieee_up_to:  # no tensor cores: 608 ms at Qwen3-30B-A3B 4096 tokens (H200)
-            continue
-        dispatch.FP32_DOT = dot
-        call = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
-        rows.append(_timed(name, tokens, setting, f"ours ({dot})", call, want))
+    call = lambda: dispatch.moe_triton(x, params, spec)  # noqa: E731
+    rows = [_timed(name, tokens, setting, f"ours ({dispatch.dot_precision(x.dtype)})", call, want)]
     for impl in ("eager", "grouped_mm", "grouped_mm+inductor"):
         if impl == "eager" and tokens >= skip_eager_at:
             continue
@@ -66,7 +61,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="OLMoE:16,OLMoE:4096,Qwen3-30B-A3B:4096,Mixtral:4096")
     ap.add_argument("--skip-eager-at", type=int, default=4096)
-    ap.add_argument("--ieee-up-to", type=int, default=256, help="tokens up to which the ieee column runs")
     ap.add_argument("--json", default="results/h200/fp32_layer.json")
     args = ap.parse_args()
     before = torch.backends.cuda.matmul.fp32_precision
@@ -74,11 +68,10 @@ def main():
     try:
         for case in args.cases.split(","):
             name, tokens = case.split(":")
-            for setting in DOTS:
-                rows += run_case(name, int(tokens), setting, args.skip_eager_at, args.ieee_up_to)
+            for setting in SETTINGS:
+                rows += run_case(name, int(tokens), setting, args.skip_eager_at)
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
-        dispatch.FP32_DOT = "tf32x3"
     save_json(args.json, rows, command="python benchmarks/fp32_layer.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
     print_markdown("fp32 MoE layer: ms (rel. err. against fp64 experts, same routing)",

@@ -306,21 +306,20 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 "off": gate and up apart, each load striding by 2."""
 
 
-FP32_DOT = os.environ.get("DSMOE_FP32_DOT", "tf32x3")
-"""How the grouped GEMMs multiply fp32 inputs when torch's fp32 matmuls may not use TF32 (its default):
-"tf32x3" (three TF32 products per step, the error of an fp32 product), or "ieee" (no tensor cores). When
-``torch.backends.cuda.matmul.fp32_precision`` is "tf32" (``torch.set_float32_matmul_precision("high")``), they use
-TF32 as cuBLAS and inductor then do. 16-bit inputs ignore it."""
-
-
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision for inputs of ``dtype``: TF32 only where torch allows it for fp32 matmuls (the
-    rule of inductor's own Triton products)."""
+    """``tl.dot``'s input precision for inputs of ``dtype``, by the rule of inductor's own Triton products: TF32 where
+    torch allows it for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision`` "tf32", e.g. after
+    ``torch.set_float32_matmul_precision("high")``), else three TF32 products a step ("tf32x3"), which keeps an fp32
+    product's error. Measured on the H200 (benchmarks/fp32_layer.py, results/h200/fp32_layer.json), OLMoE's layer at
+    4096 tokens: 6.55 ms and 4.1e-7 from fp64 experts by default, against transformers' fp32 grouped_mm's 13.71 ms and
+    8.0e-7; with TF32 1.78 ms and 2.3e-3 (transformers 7.93 ms, 5.1e-4: cuBLAS rounds to TF32, tl.dot truncates).
+    Products without tensor cores ("ieee") took 608 ms at Qwen3-30B-A3B's 4096 tokens and their decode tiles did
+    not fit the shared memory, so they are not offered. 16-bit inputs ignore it."""
     if dtype != torch.float32:
         return "tf32"  # unused: tl.dot multiplies 16-bit inputs exactly
     matmul = torch.backends.cuda.matmul
     allowed = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
-    return "tf32" if allowed else FP32_DOT
+    return "tf32" if allowed else "tf32x3"
 
 
 def _use_desc(x: torch.Tensor) -> bool:
