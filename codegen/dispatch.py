@@ -312,7 +312,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     ``torch.set_float32_matmul_precision("high")``), else three TF32 products a step ("tf32x3"), which keeps an fp32
     product's error. Measured on the H200 (benchmarks/fp32_layer.py, results/h200/fp32_layer.json), OLMoE's layer at
     4096 tokens: 6.55 ms and 4.1e-7 from fp64 experts by default, against transformers' fp32 grouped_mm's 13.71 ms and
-    8.0e-7; with TF32 1.78 ms and 2.3e-3 (transformers 7.93 ms, 5.1e-4: cuBLAS rounds to TF32, tl.dot truncates).
+    8.0e-7; with TF32 1.78 ms and 2.3e-3 (transformers 7.93 ms, 5.1e-4; README, "fp32 models on a GPU").
     Products without tensor cores ("ieee") took 608 ms at Qwen3-30B-A3B's 4096 tokens and their decode tiles did
     not fit the shared memory, so they are not offered. 16-bit inputs ignore it."""
     if dtype != torch.float32:

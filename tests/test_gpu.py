@@ -72,7 +72,8 @@ def test_generate_with_a_static_cache_on_the_kernels(arch, inner):
 @pytest.mark.parametrize("arch, inner", [("qwen2_moe", "inductor"), ("deepseek_v3", "aot_eager")])
 def test_gradients_with_the_kernels(arch, inner):
     """Grad mode on, fp32 on the GPU: the forward on the kernels, the backward rerunning the reference
-    (``gradients.py``); every parameter's gradient against eager transformers'."""
+    (``gradients.py``); every parameter's gradient within 1e-5 of eager transformers' (H200: 8.3e-7 and 3.5e-7,
+    ``results/h200/gpu_tests_s21.log``; 3.4e-5 and 2.6e-4 when the kernels' fp32 products ran as TF32)."""
     torch._dynamo.reset()
     model = hf_model(arch, seed=3).to("cuda").train()
     ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
@@ -85,7 +86,7 @@ def test_gradients_with_the_kernels(arch, inner):
     assert len(report.rewritten) == moe_layer_count(model) and report.counters["bind_gradients"] == 1
     worst = max(rel_err(p.grad, want[name]) for name, p in model.named_parameters())  # a missing grad raises
     print(f"{arch}/{inner}: worst parameter gradient rel. err. {worst:.2e}")
-    assert worst < 1e-2  # NaN fails too
+    assert worst < 1e-5  # fp32 products without TF32 (dispatch.dot_precision); NaN fails too
 
 
 @pytest.mark.parametrize("tokens", [16, 4096])  # decode tiles; prefill tiles (512 rows an expert)
@@ -151,7 +152,7 @@ def test_dynamic_shapes_on_the_kernels(arch, inner):
 def test_autocast_on_the_kernels(arch, inner):
     """fp32 weights under ``torch.autocast("cuda", torch.bfloat16)``: every block on the kernels, logits within 1e-2
     of eager autocast's and no farther from the fp32 model than eager autocast's own (times 1.5). The operator has no
-    autocast rule: its router GEMM is cast by autocast as in eager, its grouped GEMMs take the fp32 inputs (TF32)."""
+    autocast rule: its router GEMM is cast by autocast as in eager, its grouped GEMMs take the fp32 inputs."""
     from dsmoe_compiler.codegen import dispatch
 
     torch._dynamo.reset()
