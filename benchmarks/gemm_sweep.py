@@ -36,7 +36,7 @@ from moe_layer import SHAPES, make_params, make_spec, parse_cases, rel_err, save
 from dsmoe_compiler.codegen import dispatch  # noqa: E402
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel  # noqa: E402
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel  # noqa: E402
-from dsmoe_compiler.codegen.schedule import as_persistent, is_prefill  # noqa: E402
+from dsmoe_compiler.codegen.schedule import as_persistent, is_prefill, tile_key  # noqa: E402
 
 SWEEP_SHAPES = {**SHAPES, "LongCat-routed": (6144, 2048, 512, 8, False, None)}
 """The issue's shapes, and LongCat-Flash's routed experts (benchmarks/longcat_layer.py): 12 picks a token, a third of
@@ -70,10 +70,10 @@ def parse_variants(text: str) -> list[dict]:
 
 
 def prefill_tiles(kernel) -> list[tuple]:
-    """The kernel's own prefill autotuning tiles (those tried from 64 rows per group up), as sweep tuples, once each
-    (gate/up lists them in both launch shapes; the sweep's variants set the shape)."""
-    return list(dict.fromkeys((c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_N"], c.kwargs["BLOCK_SIZE_K"], c.num_warps,
-                               c.num_stages) for c in kernel.configs if is_prefill(c)))
+    """The kernel's own 16-bit prefill autotuning tiles (those tried from 64 rows per group up, fp32's ``wide`` ones
+    left out), as sweep tuples, once each (gate/up lists them in both launch shapes; the sweep's variants set the
+    shape)."""
+    return list(dict.fromkeys(tile_key(c) for c in kernel.configs if is_prefill(c) and not c.kwargs.get("WIDE")))
 
 
 def ms(fn) -> float:
