@@ -418,6 +418,25 @@ def test_plan_reused_across_calls_and_token_counts():
 
 
 @pytestmark_case
+def test_fp32_products_follow_torchs_tf32_setting():
+    """The GEMMs' ``tl.dot`` precision comes from torch's fp32 matmul setting at the call (``dispatch.dot_precision``;
+    the interpreter multiplies in fp32 either way, the GPU test checks the numbers): a changed setting builds a plan
+    of its own, 16-bit inputs keep theirs."""
+    x, params, spec = make_case(torch.float32, T=9, seed=41)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        for setting, want in (("ieee", "tf32x3"), ("tf32", "tf32"), ("ieee", "tf32x3")):
+            matmul.fp32_precision = setting
+            check(x, params, spec)
+            plan = next(p for key, p in dispatch._PLANS.items() if key[0] == id(spec) and key[-1] == want)
+            assert {plan.gate_up.constexprs["DOT_PRECISION"], plan.down.constexprs["DOT_PRECISION"]} == {want}
+    finally:
+        matmul.fp32_precision = before
+    assert dispatch.dot_precision(torch.float16) == dispatch.dot_precision(torch.bfloat16) == "tf32"
+
+
+@pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("P", [1, 2])
 def test_labelled_rows_match_the_reference_per_row(dtype, P):
