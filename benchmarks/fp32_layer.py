@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from moe_layer import SHAPES, make_params, make_spec, median_ms, print_markdown, rel_err, save_json, transformers_layer
+from moe_layer import (SHAPES, make_params, make_spec, median_ms, parse_cases, print_markdown, rel_err, save_json,
+                       transformers_layer)
 
 from dsmoe_compiler.codegen import dispatch, reference
 
@@ -66,10 +67,9 @@ def main():
     before = torch.backends.cuda.matmul.fp32_precision
     rows = []
     try:
-        for case in args.cases.split(","):
-            name, tokens = case.split(":")
+        for name, tokens in parse_cases(args.cases):
             for setting in SETTINGS:
-                rows += run_case(name, int(tokens), setting, args.skip_eager_at)
+                rows += run_case(name, tokens, setting, args.skip_eager_at)
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     save_json(args.json, rows, command="python benchmarks/fp32_layer.py " + " ".join(
