@@ -306,6 +306,10 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 "off": gate and up apart, each load striding by 2."""
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Activation dtypes the grouped GEMMs run; others (fp64) run the reference (``moe_triton``)."""
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for inputs of ``dtype``, by the rule of inductor's own Triton products: TF32 where
     torch allows it for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision`` "tf32", e.g. after
@@ -645,6 +649,8 @@ def moe_triton(x: torch.Tensor, params, spec: MoESpec, keep: torch.Tensor | None
     ``thresholds`` as ``reference.keep_mask`` does (inside the route kernel where it covers the routing),
     and ``stats`` are accumulated on the device: no host sync.
     """
+    if x.dtype not in KERNEL_DTYPES:  # fp64 and the like: the tiles and tensor-core products are not for them
+        return reference.moe(x, params, spec, thresholds, stats, keep=keep)
     list_key = _list_key(spec, params) if spec.experts.layout == "list" else None
     if list_key is not None and not list_key[1]:  # experts of a ModuleList that differ in dtype or strides
         return reference.moe(x, params, spec, thresholds, stats, keep=keep)

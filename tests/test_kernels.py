@@ -437,6 +437,16 @@ def test_fp32_products_follow_torchs_tf32_setting():
 
 
 @pytestmark_case
+def test_fp64_runs_the_reference():
+    """fp64 inputs (no tile or product of the kernels is meant for them) take the reference, bit for bit, and build
+    no plan."""
+    x, params, spec = make_case(torch.float64, T=9, seed=43)
+    plans = len(dispatch._PLANS)
+    assert torch.equal(dispatch.moe_triton(x, params, spec), reference.moe(x, params, spec))
+    assert len(dispatch._PLANS) == plans
+
+
+@pytestmark_case
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("P", [1, 2])
 def test_labelled_rows_match_the_reference_per_row(dtype, P):
