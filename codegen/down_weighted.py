@@ -17,7 +17,7 @@ import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, halves_of, launch_shapes, locate, pair_weight,
-                                             prune_by_rows, swizzle, tile_of)
+                                             prune_by_rows, swizzle, tile_of, wide_prefill)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; prefill tiles chosen by
@@ -27,8 +27,7 @@ CONFIGS = launch_shapes(
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 128, 64, 4, 4, lo=16, hi=64), _cfg(64, 128, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 256, 64, 8, 3, lo=32, hi=256)],
     [_cfg(128, 256, 64, 8, 3, lo=64), _cfg(128, 256, 64, 8, 4, lo=64), _cfg(128, 256, 32, 8, 5, lo=128)]
-    + [_cfg(*tile, lo=64, wide=True) for tile in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                                   (128, 256, 32, 8, 3))])
+    + wide_prefill((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 256, 32, 8, 3)))
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 32, 16, 1, 1, group=2, persistent=PERSISTENT == "on")]
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from dsmoe_compiler.codegen.schedule import gemm_config as _cfg
 from dsmoe_compiler.codegen.schedule import (PERSISTENT, group_tiles, launch_shapes, locate, pair_weight,
-                                             prune_launch_shape, swizzle, tile_of)
+                                             prune_launch_shape, swizzle, tile_of, wide_prefill)
 
 
 # (MIN_ROWS, MAX_ROWS) = the average rows per group the tile is tried for; two accumulators (gate, up)
@@ -45,8 +45,8 @@ CONFIGS = launch_shapes(
      _cfg(16, 128, 64, 4, 4, hi=64), _cfg(32, 64, 128, 4, 4, lo=16, hi=64), _cfg(64, 64, 64, 4, 4, lo=16, hi=128),
      _cfg(64, 128, 64, 4, 4, lo=32, hi=256)],
     [_cfg(128, 128, 64, 8, 3, lo=64), _cfg(128, 128, 64, 8, 4, lo=64), _cfg(128, 128, 32, 8, 5, lo=128)]
-    + [_cfg(*tile, lo=64, wide=True) for tile in ((128, 64, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3),
-                                                   (128, 128, 32, 8, 3), (64, 128, 32, 4, 3))],
+    + wide_prefill((128, 64, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+                   (64, 128, 32, 4, 3)),
     both_for_prefill=True)
 if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small tile keeps tests quick
     CONFIGS = [_cfg(16, 16, 32, 1, 1, group=2, persistent=PERSISTENT == "on")]
@@ -96,7 +96,8 @@ def _activation(gate, ACTIVATION: tl.constexpr):
         return gate * tl.sigmoid(2.0 * z)
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED", "DOT_PRECISION"],
+@triton.autotune(configs=CONFIGS,
+                 key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_launch_shape})
 @triton.jit
 def gate_up_glu_kernel(

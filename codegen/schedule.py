@@ -35,6 +35,11 @@ def gemm_config(m, n, k, warps, stages, lo=0, hi=1 << 30, group=8, persistent=Fa
                          num_warps=warps, num_stages=stages)
 
 
+def wide_prefill(*tiles) -> list:
+    """fp32's prefill tiles (``gemm_config(..., wide=True)``), each (m, n, k, warps, stages), tried from 64 rows up."""
+    return [gemm_config(*tile, lo=64, wide=True) for tile in tiles]
+
+
 def tile_key(config) -> tuple:
     kw = config.kwargs
     return kw["BLOCK_SIZE_M"], kw["BLOCK_SIZE_N"], kw["BLOCK_SIZE_K"], config.num_warps, config.num_stages
