@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -25,6 +26,19 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(setting: str):
+    """torch's fp32 matmul setting (``torch.backends.cuda.matmul.fp32_precision``: "ieee", "tf32") inside, put back
+    after: what the kernels' ``dispatch.dot_precision`` reads."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = setting
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import drop_runs, rel_err
+from conftest import drop_runs, fp32_matmul_precision, rel_err
 from models import (ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count,
                     poisoned_empty)
 
@@ -106,18 +106,13 @@ def test_fp32_products_follow_torchs_tf32_setting(tokens, monkeypatch):
               torch.randn(64, 2048, 1024, device="cuda", generator=g) * 1024 ** -0.5]
     x = torch.randn(tokens, 2048, device="cuda", generator=g)
     errors = {}
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    try:
-        for setting in ("ieee", "tf32"):
-            matmul.fp32_precision = setting
+    for setting in ("ieee", "tf32"):
+        with fp32_matmul_precision(setting):
             _, weights, index = reference.route(x, params, spec)  # the router GEMM our path runs too
-            want = reference.experts(x.double(), index, weights.double(), [p.double() for p in params], spec)
             got = dispatch.moe_triton(x, params, spec)
-            assert torch.isfinite(got).all()
-            errors[setting] = rel_err(got, want)
-    finally:
-        matmul.fp32_precision = before
+        want = reference.experts(x.double(), index, weights.double(), [p.double() for p in params], spec)
+        assert torch.isfinite(got).all()
+        errors[setting] = rel_err(got, want)
     print(f"fp32 T={tokens}: rel. err. without TF32 {errors['ieee']:.2e}, with TF32 {errors['tf32']:.2e}")
     assert errors["ieee"] < 1e-5 < errors["tf32"] < 1e-2
 

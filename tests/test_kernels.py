@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import rel_err
+from conftest import fp32_matmul_precision, rel_err
 from models import poisoned_empty
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -423,16 +423,11 @@ def test_fp32_products_follow_torchs_tf32_setting():
     the interpreter multiplies in fp32 either way, the GPU test checks the numbers): a changed setting builds a plan
     of its own, 16-bit inputs keep theirs."""
     x, params, spec = make_case(torch.float32, T=9, seed=41)
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    try:
-        for setting, want in (("ieee", "tf32x3"), ("tf32", "tf32"), ("ieee", "tf32x3")):
-            matmul.fp32_precision = setting
+    for setting, want in (("ieee", "tf32x3"), ("tf32", "tf32"), ("ieee", "tf32x3")):
+        with fp32_matmul_precision(setting):
             check(x, params, spec)
-            plan = next(p for key, p in dispatch._PLANS.items() if key[0] == id(spec) and key[-1] == want)
-            assert {plan.gate_up.constexprs["DOT_PRECISION"], plan.down.constexprs["DOT_PRECISION"]} == {want}
-    finally:
-        matmul.fp32_precision = before
+        plan = next(p for key, p in dispatch._PLANS.items() if key[0] == id(spec) and key[-1] == want)
+        assert {plan.gate_up.constexprs["DOT_PRECISION"], plan.down.constexprs["DOT_PRECISION"]} == {want}
     assert dispatch.dot_precision(torch.float16) == dispatch.dot_precision(torch.bfloat16) == "tf32"
 
 
