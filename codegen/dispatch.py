@@ -36,7 +36,7 @@ from dsmoe_compiler.codegen.align import (count_groups_kernel, count_kernel, cou
 from dsmoe_compiler.codegen.combine import combine_kernel
 from dsmoe_compiler.codegen.down_weighted import down_weighted_kernel
 from dsmoe_compiler.codegen.gate_up_glu import gate_up_glu_kernel
-from dsmoe_compiler.codegen.launch import INTERPRETED
+from dsmoe_compiler.codegen.launch import INTERPRETED, KERNEL_DTYPES
 from dsmoe_compiler.codegen.launch import Kernel as _Kernel
 from dsmoe_compiler.codegen.launch import hooks_on as _hooks_on
 from dsmoe_compiler.codegen.launch import launch
@@ -305,9 +305,6 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 """An interleaved fused gate/up (GPT-OSS) read as one [2 x BLOCK_SIZE_N] operand per K step (gate_up_glu._paired);
 "off": gate and up apart, each load striding by 2."""
 
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-"""Activation dtypes the grouped GEMMs run; others (fp64) run the reference (``moe_triton``)."""
 
 
 def dot_precision(dtype: torch.dtype) -> str:

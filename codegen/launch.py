@@ -16,6 +16,8 @@ from triton import knobs as _knobs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's interpreter runs the kernels, on CPU tensors (the tests)."""
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Activation dtypes the kernels run; others (fp64) run the reference (``dispatch.moe_triton``, EP's operators)."""
 FAST_LAUNCH = not INTERPRETED
 """Replay recorded kernels (``dispatch.FAST_LAUNCH`` for the plans; off under the interpreter)."""
 

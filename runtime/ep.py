@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from dsmoe_compiler.codegen import reference
 from dsmoe_compiler.codegen.gather_combine import gather_combine, gather_combine_reference
-from dsmoe_compiler.codegen.launch import INTERPRETED
+from dsmoe_compiler.codegen.launch import INTERPRETED, KERNEL_DTYPES
 from dsmoe_compiler.codegen.received_rows import halves_of_class, received_rows_reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.ir import DropSpec, MoESpec
@@ -487,8 +487,14 @@ def _split_experts(ranges: tuple[int, ...], device) -> torch.Tensor:
     return (owner[0::2] != owner[1::2]).to(torch.int32)
 
 
+def _on_kernels(impl: str, x: torch.Tensor) -> bool:
+    """impl "triton" where a kernel can run x: on a GPU (or the interpreter) and in a dtype the kernels are for (fp64
+    takes the torch path, as ``dispatch.moe_triton`` does)."""
+    return impl == "triton" and (x.is_cuda or INTERPRETED) and x.dtype in KERNEL_DTYPES
+
+
 def _fused(impl: str, x: torch.Tensor) -> bool:
-    return FUSED and impl == "triton" and (x.is_cuda or INTERPRETED)
+    return FUSED and _on_kernels(impl, x)
 
 
 def rows_bound(tokens: int, width: int, ep: EPSpec) -> int:
@@ -638,7 +644,7 @@ def local_experts(recv: torch.Tensor, counts: torch.Tensor, params, spec_json: s
     check_local_weights(spec, ep)
     held, offset = local_spec(spec)  # sharded weights: global sub-expert s is s - offset in params
     label_offset = offset // 2 if ep.nested else offset  # labels: local experts, or local sub-experts
-    if impl == "triton" and (recv.is_cuda or INTERPRETED) and spec.experts.layout == "fused":
+    if _on_kernels(impl, recv) and spec.experts.layout == "fused":
         from dsmoe_compiler.codegen.dispatch import labelled_rows, received_rows
 
         rows_spec, _ = _rows_spec(spec_json, ep.nested)
@@ -682,7 +688,7 @@ def combine(x: torch.Tensor, back: torch.Tensor, row: torch.Tensor, weight: torc
     clock.mark("combine0")
     clock.span("comm", "experts1", "combine0")
     flat = _flat(x)
-    if impl == "triton" and back.is_cuda:
+    if _on_kernels(impl, back) and back.is_cuda:
         out = gather_combine(back, row, weight, flat.dtype)
     else:
         out = gather_combine_reference(back, row, weight, flat.dtype)

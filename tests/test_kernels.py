@@ -784,6 +784,9 @@ def test_ep_local_step_through_the_kernels_matches_the_loop(nested):
     want = ep.local_experts(recv.double(), counts, [p.double() for p in params], spec.to_json(), e.to_json(), "reference")
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 1e-5
+    # fp64 rows take the torch loop under impl "triton" too (as moe_triton does), bit for bit
+    got64 = ep.local_experts(recv.double(), counts, [p.double() for p in params], spec.to_json(), e.to_json(), "triton")
+    assert torch.equal(got64, want)
 
 
 @pytestmark_case
