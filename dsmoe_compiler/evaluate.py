@@ -75,6 +75,8 @@ DEFAULT_MODEL = shipped(MODEL_DIR)
 DEFAULT_DATA = shipped(DATA_DIR)
 OFFSET = 3  # ByT5Tokenizer: token = byte + 3
 SEQ = 512
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype``: the model's dtype; the checkpoint is stored in bf16, and the saved results are fp32."""
 MC_CONTEXT, MC_CHOICE = 128, 32
 SAMPLE_PROMPT = 256  # bytes of held-out text before the demo's generated continuation
 METRICS = ("abs_gate", "gate", "gate_up", "abs_gate_up")
@@ -98,12 +100,12 @@ def windows(ids: torch.Tensor, n: int | None = None, seq: int = SEQ) -> torch.Te
     return ids[: count * seq].view(count, seq)
 
 
-def load_model(path=DEFAULT_MODEL, device="cpu"):
-    """The shipped checkpoint (bf16 on disk) in fp32, eval mode."""
+def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
+    """The shipped checkpoint (bf16 on disk) in ``dtype`` (fp32 by default), eval mode."""
     import transformers as tf
 
     path = require(path, "model checkpoint", MODEL_DIR)
-    return tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
+    return tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval().to(device)
 
 
 def mc_items(ids: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,10 +191,10 @@ def skip_median_beta(plan) -> float:
 
 
 # ---- running one setting ----------------------------------------------------------------------------
-def _model_and_options(model_dir, setting: Setting, plan, *, inner: str, device, kernels: str):
+def _model_and_options(model_dir, setting: Setting, plan, *, inner: str, device, kernels: str, dtype):
     """A fresh copy of the model and the dualsparse options of ``setting`` (its plan ordered, its threshold)."""
     torch._dynamo.reset()
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, dtype)
     options = {"inner": inner, "kernels": kernels, "stats": True, **setting.options}
     if setting.order is not None:
         options["plan"] = ordered_plan(plan, setting.order)
@@ -209,12 +211,13 @@ def as_text(ids: torch.Tensor) -> str:
 
 @torch.no_grad()
 def continuations(model_dir, chosen: list[Setting], plan, prompt: torch.Tensor, new: int, *, inner: str, device="cpu",
-                  kernels: str = "auto") -> dict[str, str]:
+                  kernels: str = "auto", dtype=torch.float32) -> dict[str, str]:
     """Greedy continuations of ``prompt`` through ``generate``, the model's forward compiled with dualsparse for
     each setting; ``new`` bytes each."""
     texts = {}
     for setting in chosen:
-        model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels)
+        model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels,
+                                            dtype=dtype)
         model.forward = torch.compile(model.forward, backend="dualsparse", options=options)
         out = model.generate(prompt[None].to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
@@ -229,12 +232,13 @@ def _forward_logits(compiled, x):
 
 @torch.no_grad()
 def run_setting(model_dir, setting: Setting, plan, lm: torch.Tensor, mc, *, inner: str, batch: int,
-                progress: bool = True, device="cpu", kernels: str = "auto") -> dict:
+                progress: bool = True, device="cpu", kernels: str = "auto", dtype=torch.float32) -> dict:
     """Per-token NLL / correctness on ``lm`` windows, MC choices, and the measured drop rate."""
     import dsmoe_compiler
     from tqdm.auto import tqdm
 
-    model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels)
+    model, options = _model_and_options(model_dir, setting, plan, inner=inner, device=device, kernels=kernels,
+                                        dtype=dtype)
     compiled = torch.compile(model, backend="dualsparse", options=options)
     nll, correct = [], []
     dsmoe_compiler.reset_drop_stats()
@@ -344,10 +348,11 @@ def plot(rows: list[dict], path, title: str = "") -> None:
 
 
 # ---- entry points -----------------------------------------------------------------------------------
-def calibrate_plan(model_dir, data_dir, calib_windows: int, batch: int, progress: bool, device="cpu"):
+def calibrate_plan(model_dir, data_dir, calib_windows: int, batch: int, progress: bool, device="cpu",
+                   dtype=torch.float32):
     import dsmoe_compiler
 
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, dtype)
     calib = windows(load_split("calib", data_dir), calib_windows)
     return dsmoe_compiler.calibrate(model, list(calib.split(batch)), metric="abs_gate", progress=progress)
 
@@ -355,13 +360,13 @@ def calibrate_plan(model_dir, data_dir, calib_windows: int, batch: int, progress
 def evaluate(model_dir=DEFAULT_MODEL, data_dir=DEFAULT_DATA, drop_rates=(0.0, 0.1, 0.25, 0.4), methods=METHODS, *,
              lm_windows: int = 192, mc_items_n: int = 200, calib_windows: int = 64, inner: str = "eager",
              batch: int = 8, progress: bool = True, plan=None, device="cpu", kernels: str = "auto",
-             on_row=None) -> list[dict]:
+             dtype=torch.float32, on_row=None) -> list[dict]:
     """Rows (dicts) of every setting; the first is the no-drop reference. ``on_row(rows)`` after each."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(0)
     if plan is None:
-        plan = calibrate_plan(model_dir, data_dir, calib_windows, batch, progress, device)
+        plan = calibrate_plan(model_dir, data_dir, calib_windows, batch, progress, device, dtype)
     test = load_split("test", data_dir)
     lm = windows(test, lm_windows)
     mc = mc_items(test, mc_items_n) if mc_items_n else None
@@ -369,7 +374,7 @@ def evaluate(model_dir=DEFAULT_MODEL, data_dir=DEFAULT_DATA, drop_rates=(0.0, 0.
     rows, base = [], None
     for setting in tqdm(todo, desc="dualsparse eval", disable=not progress):
         res = run_setting(model_dir, setting, plan, lm, mc, inner=inner, batch=batch, progress=progress,
-                          device=device, kernels=kernels)
+                          device=device, kernels=kernels, dtype=dtype)
         row = summarise(setting, res, base, None if mc is None else mc[1])
         row["seconds"] = res["seconds"]
         if base is None:
@@ -405,16 +410,16 @@ def main_eval(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     meta = {"model": str(args.model), "data": str(args.data), "lm_windows": args.windows, "seq": SEQ,
             "mc_items": args.mc_items, "calib_windows": args.calib_windows, "inner": args.inner,
-            "kernels": args.kernels, "device": args.device, "torch": torch.__version__,
+            "kernels": args.kernels, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
             "command": "python -m dsmoe_compiler " + " ".join(sys.argv[1:])}
 
     def write(rows):  # after every setting: a run stopped early keeps what it measured
-        title = f"{pathlib.Path(args.model).name}: {rows[0]['tokens']:,} held-out bytes ({args.device})"
+        title = f"{pathlib.Path(args.model).name}: {rows[0]['tokens']:,} held-out bytes ({args.device}, {args.dtype})"
         write_outputs(rows, args.out, title, meta)
 
     rows = evaluate(args.model, args.data, rates, methods, lm_windows=args.windows, mc_items_n=args.mc_items,
                     calib_windows=args.calib_windows, inner=args.inner, batch=args.batch, device=args.device,
-                    kernels=args.kernels, on_row=write)
+                    kernels=args.kernels, dtype=DTYPES[args.dtype], on_row=write)
     print(format_table(rows))
     print(f"\nwrote {args.out}/eval.csv, eval.json, eval.png")
 
@@ -425,10 +430,11 @@ def main_demo(args) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     methods = ("none", "1t", "2t-natural", "2t-abs_gate", "topk")
     torch.manual_seed(0)
-    plan = calibrate_plan(args.model, args.data, args.calib_windows, args.batch, True, args.device)
+    dtype = DTYPES[args.dtype]
+    plan = calibrate_plan(args.model, args.data, args.calib_windows, args.batch, True, args.device, dtype)
     rows = evaluate(args.model, args.data, (0.0, 0.25), methods, lm_windows=args.windows, mc_items_n=0,
                     calib_windows=args.calib_windows, inner=args.inner, batch=args.batch, device=args.device,
-                    kernels=args.kernels, plan=plan)
+                    kernels=args.kernels, dtype=dtype, plan=plan)
     print(f"\n{pathlib.Path(args.model).name}: byte-level Qwen3-MoE, {rows[0]['tokens']:,} held-out bytes of the "
           f"Python docs; dualsparse, inner={args.inner}; 'time s' = wall time of the pass, its first call (compile) "
           "included\n")
@@ -454,7 +460,7 @@ def print_continuations(args, plan) -> None:
     prompt = test[start:start + SAMPLE_PROMPT]
     chosen = settings((0.25,), ("none", "2t-abs_gate"))
     texts = continuations(args.model, chosen, plan, prompt, args.sample, inner=args.inner, device=args.device,
-                          kernels=args.kernels)
+                          kernels=args.kernels, dtype=DTYPES[args.dtype])
     print(f"\ngenerate() through dualsparse, greedy, {args.sample} bytes after a held-out prompt:")
     print("  prompt: " + repr(as_text(prompt)[-120:]))
     for setting in chosen:
@@ -471,6 +477,7 @@ def add_arguments(p, demo: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"], help="dualsparse kernels")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's dtype (the checkpoint is bf16)")
     p.add_argument("--out", default="results/demo" if demo else "results/eval")
     if demo:
         p.add_argument("--sample", type=int, default=64,

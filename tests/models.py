@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -294,3 +296,23 @@ class DenseModel(nn.Module):
 
     def forward(self, x):
         return x + self.mlp(self.norm(x))
+
+
+def relayout(params, spec, layout, transposed=False):
+    """The same experts as separate 3-D gate / up / down tensors, or as per-expert 2-D tensors (ModuleList)."""
+    E, I = spec.num_experts, spec.intermediate
+    router, gate_up, down = params[:3]
+    gate, up = gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous()
+    if layout == "separate":
+        tensors = [gate, up, down]
+        if transposed:
+            tensors = [t.transpose(1, 2).contiguous() for t in tensors]
+        slots = ["gate", "up", "down"]
+    elif layout == "dbrx":  # DBRX: gate, up [E, out, in]; down stored [E, in, out], seen through a transposed view
+        tensors, slots = [gate, up, down.transpose(1, 2).contiguous().transpose(1, 2)], ["gate", "up", "down"]
+        layout = "separate"
+    else:
+        tensors = [t[e].clone() for e in range(E) for t in (gate, up, down)]
+        slots = [f"{role}.{e}" for e in range(E) for role in ("gate", "up", "down")]
+    experts = dataclasses.replace(spec.experts, layout=layout, transposed=transposed)
+    return [router] + tensors, dataclasses.replace(spec, experts=experts, slots=("router_weight", *slots))

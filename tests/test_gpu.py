@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import drop_runs, fp32_matmul_precision, rel_err
 from models import (ARCHITECTURES, VOCAB, ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count,
-                    poisoned_empty)
+                    poisoned_empty, relayout)
 
 import dsmoe_compiler
 
@@ -89,32 +89,73 @@ def test_gradients_with_the_kernels(arch, inner):
     assert worst < 1e-5  # fp32 products without TF32 (dispatch.dot_precision); NaN fails too
 
 
+def fp32_case(tokens: int, layout: str = "fused"):
+    """x, params and spec at OLMoE's sizes in fp32 on the GPU (64 experts, top-8, hidden 2048, intermediate 1024):
+    the fused [E, 2I, H] / [E, H, I] weights, the same experts as separate (either orientation) or per-expert
+    tensors (``models.relayout``), or GPT-OSS's layout (gate/up interleaved, transposed, biases, its clamped GLU and
+    routing)."""
+    from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec
+
+    E, H, I = 64, 2048, 1024
+    g = torch.Generator("cuda").manual_seed(tokens)
+    rnd = lambda *shape, scale: torch.randn(*shape, device="cuda", generator=g) * scale  # noqa: E731
+    x = rnd(tokens, H, scale=1.0)
+    if layout == "gpt_oss":
+        spec = MoESpec(name="fp32-gptoss", num_experts=E, top_k=8, hidden=H, intermediate=I,
+                       routing=RoutingSpec(score_after_topk=True, router_bias=True),
+                       experts=ExpertsSpec(interleaved=True, transposed=True, has_bias=True, activation="gptoss"),
+                       slots=("router_weight", "gate_up", "down", "gate_up_bias", "down_bias", "router_bias"))
+        params = [rnd(E, H, scale=H ** -0.5), rnd(E, H, 2 * I, scale=H ** -0.5), rnd(E, I, H, scale=I ** -0.5),
+                  rnd(E, 2 * I, scale=0.1), rnd(E, H, scale=0.1), rnd(E, scale=0.1)]
+        return x, params, spec
+    spec = MoESpec(name="fp32", num_experts=E, top_k=8, hidden=H, intermediate=I,
+                   slots=("router_weight", "gate_up", "down"))
+    params = [rnd(E, H, scale=H ** -0.5), rnd(E, 2 * I, H, scale=H ** -0.5), rnd(E, H, I, scale=I ** -0.5)]
+    if layout != "fused":
+        params, spec = relayout(params, spec, layout.split("-")[0], transposed=layout.endswith("transposed"))
+    return x, params, spec
+
+
+def fp32_error(x, params, spec) -> float:
+    """The kernels' relative error against fp64 experts on the same routing (the router GEMM our path runs too)."""
+    from dsmoe_compiler.codegen import dispatch, reference
+
+    _, weights, index = reference.route(x, params, spec)
+    got = dispatch.moe_triton(x, params, spec)
+    assert torch.isfinite(got).all()
+    want = reference.experts(x.double(), index, weights.double(), [p.double() for p in params], spec)
+    return rel_err(got, want)
+
+
 @pytest.mark.parametrize("tokens", [16, 4096])  # decode tiles; prefill tiles (512 rows an expert)
 def test_fp32_products_follow_torchs_tf32_setting(tokens, monkeypatch):
     """fp32 at OLMoE's sizes: with torch's default (no TF32 for fp32 matmuls) the grouped GEMMs are as exact as fp32,
     within 1e-5 of fp64 experts on the same routing; with ``fp32_precision = "tf32"`` they use TF32, as cuBLAS does,
     and their error grows past 1e-5 (the setting reached the kernels) but stays under 1e-2."""
-    from dsmoe_compiler.codegen import dispatch, reference
-    from dsmoe_compiler.ir import MoESpec
+    from dsmoe_compiler.codegen import dispatch
 
     monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
-    spec = MoESpec(name="fp32", num_experts=64, top_k=8, hidden=2048, intermediate=1024,
-                   slots=("router_weight", "gate_up", "down"))
-    g = torch.Generator("cuda").manual_seed(tokens)
-    params = [torch.randn(64, 2048, device="cuda", generator=g) * 2048 ** -0.5,
-              torch.randn(64, 2048, 2048, device="cuda", generator=g) * 2048 ** -0.5,
-              torch.randn(64, 2048, 1024, device="cuda", generator=g) * 1024 ** -0.5]
-    x = torch.randn(tokens, 2048, device="cuda", generator=g)
+    case = fp32_case(tokens)
     errors = {}
     for setting in ("ieee", "tf32"):
         with fp32_matmul_precision(setting):
-            _, weights, index = reference.route(x, params, spec)  # the router GEMM our path runs too
-            got = dispatch.moe_triton(x, params, spec)
-        want = reference.experts(x.double(), index, weights.double(), [p.double() for p in params], spec)
-        assert torch.isfinite(got).all()
-        errors[setting] = rel_err(got, want)
+            errors[setting] = fp32_error(*case)
     print(f"fp32 T={tokens}: rel. err. without TF32 {errors['ieee']:.2e}, with TF32 {errors['tf32']:.2e}")
     assert errors["ieee"] < 1e-5 < errors["tf32"] < 1e-2
+
+
+@pytest.mark.parametrize("layout", ["separate", "separate-transposed", "list", "gpt_oss"])
+def test_fp32_prefill_on_every_weight_layout(layout, monkeypatch):
+    """The fp32 prefill tiles (4-byte elements, sized to the GPU's shared memory) on the other weight layouts: user
+    MoEs' separate 3-D tensors in either orientation and ModuleList experts, and GPT-OSS's transposed, interleaved
+    experts with biases; 4096 tokens at OLMoE's sizes, within 1e-5 of fp64 experts with torch's default setting."""
+    from dsmoe_compiler.codegen import dispatch
+
+    monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
+    with fp32_matmul_precision("ieee"):
+        error = fp32_error(*fp32_case(4096, layout))
+    print(f"fp32 {layout} T=4096: rel. err. {error:.2e}")
+    assert error < 1e-5
 
 
 @pytest.mark.parametrize("arch, inner", [("deepseek_v3", "inductor"), ("qwen3_moe", "eager")])

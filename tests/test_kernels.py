@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import fp32_matmul_precision, rel_err
-from models import poisoned_empty
+from models import poisoned_empty, relayout
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
@@ -525,26 +525,6 @@ def test_gather_combine_weights_and_skips_dropped_rows(dtype):
     for name, val in (("kernel", got), ("torch", gather_combine_reference(src, rows, w))):
         err = rel_err(val, ref)
         assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
-
-
-def relayout(params, spec, layout, transposed=False):
-    """The same experts as separate 3-D gate / up / down tensors, or as per-expert 2-D tensors (ModuleList)."""
-    E, I = spec.num_experts, spec.intermediate
-    router, gate_up, down = params[:3]
-    gate, up = gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous()
-    if layout == "separate":
-        tensors = [gate, up, down]
-        if transposed:
-            tensors = [t.transpose(1, 2).contiguous() for t in tensors]
-        slots = ["gate", "up", "down"]
-    elif layout == "dbrx":  # DBRX: gate, up [E, out, in]; down stored [E, in, out], seen through a transposed view
-        tensors, slots = [gate, up, down.transpose(1, 2).contiguous().transpose(1, 2)], ["gate", "up", "down"]
-        layout = "separate"
-    else:
-        tensors = [t[e].clone() for e in range(E) for t in (gate, up, down)]
-        slots = [f"{role}.{e}" for e in range(E) for role in ("gate", "up", "down")]
-    experts = dataclasses.replace(spec.experts, layout=layout, transposed=transposed)
-    return [router] + tensors, dataclasses.replace(spec, experts=experts, slots=("router_weight", *slots))
 
 
 @pytestmark_case
