@@ -3,6 +3,8 @@
 import copy
 import os
 
+import pathlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -247,3 +249,19 @@ def test_backend_is_registered_through_the_entry_point():
     assert "dualsparse" in torch._dynamo.list_backends()
     names = [ep.name for ep in entry_points(group="torch_dynamo_backends")]
     assert "dualsparse" in names
+
+
+def test_a_checkout_root_imports_its_subpackages_without_the_editable_finder():
+    """``python -m dsmoe_compiler demo`` from the repository's root after a normal ``pip install .``: the checkout's
+    dsmoe_compiler/ is found first, and its subpackages (passes/, codegen/, runtime/ beside it) must resolve there.
+    The editable install's finder, which maps them by name, is taken away to see what a normal install sees."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            f"sys.path.insert(0, {str(root)!r}); import dsmoe_compiler.codegen.reference as r; "
+            "import dsmoe_compiler.passes, dsmoe_compiler.runtime.ep; print(r.__file__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pathlib.Path(done.stdout.strip()) == root / "codegen" / "reference.py"
