@@ -125,3 +125,25 @@ def test_shipped_files_are_found_outside_an_editable_install(tmp_path, monkeypat
     assert str(tmp_path) in str(err.value) and "--model" in str(err.value)
     with pytest.raises(FileNotFoundError, match="corpus split 'test'"):
         ev.load_split("test", tmp_path / "nowhere")
+
+
+def test_eval_cli_in_bf16(tmp_path):
+    """``--dtype bfloat16``: the model is loaded, calibrated and run in bf16 (no drop through the backend is the eager
+    bf16 model's loss, further from the fp32 loss than the two runs are from each other)."""
+    from dsmoe_compiler.__main__ import main
+
+    main(["eval", "--windows", "2", "--calib-windows", "2", "--mc-items", "0", "--drop-rates", "0",
+          "--methods", "none", "--dtype", "bfloat16", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["meta"]["dtype"] == "bfloat16"
+    x = ev.windows(ev.load_split("test"), 2)
+    losses = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = ev.load_model(MODEL, dtype=dtype)
+        assert next(model.parameters()).dtype == dtype
+        with torch.no_grad():
+            logits = model(x).logits[:, :-1].float()
+        losses[dtype] = -F.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).mean().item()
+    got = saved["rows"][0]["loss"]
+    print(f"bf16 eval {got:.6f}, eager bf16 {losses[torch.bfloat16]:.6f}, eager fp32 {losses[torch.float32]:.6f}")
+    assert abs(got - losses[torch.bfloat16]) < abs(losses[torch.bfloat16] - losses[torch.float32])
