@@ -306,7 +306,6 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 "off": gate and up apart, each load striding by 2."""
 
 
-
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for inputs of ``dtype``, by the rule of inductor's own Triton products: TF32 where
     torch allows it for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision`` "tf32", e.g. after
