@@ -11,14 +11,14 @@ import dsmoe_compiler
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 
 
-def _errors(arch, impl, seed=0):
-    """(ours vs eager bf16, ours vs fp32, transformers' bf16 vs fp32) for one random model and batch."""
+def _errors(arch, impl, seed=0, dtype=torch.bfloat16):
+    """(ours vs eager in ``dtype``, ours vs fp32, transformers' ``dtype`` vs fp32) for one random model and batch."""
     torch._dynamo.reset()
     model = hf_model(arch, impl, seed=seed).to("cuda")
     ids = torch.randint(3, VOCAB, (4, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
     with torch.no_grad():
         exact = model(ids).logits
-        model.to(torch.bfloat16)
+        model.to(dtype)
         expected = model(ids).logits
         got = torch.compile(model, backend="dualsparse", options={"kernels": "triton", "inner": "eager"})(ids).logits
     assert torch.isfinite(got).all()
@@ -32,6 +32,14 @@ def test_triton_kernels_match_eager_in_bf16(arch, impl):
     """bf16 logits within 1e-2 of eager bf16."""
     between, ours, theirs = _errors(arch, impl)
     print(f"{arch}/{impl}: ours-vs-eager-bf16 {between:.2e}, vs fp32: ours {ours:.2e}, transformers bf16 {theirs:.2e}")
+    assert between < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
+def test_triton_kernels_match_eager_in_fp16(arch):
+    """fp16 models (the kernels' other 16-bit type): logits within 1e-2 of eager fp16."""
+    between, ours, theirs = _errors(arch, "grouped_mm", dtype=torch.float16)
+    print(f"{arch}: ours-vs-eager-fp16 {between:.2e}, vs fp32: ours {ours:.2e}, transformers fp16 {theirs:.2e}")
     assert between < 1e-2
 
 
@@ -89,8 +97,8 @@ def test_gradients_with_the_kernels(arch, inner):
     assert worst < 1e-5  # fp32 products without TF32 (dispatch.dot_precision); NaN fails too
 
 
-def fp32_case(tokens: int, layout: str = "fused"):
-    """x, params and spec at OLMoE's sizes in fp32 on the GPU (64 experts, top-8, hidden 2048, intermediate 1024):
+def olmoe_case(tokens: int, layout: str = "fused", dtype=torch.float32):
+    """x, params and spec at OLMoE's sizes in ``dtype`` on the GPU (64 experts, top-8, hidden 2048, intermediate 1024):
     the fused [E, 2I, H] / [E, H, I] weights, the same experts as separate (either orientation) or per-expert
     tensors (``models.relayout``), or GPT-OSS's layout (gate/up interleaved, transposed, biases, its clamped GLU and
     routing)."""
@@ -98,7 +106,7 @@ def fp32_case(tokens: int, layout: str = "fused"):
 
     E, H, I = 64, 2048, 1024
     g = torch.Generator("cuda").manual_seed(tokens)
-    rnd = lambda *shape, scale: torch.randn(*shape, device="cuda", generator=g) * scale  # noqa: E731
+    rnd = lambda *shape, scale: (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)  # noqa: E731
     x = rnd(tokens, H, scale=1.0)
     if layout == "gpt_oss":
         spec = MoESpec(name="fp32-gptoss", num_experts=E, top_k=8, hidden=H, intermediate=I,
@@ -116,7 +124,7 @@ def fp32_case(tokens: int, layout: str = "fused"):
     return x, params, spec
 
 
-def fp32_error(x, params, spec) -> float:
+def layer_error(x, params, spec) -> float:
     """The kernels' relative error against fp64 experts on the same routing (the router GEMM our path runs too)."""
     from dsmoe_compiler.codegen import dispatch, reference
 
@@ -135,11 +143,11 @@ def test_fp32_products_follow_torchs_tf32_setting(tokens, monkeypatch):
     from dsmoe_compiler.codegen import dispatch
 
     monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
-    case = fp32_case(tokens)
+    case = olmoe_case(tokens)
     errors = {}
     for setting in ("ieee", "tf32"):
         with fp32_matmul_precision(setting):
-            errors[setting] = fp32_error(*case)
+            errors[setting] = layer_error(*case)
     print(f"fp32 T={tokens}: rel. err. without TF32 {errors['ieee']:.2e}, with TF32 {errors['tf32']:.2e}")
     assert errors["ieee"] < 1e-5 < errors["tf32"] < 1e-2
 
@@ -153,9 +161,21 @@ def test_fp32_prefill_on_every_weight_layout(layout, monkeypatch):
 
     monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
     with fp32_matmul_precision("ieee"):
-        error = fp32_error(*fp32_case(4096, layout))
+        error = layer_error(*olmoe_case(4096, layout))
     print(f"fp32 {layout} T=4096: rel. err. {error:.2e}")
     assert error < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [16, 4096])
+@pytest.mark.parametrize("layout", ["fused", "list"])
+def test_fp16_layer_at_olmoes_sizes(tokens, layout, monkeypatch):
+    """fp16 through the decode and prefill tiles at OLMoE's sizes, within 1e-2 of fp64 experts on the same routing."""
+    from dsmoe_compiler.codegen import dispatch
+
+    monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
+    error = layer_error(*olmoe_case(tokens, layout, torch.float16))
+    print(f"fp16 {layout} T={tokens}: rel. err. {error:.2e}")
+    assert error < 1e-2
 
 
 @pytest.mark.parametrize("arch, inner", [("deepseek_v3", "inductor"), ("qwen3_moe", "eager")])
