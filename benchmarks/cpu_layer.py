@@ -2,10 +2,13 @@
 
     python benchmarks/cpu_layer.py --json results/cpu_layer.json
 
-On the CPU the operator runs its reference (``codegen/reference.py``: a loop over the sub-experts that have pairs).
+On the CPU the operator runs its reference (``codegen/reference.py``), its experts either a loop over the sub-experts
+that have pairs or, with few rows per sub-expert, grouped products (``codegen/cpu_grouped.py``).
 Columns (ms a call, the median over rounds of the median of about a second of calls; the columns take turns, so a
 slow stretch of the machine hits them all): transformers' ``OlmoeSparseMoeBlock`` with experts implementation
-"eager" and "grouped_mm", "grouped_mm" under inductor, and dualsparse with the eager and the inductor inner compiler.
+"eager" and "grouped_mm", "grouped_mm" under inductor, and dualsparse with the eager and the inductor inner compiler
+(``kernels="auto"``: the experts as grouped products where ``codegen/cpu_grouped.py`` applies them), and with
+``kernels="reference"`` (the reference's loop over sub-experts) and the eager inner compiler.
 Each compiled output is checked against transformers' own (fp32, relative error < 1e-5) and dualsparse must
 rewrite the block. Shapes are OLMoE's and Mixtral's with hidden and intermediate sizes cut to fit a small machine.
 """
@@ -62,6 +65,7 @@ def columns(H, I, E, K, x) -> dict:
     want = reference(x)
     for label, backend, options in (("grouped_mm + inductor", "inductor", None),
                                     ("dualsparse (eager inner)", "dualsparse", {"inner": "eager"}),
+                                    ("dualsparse loop (eager inner)", "dualsparse", {"inner": "eager", "kernels": "reference"}),
                                     ("dualsparse (inductor inner)", "dualsparse", {"inner": "inductor"})):
         torch._dynamo.reset()
         fn = torch.compile(block(H, I, E, K, "grouped_mm", state), backend=backend, options=options)

@@ -1,7 +1,8 @@
 """The MoE operator and the capture markers, as ``torch.library`` custom ops.
 
 - ``dualsparse::moe(x, params, spec, impl)``: one whole MoE block. ``spec`` is ``MoESpec.to_json()``;
-  ``params`` the tensors named by ``spec.slots``; ``impl`` picks the kernels ("reference" | "triton").
+  ``params`` the tensors named by ``spec.slots``; ``impl`` picks the kernels ("reference" | "grouped" | "triton";
+  "grouped": the reference with its experts as grouped products on the CPU, ``codegen/cpu_grouped.py``).
 - ``dualsparse::route`` and ``dualsparse::experts``: what the transformers router and experts modules
   become while a model compiled with ``dualsparse`` is traced (``capture/transformers_hf.py``); the
   backend fuses each pair into one ``moe`` node. Each is exact on its own, so an unfused marker is
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen import cpu_grouped, reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.runtime import state
 
@@ -59,7 +60,8 @@ def run_moe(x, params, spec_json, impl="reference"):
         from dsmoe_compiler.codegen.dispatch import moe_triton  # imported lazily: triton is optional on CPU
 
         return moe_triton(flat(x), params, spec, thresholds=thresholds, stats=stats).view_as(x)
-    return reference.moe(flat(x), params, spec, thresholds, stats).view_as(x)
+    routed = cpu_grouped.experts if impl == "grouped" else None
+    return reference.moe(flat(x), params, spec, thresholds, stats, routed=routed).view_as(x)
 
 
 # The hot operator is registered through torch.library.Library rather than @custom_op: the custom_op

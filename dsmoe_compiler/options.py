@@ -34,7 +34,8 @@ _CHOICES = {
 @dataclass(frozen=True)
 class Options:
     kernels: str = "auto"
-    """MoE kernels: "triton" (GPU), "reference" (plain torch), "auto" (triton on CUDA, else reference)."""
+    """MoE kernels: "triton" (GPU), "reference" (plain torch), "auto" (triton on CUDA; on a CPU the reference with its
+    experts as grouped products where they apply, ``codegen/cpu_grouped.py``)."""
     inner: str = "inductor"
     """Compiler for the rest of each graph; "eager"/"aot_eager" are cheap ones for tests and debugging."""
     partition: int = 1
@@ -72,8 +73,11 @@ class Options:
     each rank runs its own tokens and computes a contiguous range of the E*P sub-experts."""
 
     def kernel_impl(self, on_cuda: bool) -> str:
-        """The ``impl`` argument of the MoE operators: "triton" when asked for, or on CUDA under "auto"."""
-        return "triton" if self.kernels == "triton" or (self.kernels == "auto" and on_cuda) else "reference"
+        """The ``impl`` argument of the MoE operators: "triton" when asked for, or on CUDA under "auto"; "grouped" (the
+        reference's experts as grouped products, ``codegen/cpu_grouped.py``) on the CPU under "auto"."""
+        if self.kernels == "triton" or (self.kernels == "auto" and on_cuda):
+            return "triton"
+        return "grouped" if self.kernels == "auto" else "reference"
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "Options":

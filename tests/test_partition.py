@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dsmoe_compiler
-from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen import cpu_grouped, reference
 from dsmoe_compiler.ir import ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
 from dsmoe_compiler.passes import PASSES
 from dsmoe_compiler.passes.partition import derive_complete_scale, partition_spec, reverse_partial
@@ -263,14 +263,19 @@ def test_sub_experts_share_storage_with_parameters(transform, monkeypatch):
     model = tiny_model("olmoe")
     parameters = {_storage(p): name for name, p in model.named_parameters()}
     seen = []
-    original = reference.sub_expert_weights
 
-    def recording(params, spec, sub):
-        views = original(params, spec, sub)
-        seen.append((spec.partition, sub, [v for v in views if v is not None]))
-        return views
+    def recording(module, name):  # the reference loop's views of one sub-expert, the grouped path's of one neuron group
+        original = getattr(module, name)
 
-    monkeypatch.setattr(reference, "sub_expert_weights", recording)
+        def record(params, spec, sub):
+            views = original(params, spec, sub)
+            seen.append((spec.partition, sub, [v for v in views if v is not None]))
+            return views
+
+        monkeypatch.setattr(module, name, record)
+
+    recording(reference, "sub_expert_weights")
+    recording(cpu_grouped, "_neuron_group")
     with torch.no_grad():
         compiled(model, partition=4, transform=transform)(torch.randint(3, 64, (2, 6)))
     assert seen and all(P == 4 for P, _, _ in seen)

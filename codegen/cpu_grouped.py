@@ -1,0 +1,127 @@
+"""The routed experts on a CPU as grouped products: ``reference.experts`` with one ``torch._grouped_mm`` call per
+product and neuron group instead of a Python loop over sub-experts.
+
+The reference loop costs about a dozen small torch calls per sub-expert that has pairs. With many small experts and
+few tokens (OLMoE's 64 experts at a few rows each) that overhead is a good part of a CPU call. Here the kept pairs are
+sorted once by (neuron group p, expert e), and each of the P neuron groups runs its gate, up and down products as one
+grouped call each, on 3-D views of the weights (no copies). Every group's product is the same matrix product as the
+loop's, so the answer is the reference's up to rounding (``tests/test_cpu_grouped.py``).
+
+Used by ``kernels="auto"`` on CPU tensors where ``covers`` holds; ``kernels="reference"`` keeps the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.ir import MoESpec
+
+MAX_ROWS_PER_EXPERT = 32
+"""Above this many kept pairs per sub-expert (on average) the loop's products dominate its overhead, and on the 2-core
+machine the grouped calls were no faster (``benchmarks/cpu_layer.py``): the loop runs."""
+
+
+@functools.cache
+def grouped_mm_on_cpu() -> bool:
+    """Whether this torch has a CPU ``_grouped_mm`` (2.13 does; older ones may not)."""
+    try:
+        torch._grouped_mm(torch.ones(2, 4), torch.ones(2, 4, 4), offs=torch.tensor([1, 2], dtype=torch.int32))
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What the CPU ``_grouped_mm`` takes (not fp64)."""
+
+
+def _fits(t: torch.Tensor | None) -> bool:
+    """An operand ``_grouped_mm`` takes: unit stride in one of its last two dims, every other stride a multiple of 16
+    bytes."""
+    if t is None:
+        return True
+    strides = [s for s, n in zip(t.stride(), t.shape) if n > 1]
+    return 1 in t.stride()[-2:] and all(s == 1 or s * t.element_size() % 16 == 0 for s in strides)
+
+
+def covers(x: torch.Tensor, params, spec: MoESpec, pairs: int) -> bool:
+    """3-D expert weights (fused or separate) in the activations' dtype, all experts held, sizes and strides the
+    grouped products take, and few rows per expert on average."""
+    ex = spec.experts
+    if (x.is_cuda or ex.layout not in ("fused", "separate") or ex.local_experts or x.dtype not in GROUPED_DTYPES
+            or pairs > MAX_ROWS_PER_EXPERT * spec.num_experts * spec.partition or not grouped_mm_on_cpu()):
+        return False
+    if (spec.hidden * x.element_size()) % 16 or (spec.intermediate // spec.partition * x.element_size()) % 16:
+        return False
+    return all(w is None or (w.dtype == x.dtype and _fits(w)) for w in _neuron_group(params, spec, 0)[:3])
+
+
+def _neuron_group(params, spec: MoESpec, p: int):
+    """(gate, up, down, gate_bias, up_bias, down_bias) of neuron group p of every expert, as ``reference.sub_expert_weights``
+    gives them for one sub-expert: [E, c, H], [E, c, H] and [E, H, c] views (gate None without a gate), [E, c] and
+    [E, H] biases, the down bias with p == 0 only (the Major half carries it)."""
+    ex, P, I = spec.experts, spec.partition, spec.intermediate
+    c = I // P
+    lo, hi = p * c, (p + 1) * c
+    # the first E experts: a tensor may hold more (LongCat-Flash's gate/up weights have rows for its zero-computation
+    # experts, which no pair reaches here)
+    take = lambda name: reference._param(spec, params, name)[:spec.num_experts] if name in spec.slots else None  # noqa: E731
+    if ex.layout == "separate":
+        gate, up, down = take("gate"), take("up"), take("down")
+        g_sl = u_sl = slice(lo, hi)
+        gb, ub = (None if b is None else b[:, g_sl] for b in (take("gate_bias"), take("up_bias")))
+    else:
+        gate = up = take("gate_up")
+        down, gub = take("down"), take("gate_up_bias")
+        g_sl, u_sl = ((slice(2 * lo, 2 * hi, 2), slice(2 * lo + 1, 2 * hi, 2)) if ex.interleaved
+                      else (slice(lo, hi), slice(I + lo, I + hi)))
+        gb, ub = (None, None) if gub is None else (gub[:, g_sl], gub[:, u_sl])
+
+    def out_rows(w, sl):  # [E, out, in] rows sl of the output channels (stored [E, in, out] when transposed)
+        return None if w is None else (w[:, :, sl].transpose(1, 2) if ex.transposed else w[:, sl])
+
+    down = down[:, lo:hi].transpose(1, 2) if ex.transposed else down[:, :, lo:hi]
+    db = take("down_bias") if p == 0 else None
+    return out_rows(gate, g_sl), out_rows(up, u_sl), down, gb, ub, db
+
+
+def _product(rows: torch.Tensor, weight, bias, offs: torch.Tensor, expert: torch.Tensor):
+    """rows [n, in] times each row's expert's weight [E, out, in]^T (+ its bias), the rows grouped by expert."""
+    if weight is None:
+        return None
+    y = torch._grouped_mm(rows, weight.transpose(1, 2), offs=offs)
+    return y if bias is None else y + bias[expert]
+
+
+def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params, spec: MoESpec,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference.experts``, grouped where ``covers`` holds (else the loop itself)."""
+    kept = index.numel() if keep is None else int(keep.sum())
+    if not covers(x, params, spec, kept):
+        return reference.experts(x, index, weights, params, spec, keep)
+    ex, P, E, width = spec.experts, spec.partition, spec.num_experts, index.shape[1]
+    sub = index.flatten().long()
+    group_key = (sub % P) * E + sub // P  # neuron group first, then expert
+    order, counts = reference.sorted_pairs(group_key.view_as(index), keep, P * E)
+    counts = counts.view(P, E)
+    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    start = 0
+    for p, size in enumerate(counts.sum(dim=1).tolist()):
+        if size == 0:
+            continue
+        chosen = order[start:start + size]
+        start += size
+        token, slot = chosen // width, chosen % width
+        offs = counts[p].cumsum(0).to(torch.int32)
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts[p])
+        gate, up, down, gb, ub, db = _neuron_group(params, spec, p)
+        rows, w = x[token], weights[token, slot, None]
+        if ex.weight_on_input:
+            rows = (rows * w).to(rows.dtype)
+        h = reference.expert_glu(_product(rows, gate, gb, offs, expert), _product(rows, up, ub, offs, expert), ex)
+        y = _product(h, down, db, offs, expert)
+        out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
+    return out.to(x.dtype)
