@@ -34,6 +34,9 @@ def grouped_mm_on_cpu() -> bool:
         return False
 
 
+MIN_SUB_EXPERTS = 16
+"""With fewer sub-experts the loop's overhead is small beside its products; at Mixtral's 8 experts the grouped calls
+were no faster on the 2-core machine (``benchmarks/cpu_layer.py``): the loop runs."""
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the CPU ``_grouped_mm`` takes (not fp64)."""
 
@@ -49,9 +52,10 @@ def _fits(t: torch.Tensor | None) -> bool:
 
 def covers(x: torch.Tensor, params, spec: MoESpec, pairs: int) -> bool:
     """3-D expert weights (fused or separate) in the activations' dtype, all experts held, sizes and strides the
-    grouped products take, and few rows per expert on average."""
+    grouped products take, many sub-experts and few rows per sub-expert on average."""
     ex = spec.experts
     if (x.is_cuda or ex.layout not in ("fused", "separate") or ex.local_experts or x.dtype not in GROUPED_DTYPES
+            or spec.num_experts * spec.partition < MIN_SUB_EXPERTS
             or pairs > MAX_ROWS_PER_EXPERT * spec.num_experts * spec.partition or not grouped_mm_on_cpu()):
         return False
     if (spec.hidden * x.element_size()) % 16 or (spec.intermediate // spec.partition * x.element_size()) % 16:
@@ -88,6 +92,32 @@ def _neuron_group(params, spec: MoESpec, p: int):
     return out_rows(gate, g_sl), out_rows(up, u_sl), down, gb, ub, db
 
 
+def _stacked_gate_up(params, spec: MoESpec, p: int):
+    """Where neuron group p's gate and up rows of a fused weight form one block (P = 1, or interleaved rows), that
+    block as one [E, 2c, H] view and its bias, so that one product serves both; else None."""
+    ex, P, c = spec.experts, spec.partition, spec.intermediate // spec.partition
+    if ex.layout != "fused" or not ex.gated or not (P == 1 or ex.interleaved):
+        return None
+    rows = slice(2 * p * c, 2 * (p + 1) * c)  # P = 1: all 2I rows; interleaved: g, u, g, u, ... of group p
+    weight = params[spec.slots.index("gate_up")][:spec.num_experts]
+    weight = weight[:, :, rows].transpose(1, 2) if ex.transposed else weight[:, rows]
+    bias = params[spec.slots.index("gate_up_bias")][:spec.num_experts, rows] if "gate_up_bias" in spec.slots else None
+    return weight, bias
+
+
+def _gate_and_up(rows, params, spec: MoESpec, p: int, offs, expert):
+    """The gate and up products of neuron group p (gate None without a gate): one grouped product where the two
+    weights form one block (then split as they are laid out), else one each."""
+    stacked = _stacked_gate_up(params, spec, p)
+    if stacked is None or not _fits(stacked[0]):
+        gate, up, _, gb, ub, _ = _neuron_group(params, spec, p)
+        return _product(rows, gate, gb, offs, expert), _product(rows, up, ub, offs, expert)
+    both = _product(rows, *stacked, offs, expert)
+    if spec.experts.interleaved:
+        return both[:, 0::2], both[:, 1::2]
+    return both.chunk(2, dim=1)
+
+
 def _product(rows: torch.Tensor, weight, bias, offs: torch.Tensor, expert: torch.Tensor):
     """rows [n, in] times each row's expert's weight [E, out, in]^T (+ its bias), the rows grouped by expert."""
     if weight is None:
@@ -117,11 +147,11 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         token, slot = chosen // width, chosen % width
         offs = counts[p].cumsum(0).to(torch.int32)
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts[p])
-        gate, up, down, gb, ub, db = _neuron_group(params, spec, p)
         rows, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:
             rows = (rows * w).to(rows.dtype)
-        h = reference.expert_glu(_product(rows, gate, gb, offs, expert), _product(rows, up, ub, offs, expert), ex)
+        h = reference.expert_glu(*_gate_and_up(rows, params, spec, p, offs, expert), ex)
+        _, _, down, _, _, db = _neuron_group(params, spec, p)
         y = _product(h, down, db, offs, expert)
         out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
     return out.to(x.dtype)

@@ -22,6 +22,14 @@ from dsmoe_compiler.passes.partition import partition_spec
 pytestmark = pytest.mark.skipif(not cpu_grouped.grouped_mm_on_cpu(), reason="this torch has no CPU _grouped_mm")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def few_sub_experts_too():
+    """``MIN_SUB_EXPERTS`` is a speed rule, not a semantic one: the small blocks here take the grouped path too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_grouped, "MIN_SUB_EXPERTS", 1)
+        yield
+
+
 def aligned(spec, P: int, hidden: int, neurons: int):
     """The block with hidden and per-group intermediate sizes that keep every row 16-byte aligned, 3-D experts."""
     experts = spec.experts
