@@ -12,11 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import rel_err
-from test_partition import blocks, random_params
+from test_partition import blocks, random_params, slots_of
 
 import dsmoe_compiler
 from dsmoe_compiler.codegen import cpu_grouped, reference
-from dsmoe_compiler.ir import ExpertsSpec
+from dsmoe_compiler.ir import ExpertsSpec, MoESpec
 from dsmoe_compiler.passes.partition import partition_spec
 
 pytestmark = pytest.mark.skipif(not cpu_grouped.grouped_mm_on_cpu(), reason="this torch has no CPU _grouped_mm")
@@ -37,8 +37,6 @@ def aligned(spec, P: int, hidden: int, neurons: int):
         experts = ExpertsSpec(layout="separate", transposed=experts.transposed, has_bias=experts.has_bias,
                               activation=experts.activation)
     spec = spec.replace(hidden=hidden, intermediate=P * neurons, experts=experts)
-    from test_partition import slots_of
-
     return spec.replace(slots=slots_of(spec))
 
 
@@ -69,8 +67,6 @@ def test_grouped_experts_equal_the_loop(block, transform, seed, tokens, hidden, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_grouped_experts_in_16_bits(dtype):
     """16-bit activations: within 16-bit rounding of the fp64 loop, like the loop itself."""
-    from dsmoe_compiler.ir import MoESpec
-
     spec = MoESpec(name="b16", num_experts=16, top_k=4, hidden=64, intermediate=32,
                    slots=("router_weight", "gate_up", "down"))
     g = torch.Generator().manual_seed(5)
@@ -87,8 +83,6 @@ def test_grouped_experts_in_16_bits(dtype):
 
 def test_many_rows_per_expert_run_the_loop_and_fp64_too():
     """Past ``MAX_ROWS_PER_EXPERT`` rows per expert, and for fp64, ``covers`` says no and the loop runs (bit for bit)."""
-    from dsmoe_compiler.ir import MoESpec
-
     spec = MoESpec(name="big", num_experts=2, top_k=1, hidden=8, intermediate=8, slots=("router_weight", "gate_up", "down"))
     g = torch.Generator().manual_seed(6)
     params = [torch.randn(2, 8, generator=g), torch.randn(2, 16, 8, generator=g), torch.randn(2, 8, 8, generator=g)]
