@@ -22,13 +22,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
-@pytest.mark.parametrize("variant", ["descriptors", "pointers", "persistent"])
-def test_kernels_under_interpreter(variant):
-    """Weight tiles through tensor descriptors (what Hopper runs) or plain pointer loads (older GPUs,
-    interleaved or strided layouts), one program per tile: every case for the first, the weight-layout
-    cases for the second; persistent programs walking several tiles each (schedule.py): the layout,
-    partition, drop and empty-expert cases."""
+def run_under_interpreter(variant: str) -> None:
+    """This file's kernel cases in a subprocess with Triton's interpreter on. Weight tiles through tensor descriptors
+    (what Hopper runs) or plain pointer loads (older GPUs, interleaved or strided layouts), one program per tile:
+    every case for the first, the weight-layout cases for the second; persistent programs walking several tiles each
+    (schedule.py): the layout, partition, drop and empty-expert cases. The pointer and persistent runs are launched by
+    ``test_kernels_variants.py``, so that pytest-xdist's ``--dist loadfile`` can give them to the other worker."""
     env = dict(os.environ, TRITON_INTERPRET="1", DSMOE_TMA="off" if variant == "pointers" else "auto",
                DSMOE_PERSISTENT="on" if variant == "persistent" else "off")
     # the pointer variant leaves out the property test of keep patterns (how weights load does not meet the keep mask)
@@ -41,6 +40,11 @@ def test_kernels_under_interpreter(variant):
                          env=env, capture_output=True, text=True, timeout=1000)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
+def test_kernels_under_interpreter():
+    run_under_interpreter("descriptors")
 
 
 if INTERPRETED:
