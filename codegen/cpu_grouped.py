@@ -22,6 +22,9 @@ from dsmoe_compiler.ir import MoESpec
 MAX_ROWS_PER_EXPERT = 32
 """Above this many kept pairs per sub-expert (on average) the loop's products dominate its overhead, and on the 2-core
 machine the grouped calls were no faster (``benchmarks/cpu_layer.py``): the loop runs."""
+MIN_SUB_EXPERTS = 16
+"""With fewer sub-experts the loop's overhead is small beside its products; at Mixtral's 8 experts the grouped calls
+were no faster on the 2-core machine (``benchmarks/cpu_layer.py``): the loop runs."""
 
 
 @functools.cache
@@ -34,9 +37,6 @@ def grouped_mm_on_cpu() -> bool:
         return False
 
 
-MIN_SUB_EXPERTS = 16
-"""With fewer sub-experts the loop's overhead is small beside its products; at Mixtral's 8 experts the grouped calls
-were no faster on the 2-core machine (``benchmarks/cpu_layer.py``): the loop runs."""
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the CPU ``_grouped_mm`` takes (not fp64)."""
 
@@ -99,18 +99,18 @@ def _stacked_gate_up(params, spec: MoESpec, p: int):
     if ex.layout != "fused" or not ex.gated or not (P == 1 or ex.interleaved):
         return None
     rows = slice(2 * p * c, 2 * (p + 1) * c)  # P = 1: all 2I rows; interleaved: g, u, g, u, ... of group p
-    weight = params[spec.slots.index("gate_up")][:spec.num_experts]
+    weight = reference._param(spec, params, "gate_up")[:spec.num_experts]
     weight = weight[:, :, rows].transpose(1, 2) if ex.transposed else weight[:, rows]
-    bias = params[spec.slots.index("gate_up_bias")][:spec.num_experts, rows] if "gate_up_bias" in spec.slots else None
-    return weight, bias
+    bias = reference._param(spec, params, "gate_up_bias")
+    return weight, None if bias is None else bias[:spec.num_experts, rows]
 
 
-def _gate_and_up(rows, params, spec: MoESpec, p: int, offs, expert):
-    """The gate and up products of neuron group p (gate None without a gate): one grouped product where the two
-    weights form one block (then split as they are laid out), else one each."""
+def _gate_and_up(rows, group, params, spec: MoESpec, p: int, offs, expert):
+    """The gate and up products of neuron group p (its ``_neuron_group`` views; gate None without a gate): one
+    grouped product where the two weights form one block (then split as they are laid out), else one each."""
     stacked = _stacked_gate_up(params, spec, p)
     if stacked is None or not _fits(stacked[0]):
-        gate, up, _, gb, ub, _ = _neuron_group(params, spec, p)
+        gate, up, _, gb, ub, _ = group
         return _product(rows, gate, gb, offs, expert), _product(rows, up, ub, offs, expert)
     both = _product(rows, *stacked, offs, expert)
     if spec.experts.interleaved:
@@ -150,8 +150,9 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         rows, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:
             rows = (rows * w).to(rows.dtype)
-        h = reference.expert_glu(*_gate_and_up(rows, params, spec, p, offs, expert), ex)
-        _, _, down, _, _, db = _neuron_group(params, spec, p)
+        group = _neuron_group(params, spec, p)
+        h = reference.expert_glu(*_gate_and_up(rows, group, params, spec, p, offs, expert), ex)
+        _, _, down, _, _, db = group
         y = _product(h, down, db, offs, expert)
         out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype))
     return out.to(x.dtype)

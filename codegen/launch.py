@@ -9,13 +9,10 @@ while the kernel would be specialised the same way: the same scalars and constex
 smaller launches of expert parallelism.
 """
 
-import os
-
 import torch
 from triton import knobs as _knobs
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-"""Triton's interpreter runs the kernels, on CPU tensors (the tests)."""
+from dsmoe_compiler.codegen import INTERPRETED
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """Activation dtypes the kernels run; others (fp64) run the reference (``dispatch.moe_triton``, EP's operators)."""
 FAST_LAUNCH = not INTERPRETED

@@ -16,11 +16,9 @@ shapes included.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from dsmoe_compiler.codegen import cpu_grouped, reference
+from dsmoe_compiler.codegen import INTERPRETED, cpu_grouped, reference
 from dsmoe_compiler.codegen.reference import parse_spec
 from dsmoe_compiler.runtime import state
 
@@ -46,10 +44,6 @@ def refuse_sharded(spec) -> None:
         raise RuntimeError(f"dualsparse: MoE block {spec.name!r} holds only experts {spec.experts.expert_offset}.."
                            f"{spec.experts.expert_offset + spec.experts.local_experts - 1} of {spec.num_experts} "
                            "(sharded by shard_experts_); compile it with options={'expert_parallel': group}")
-
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-"""Triton's CPU interpreter is on: kernels="triton" runs the kernels on CPU tensors too (tests)."""
 
 
 def run_moe(x, params, spec_json, impl="reference"):
