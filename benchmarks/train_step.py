@@ -40,19 +40,50 @@ def worst_error(got: dict, want: dict) -> float:
     return max(((got[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in want.items())
 
 
+BACKENDS = (("eager", None, None), ("inductor", "inductor", None), ("dualsparse", "dualsparse", {"kernels": "triton"}))
+
+
+def profile(model, ids, n: int = 15):
+    """Where a step's time goes, per compiled column: its wall time, GPU kernel time and idle (one step after
+    three warm ones), the top kernels by GPU time and the top ops by host time (torch.profiler)."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for name, backend, options in BACKENDS[1:]:
+        torch._dynamo.reset()
+        target = torch.compile(model, backend=backend, options=options)
+        for _ in range(3):
+            step(target, ids)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(target, ids)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3
+        with torch.profiler.profile(activities=acts) as prof:
+            step(target, ids)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        gpu = sorted(((e.key[:70], e.device_time_total / 1e3, e.count) for e in events
+                      if e.device_time_total > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA), key=lambda r: -r[1])
+        host = sorted(((e.key[:70], e.self_cpu_time_total / 1e3, e.count) for e in events), key=lambda r: -r[1])
+        print(f"\n{name}: one step {wall:.2f} ms wall, GPU kernels {sum(r[1] for r in gpu):.2f} ms")
+        print_markdown(f"{name}: top kernels", ["kernel", "GPU ms", "calls"], [[k, f"{t:.3f}", str(c)] for k, t, c in gpu[:n]])
+        print_markdown(f"{name}: top host ops (self)", ["op", "host ms", "calls"], [[k, f"{t:.3f}", str(c)] for k, t, c in host[:n]])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="results/train_step.json")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--profile", action="store_true", help="only print where a step's time goes, per backend")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = olmoe(args.layers).train()
     ids = torch.randint(0, 50304, (1, args.tokens), device="cuda")
+    if args.profile:
+        return profile(model, ids)
     want = gradients(model, ids)
     rows = []
-    for name, backend, options in (("eager", None, None), ("inductor", "inductor", None),
-                                   ("dualsparse", "dualsparse", {"kernels": "triton"})):
+    for name, backend, options in BACKENDS:
         torch._dynamo.reset()
         target = model if backend is None else torch.compile(model, backend=backend, options=options)
         start = time.perf_counter()

@@ -75,24 +75,67 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
         xs = (xs * w).to(xs.dtype)
     padded = xs.new_zeros(subs, cap, x.shape[1]).index_put((sub, rank), xs)
     gate, up, down, gate_bias, up_bias, down_bias = _stacked_sub_experts(params, spec, subs)
-    h = reference.expert_glu(None if gate is None else _batched_linear(padded, gate, gate_bias),
-                             _batched_linear(padded, up, up_bias), ex)
-    y = _batched_linear(h, down, down_bias)[sub, rank]
+    if isinstance(gate, _Stacked):  # gate and up rows in one weight: one product, then split as they are laid out
+        both = _batched_linear(padded, gate.weight, up_bias)
+        g, u = (both[..., 0::2], both[..., 1::2]) if ex.interleaved else both.chunk(2, dim=-1)
+    else:
+        g = None if gate is None else _batched_linear(padded, gate, gate_bias)
+        u = _batched_linear(padded, up, up_bias)
+    y = _batched_linear(reference.expert_glu(g, u, ex), down, down_bias)[sub, rank]
     out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     return out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype)).to(x.dtype)
 
 
+class _SubExpertLinear(torch.autograd.Function):
+    """x [S, C, in] times weight [S, out, in]^T, with the weight's gradient computed in the weight's own layout.
+    Autograd's ``bmm`` backward gives it as the transpose of another product ([S, in, out] transposed), which
+    the parameter's gradient then copied into place, a strided copy of every expert weight (on the H200 the
+    largest kernel time of a training step, ``results/h200/train_step_profile_s23.log``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # [S, out, in], laid out as the weight is (rows or columns contiguous)
+            column_major = weight.stride(-2) == 1 and weight.stride(-1) != 1
+            grad_w = (torch.bmm(x.transpose(1, 2), grad).transpose(1, 2) if column_major
+                      else torch.bmm(grad.transpose(1, 2), x))
+        return grad_x, grad_w
+
+
 def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` per sub-expert: x [S, C, in], weight [S, out, in], bias [S, out]."""
-    y = torch.bmm(x, weight.transpose(1, 2))
+    y = _SubExpertLinear.apply(x, weight)
     return y if bias is None else y + bias.unsqueeze(1)
 
 
-def _stacked_sub_experts(params, spec, subs: int) -> list[torch.Tensor | None]:
+class _Stacked:
+    """A sub-expert's gate and up rows as one weight [S, 2c, in]: gate rows then up rows, or alternating
+    (interleaved). The bias, where there is one, comes in the up slot, stacked the same way."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def _experts_of(t: torch.Tensor | None, E: int) -> torch.Tensor | None:
+    """The first E experts of a 3-D (or 2-D bias) tensor. Only sliced where it holds more (LongCat-Flash's): a slice
+    of a whole tensor still costs its backward a zero-filled copy of the tensor."""
+    return t if t is None or t.shape[0] == E else t[:E]
+
+
+def _stacked_sub_experts(params, spec, subs: int) -> list:
     """``reference.sub_expert_weights`` of every sub-expert, stacked ([S, ...]); a weight no sub-expert has stays
-    None, one that only some have (the down bias, on the Major halves) is zero on the others."""
-    if spec.experts.layout == "fused" and spec.experts.gated:
-        return _fused_sub_experts(params, spec)
+    None, one that only some have (the down bias, on the Major halves) is zero on the others. 3-D expert tensors
+    are reshaped whole (``_whole_tensor_sub_experts``)."""
+    ex = spec.experts
+    if ex.layout == "separate" or (ex.layout == "fused" and ex.gated):
+        return _whole_tensor_sub_experts(params, spec)
     stacked = []
     for parts in zip(*(reference.sub_expert_weights(params, spec, s) for s in range(subs))):
         present = [p for p in parts if p is not None]
@@ -101,29 +144,36 @@ def _stacked_sub_experts(params, spec, subs: int) -> list[torch.Tensor | None]:
     return stacked
 
 
-def _fused_sub_experts(params, spec) -> list[torch.Tensor | None]:
-    """The same for 3-D ``gate_up`` / ``down`` tensors, from views of whole tensors: the backward of a view is one
-    full-size gradient, so a view per sub-expert would write the whole weight's size once per sub-expert."""
+def _whole_tensor_sub_experts(params, spec) -> list:
+    """The same for 3-D expert tensors, from reshapes of whole tensors (views where P = 1): the backward of a view is
+    one full-size gradient, so a view per sub-expert would write the whole weight's size once per sub-expert. A fused
+    gated ``gate_up`` comes back as one ``_Stacked`` weight (with its bias in the up slot)."""
     ex, E, P, I = spec.experts, spec.num_experts, spec.partition, spec.intermediate
-    # [:E]: a tensor may hold more experts than route (LongCat-Flash's), as sub_expert_weights reads them
-    gate_up = reference._param(spec, params, "gate_up")[:E]
-    gate_up = gate_up.transpose(1, 2) if ex.transposed else gate_up  # [E, 2I, H]
-    down = reference._param(spec, params, "down")[:E]
-    down = down.transpose(1, 2) if ex.transposed else down  # [E, H, I]
-    halves = (slice(0, None, 2), slice(1, None, 2)) if ex.interleaved else (slice(0, I), slice(I, 2 * I))
+    c = I // P
 
-    def split_rows(w):  # [E, I, ...] -> [E * P, I / P, ...]: sub-expert e * P + p holds rows p * c .. (p + 1) * c
-        return w.reshape(E * P, I // P, *w.shape[2:])
+    def weight(name):  # [E, out, in]
+        w = _experts_of(reference._param(spec, params, name), E)
+        return None if w is None else (w.transpose(1, 2) if ex.transposed else w)
 
-    gate, up = (split_rows(gate_up[:, half]) for half in halves)
-    down = down.reshape(E, down.shape[1], P, I // P).transpose(1, 2).reshape(E * P, down.shape[1], I // P)
-    bias = reference._param(spec, params, "gate_up_bias")
-    gate_bias, up_bias = (None, None) if bias is None else (split_rows(bias[:E, half]) for half in halves)
-    down_bias = reference._param(spec, params, "down_bias")
+    def by_rows(w):  # [E, I, ...] -> [E * P, c, ...]: sub-expert e * P + p holds rows p * c .. (p + 1) * c
+        return None if w is None else w.reshape(E * P, c, *w.shape[2:])
+
+    def stacked_rows(w):  # [E, 2I, ...] (gate rows, up rows) -> [E * P, 2c, ...], group p's gate rows then up rows
+        if ex.interleaved:  # g, u, g, u, ...: group p's 2c rows are already together
+            return w.reshape(E * P, 2 * c, *w.shape[2:])
+        return w.reshape(E, 2, P, c, *w.shape[2:]).transpose(1, 2).reshape(E * P, 2 * c, *w.shape[2:])
+
+    down = weight("down")  # [E, H, I] -> [E * P, H, c]
+    down = down.reshape(E, down.shape[1], P, c).transpose(1, 2).reshape(E * P, down.shape[1], c)
+    down_bias = _experts_of(reference._param(spec, params, "down_bias"), E)
     if down_bias is not None:  # the whole expert's bias, on its Major half (p = 0) only
-        down_bias = down_bias[:E]
         down_bias = torch.stack([down_bias, *[torch.zeros_like(down_bias)] * (P - 1)], dim=1).reshape(E * P, -1)
-    return [gate, up, down, gate_bias, up_bias, down_bias]
+    if ex.layout == "separate":
+        gate_bias, up_bias = (by_rows(_experts_of(reference._param(spec, params, n), E)) for n in ("gate_bias", "up_bias"))
+        return [by_rows(weight("gate")), by_rows(weight("up")), down, gate_bias, up_bias, down_bias]
+    bias = _experts_of(reference._param(spec, params, "gate_up_bias"), E)
+    return [_Stacked(stacked_rows(weight("gate_up"))), None, down, None,
+            None if bias is None else stacked_rows(bias), down_bias]
 
 
 def _param_grads(grads: list[torch.Tensor], params) -> list[torch.Tensor | None]:
