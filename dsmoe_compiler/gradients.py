@@ -67,13 +67,16 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
         return reference.experts(x, index, weights, params, spec, keep)
     order = order[:kept]
     sub = torch.repeat_interleave(torch.arange(subs, device=x.device), counts)
-    rank = torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
-    token, slot = order // index.shape[1], order % index.shape[1]
-    w = weights[token, slot].unsqueeze(-1)
+    # each kept pair's row in the padded batch [subs * cap]: its sub-expert's block, then its rank there
+    row = sub * cap + torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
+    token = order // index.shape[1]
+    w = weights.flatten()[order].unsqueeze(-1)
     xs = x[token]
     if ex.weight_on_input:
         xs = (xs * w).to(xs.dtype)
-    padded = xs.new_zeros(subs, cap, x.shape[1]).index_put((sub, rank), xs)
+    # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
+    # with (sub, rank) pairs took autograd's sorting accumulate
+    padded = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
     gate, up, down, gate_bias, up_bias, down_bias = _stacked_sub_experts(params, spec, subs)
     if isinstance(gate, _Stacked):  # gate and up rows in one weight: one product, then split as they are laid out
         both = _batched_linear(padded, gate.weight, up_bias)
@@ -81,9 +84,12 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
     else:
         g = None if gate is None else _batched_linear(padded, gate, gate_bias)
         u = _batched_linear(padded, up, up_bias)
-    y = _batched_linear(reference.expert_glu(g, u, ex), down, down_bias)[sub, rank]
-    out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    return out.index_add_(0, token, (y if ex.weight_on_input else y * w).to(out.dtype)).to(x.dtype)
+    y = _batched_linear(reference.expert_glu(g, u, ex), down, down_bias).flatten(0, 1).index_select(0, row)
+    y = (y if ex.weight_on_input else y * w).to(torch.promote_types(x.dtype, torch.float32))
+    # each token's sum over its k slots, from rows put back in pair order (dropped pairs: zero rows): a dense sum,
+    # not index_add_'s atomics
+    by_pair = y.new_zeros(index.numel(), x.shape[1]).index_copy(0, order, y)
+    return by_pair.view(*index.shape, x.shape[1]).sum(dim=1).to(x.dtype)
 
 
 class _SubExpertLinear(torch.autograd.Function):
