@@ -24,6 +24,8 @@ upstream, without an error. Tests: ``tests/test_gradients.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
@@ -77,14 +79,15 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
     # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
     # with (sub, rank) pairs took autograd's sorting accumulate
     padded = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
-    gate, up, down, gate_bias, up_bias, down_bias = _stacked_sub_experts(params, spec, subs)
-    if isinstance(gate, _Stacked):  # gate and up rows in one weight: one product, then split as they are laid out
-        both = _batched_linear(padded, gate.weight, up_bias)
+    stacked = _stacked_sub_experts(params, spec, subs)
+    if stacked.gate_up is not None:  # gate and up rows in one weight: one product, then split as they are laid out
+        both = _batched_linear(padded, stacked.gate_up, stacked.gate_up_bias)
         g, u = (both[..., 0::2], both[..., 1::2]) if ex.interleaved else both.chunk(2, dim=-1)
     else:
-        g = None if gate is None else _batched_linear(padded, gate, gate_bias)
-        u = _batched_linear(padded, up, up_bias)
-    y = _batched_linear(reference.expert_glu(g, u, ex), down, down_bias).flatten(0, 1).index_select(0, row)
+        g = None if stacked.gate is None else _batched_linear(padded, stacked.gate, stacked.gate_bias)
+        u = _batched_linear(padded, stacked.up, stacked.up_bias)
+    y = _batched_linear(reference.expert_glu(g, u, ex), stacked.down, stacked.down_bias)
+    y = y.flatten(0, 1).index_select(0, row)
     y = (y if ex.weight_on_input else y * w).to(torch.promote_types(x.dtype, torch.float32))
     # each token's sum over its k slots, from rows put back in pair order (dropped pairs: zero rows): a dense sum,
     # not index_add_'s atomics
@@ -121,12 +124,20 @@ def _batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y if bias is None else y + bias.unsqueeze(1)
 
 
-class _Stacked:
-    """A sub-expert's gate and up rows as one weight [S, 2c, in]: gate rows then up rows, or alternating
-    (interleaved). The bias, where there is one, comes in the up slot, stacked the same way."""
+@dataclass
+class _SubExperts:
+    """Every sub-expert's weights stacked over sub-experts ([S, out, in], biases [S, out]); None where the block has
+    none. ``gate_up`` holds gate and up rows in one weight [S, 2c, in] (gate rows then up rows, or alternating where
+    interleaved), in place of ``gate`` and ``up``."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    down: torch.Tensor
+    down_bias: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
 
 
 def _experts_of(t: torch.Tensor | None, E: int) -> torch.Tensor | None:
@@ -135,7 +146,7 @@ def _experts_of(t: torch.Tensor | None, E: int) -> torch.Tensor | None:
     return t if t is None or t.shape[0] == E else t[:E]
 
 
-def _stacked_sub_experts(params, spec, subs: int) -> list:
+def _stacked_sub_experts(params, spec, subs: int) -> _SubExperts:
     """``reference.sub_expert_weights`` of every sub-expert, stacked ([S, ...]); a weight no sub-expert has stays
     None, one that only some have (the down bias, on the Major halves) is zero on the others. 3-D expert tensors
     are reshaped whole (``_whole_tensor_sub_experts``)."""
@@ -147,13 +158,14 @@ def _stacked_sub_experts(params, spec, subs: int) -> list:
         present = [p for p in parts if p is not None]
         stacked.append(torch.stack([torch.zeros_like(present[0]) if p is None else p for p in parts])
                        if present else None)
-    return stacked
+    gate, up, down, gate_bias, up_bias, down_bias = stacked
+    return _SubExperts(down, down_bias, gate, up, gate_bias, up_bias)
 
 
-def _whole_tensor_sub_experts(params, spec) -> list:
+def _whole_tensor_sub_experts(params, spec) -> _SubExperts:
     """The same for 3-D expert tensors, from reshapes of whole tensors (views where P = 1): the backward of a view is
     one full-size gradient, so a view per sub-expert would write the whole weight's size once per sub-expert. A fused
-    gated ``gate_up`` comes back as one ``_Stacked`` weight (with its bias in the up slot)."""
+    gated weight stays one ``gate_up``."""
     ex, E, P, I = spec.experts, spec.num_experts, spec.partition, spec.intermediate
     c = I // P
 
@@ -169,17 +181,20 @@ def _whole_tensor_sub_experts(params, spec) -> list:
             return w.reshape(E * P, 2 * c, *w.shape[2:])
         return w.reshape(E, 2, P, c, *w.shape[2:]).transpose(1, 2).reshape(E * P, 2 * c, *w.shape[2:])
 
+    def bias(name):  # [E, out]
+        return _experts_of(reference._param(spec, params, name), E)
+
     down = weight("down")  # [E, H, I] -> [E * P, H, c]
     down = down.reshape(E, down.shape[1], P, c).transpose(1, 2).reshape(E * P, down.shape[1], c)
-    down_bias = _experts_of(reference._param(spec, params, "down_bias"), E)
+    down_bias = bias("down_bias")
     if down_bias is not None:  # the whole expert's bias, on its Major half (p = 0) only
         down_bias = torch.stack([down_bias, *[torch.zeros_like(down_bias)] * (P - 1)], dim=1).reshape(E * P, -1)
     if ex.layout == "separate":
-        gate_bias, up_bias = (by_rows(_experts_of(reference._param(spec, params, n), E)) for n in ("gate_bias", "up_bias"))
-        return [by_rows(weight("gate")), by_rows(weight("up")), down, gate_bias, up_bias, down_bias]
-    bias = _experts_of(reference._param(spec, params, "gate_up_bias"), E)
-    return [_Stacked(stacked_rows(weight("gate_up"))), None, down, None,
-            None if bias is None else stacked_rows(bias), down_bias]
+        return _SubExperts(down, down_bias, gate=by_rows(weight("gate")), up=by_rows(weight("up")),
+                           gate_bias=by_rows(bias("gate_bias")), up_bias=by_rows(bias("up_bias")))
+    gate_up_bias = bias("gate_up_bias")
+    return _SubExperts(down, down_bias, gate_up=stacked_rows(weight("gate_up")),
+                       gate_up_bias=None if gate_up_bias is None else stacked_rows(gate_up_bias))
 
 
 def _param_grads(grads: list[torch.Tensor], params) -> list[torch.Tensor | None]:
