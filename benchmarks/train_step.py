@@ -61,12 +61,14 @@ def profile(model, ids, n: int = 15):
             step(target, ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        gpu = sorted(((e.key[:70], e.device_time_total / 1e3, e.count) for e in events
-                      if e.device_time_total > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA), key=lambda r: -r[1])
+        kernels = [e for e in events if e.device_time_total > 0
+                   and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        gpu = sorted(((e.key[:70], e.device_time_total / 1e3, e.count) for e in kernels), key=lambda r: -r[1])
         host = sorted(((e.key[:70], e.self_cpu_time_total / 1e3, e.count) for e in events), key=lambda r: -r[1])
         print(f"\n{name}: one step {wall:.2f} ms wall, GPU kernels {sum(r[1] for r in gpu):.2f} ms")
-        print_markdown(f"{name}: top kernels", ["kernel", "GPU ms", "calls"], [[k, f"{t:.3f}", str(c)] for k, t, c in gpu[:n]])
-        print_markdown(f"{name}: top host ops (self)", ["op", "host ms", "calls"], [[k, f"{t:.3f}", str(c)] for k, t, c in host[:n]])
+        for title, unit, rows in (("top kernels", "GPU ms", gpu), ("top host ops (self)", "host ms", host)):
+            print_markdown(f"{name}: {title}", ["name", unit, "calls"],
+                           [[k, f"{t:.3f}", str(c)] for k, t, c in rows[:n]])
 
 
 def main():
