@@ -12,8 +12,8 @@ import torch
 from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_partition import blocks, random_params
 from models import ModuleListMoE, ThreeDMoE, UserBlockModel, hf_model, moe_layer_count, random_ids
+from test_partition import blocks, random_params
 
 import dsmoe_compiler
 from dsmoe_compiler.ir import DropSpec, ExpertsSpec, MoESpec, RoutingSpec, SharedSpec
