@@ -14,8 +14,13 @@ Inference graphs keep ``dualsparse::moe``, which has no autograd formula: a Pyth
 its dispatch to every call (``ops.py`` says why that operator avoids ``@custom_op``). Dynamo guards on grad
 mode and on ``requires_grad``, so a model compiled for one case recompiles for the other.
 
-Expert parallelism has no backward: its block output passes through ``dualsparse::inference_only``, whose
-backward raises, naming the block, instead of leaving the experts' gradients silently out.
+Expert parallelism: a model that holds every expert (not sharded by ``shard_experts_``) gets the same backward, run
+on each rank's own tokens with all experts (``dualsparse::ep_trainable``): each rank's gradients are those of its own
+loss, as without EP, and data parallelism averages them as usual. The backward exchanges nothing and saves no expert
+work. The EP forward keeps the reference's pairs with dropping off or uniform thresholds
+(``passes/expert_parallel.py``); under a load-aware drop policy it does not, and that backward raises. A sharded
+model's block output passes through ``dualsparse::inference_only``, whose backward raises naming the block, instead of
+leaving the experts' gradients silently out.
 
 Before this module, a backward through a compiled block (AOT autograd: the inductor and aot_eager inner
 compilers, or the Triton kernels) left the router's and experts' gradients out and gave wrong gradients
@@ -328,6 +333,43 @@ def _raise_in_backward(ctx, grad):
 torch.library.register_autograd("dualsparse::inference_only", _raise_in_backward, setup_context=_save_inputs_and_why)
 
 
+# ---- expert parallelism on a model that holds every expert ----------------------------------------------
+def _ep_backward(grad, x, params, spec_json):
+    spec = parse_spec(spec_json)
+    if spec.drop.mode != "none":
+        from dsmoe_compiler.runtime import load_aware
+
+        if load_aware.get_policy(spec.name) is not None:  # read per call: a policy can be set after compiling
+            raise RuntimeError(f"dualsparse: MoE block {spec.name} runs expert parallelism with a load-aware drop "
+                               "policy, which keeps other pairs than the block's own thresholds and has no backward; "
+                               "clear the policy (runtime.load_aware.clear()) or run it under torch.no_grad()")
+    return _moe_backward(grad, x, params, spec_json)
+
+
+_define_backward("ep_backward(Tensor grad, Tensor x, Tensor[] params, str spec) -> Tensor[]", _ep_backward,
+                 lambda grad, x, params, spec: [x, *params])
+
+# ``out`` is the EP block's output (ep_combine's, which has no autograd formula); its gradients for the block's
+# input and parameters come from the local recompute
+_LIB.define("ep_trainable(Tensor out, Tensor x, Tensor[] params, str spec) -> Tensor")
+_LIB.impl("ep_trainable", lambda out, x, params, spec: out.clone(), "CompositeExplicitAutograd")
+torch.library.register_fake("dualsparse::ep_trainable")(lambda out, x, params, spec: torch.empty_like(out))
+
+
+def _save_ep_inputs(ctx, inputs, output):
+    _, x, params, ctx.spec = inputs
+    ctx.save_for_backward(x, *params)
+
+
+def _ep_grad(ctx, grad):
+    x, *params = ctx.saved_tensors
+    grad_x, *grad_params = torch.ops.dualsparse.ep_backward(grad, x, params, ctx.spec)
+    return None, grad_x, _param_grads(grad_params, params), None
+
+
+torch.library.register_autograd("dualsparse::ep_trainable", _ep_grad, setup_context=_save_ep_inputs)
+
+
 # ---- the backend's choice --------------------------------------------------------------------------------
 def may_need_gradients(gm: fx.GraphModule, example_inputs) -> bool:
     """Grad mode is on, or the graph turns it on, and some input or parameter requires grad: AOT autograd's own
@@ -350,17 +392,22 @@ def bind_gradients(gm: fx.GraphModule, example_inputs) -> int:
             node.target = MOE_TRAINABLE
             bound += 1
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.name() == "dualsparse::ep_combine":
-            _guard_backward(gm, node, f"MoE block {parse_spec(node.args[5]).name} runs expert parallelism, which has "
-                                      "no backward; run it under torch.no_grad() or torch.inference_mode()")
+            x, params, spec_json = node.args[0], node.args[4], node.args[5]
+            spec = parse_spec(spec_json)
+            if spec.experts.local_experts:  # sharded: the other ranks' experts are not here to recompute with
+                why = (f"MoE block {spec.name} runs expert parallelism on a model sharded by shard_experts_, which "
+                       "has no backward; run it under torch.no_grad() or torch.inference_mode()")
+                _route_output(gm, node, torch.ops.dualsparse.inference_only.default, [x, *params], why)
+            else:
+                _route_output(gm, node, torch.ops.dualsparse.ep_trainable.default, x, params, spec_json)
             bound += 1
     return bound
 
 
-def _guard_backward(gm: fx.GraphModule, node: fx.Node, why: str) -> None:
-    """Route ``node``'s uses through ``inference_only`` with the block's input and parameters (ep_combine's
-    first and fifth arguments)."""
-    x, params = node.args[0], node.args[4]
+def _route_output(gm: fx.GraphModule, node: fx.Node, target, *args) -> None:
+    """Route ``node``'s uses through ``target(node, *args)``: the op whose backward gives (or refuses) the
+    gradients of the block's input and parameters."""
     with gm.graph.inserting_after(node):
-        guarded = gm.graph.call_function(torch.ops.dualsparse.inference_only.default, (node, [x, *params], why))
-    node.replace_all_uses_with(guarded, delete_user_cb=lambda user: user is not guarded)
-    guarded.meta.update(node.meta)
+        routed = gm.graph.call_function(target, (node, *args))
+    node.replace_all_uses_with(routed, delete_user_cb=lambda user: user is not routed)
+    routed.meta.update(node.meta)

@@ -724,6 +724,8 @@ def _shared_experts(x, params, spec):
 for _name, _fn in (("ep_route", route), ("ep_experts", local_experts), ("ep_combine", combine),
                    ("ep_shared", _shared_experts)):
     _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
+    # not differentiable: their outputs need no gradient (the block's gradients come from gradients.ep_trainable)
+    _LIB.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
 def pairs_per_token(spec: MoESpec) -> int:

@@ -118,6 +118,12 @@ def _worker(rank, world, port, seed, out_dir):
                     refusals[how] = None
                 except Exception as e:  # noqa: BLE001 - dynamo wraps the error; its text must say why
                     refusals[how] = f"{type(e).__name__}: {e}"
+            try:  # grad mode: the forward runs, the backward raises (the other ranks' experts are not here)
+                torch._dynamo.reset()
+                _compile(model, expert_parallel=True, partition=P)(ids).logits.sum().backward()
+                refusals["backward"] = None
+            except RuntimeError as e:
+                refusals["backward"] = f"{type(e).__name__}: {e}"
             res["refusals"] = refusals
             res[name]["seconds with refusals"] = time.monotonic() - t0
     torch.save(res, os.path.join(out_dir, f"sharded_{rank}.pt"))
@@ -174,9 +180,11 @@ def test_sharded_parameter_bytes(sharded_results, case):
 def test_sharded_model_refused_outside_ep(sharded_results):
     world, _, results = sharded_results
     for rank, res in enumerate(results):
+        assert set(res["refusals"]) == {"eager", "dualsparse without expert_parallel", "aot_eager", "backward"}
         for how, err in res["refusals"].items():
             assert err is not None, f"rank {rank}: running the sharded model {how} did not raise"
-            assert "shard_experts_" in err and "expert_parallel" in err, (how, err)
+            said = ("shard_experts_", "has no backward") if how == "backward" else ("shard_experts_", "expert_parallel")
+            assert all(words in err for words in said), (how, err)
 
 
 # ---- single-process checks ----------------------------------------------------------------------------

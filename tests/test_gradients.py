@@ -239,3 +239,23 @@ def test_sub_expert_linear_gives_the_weights_layout(column_major):
     want_x, want_w = torch.autograd.grad(torch.bmm(x, weight.transpose(1, 2)), (x, weight), grad)
     assert rel_err(gx, want_x) < 1e-14 and rel_err(gw, want_w) < 1e-14
     assert gw.stride() == weight.stride()
+
+
+def test_ep_backward_is_the_blocks_and_refuses_a_load_aware_policy():
+    """``ep_backward`` (the EP block's backward on a model that holds every expert) is the block's own backward on
+    this rank's tokens; under a load-aware drop policy, whose kept pairs are not the block's thresholds', it raises,
+    read per call (a policy set after compiling counts). The gloo runs: ``test_expert_parallel.py``."""
+    from dsmoe_compiler.runtime import load_aware
+
+    x, params, spec = _block(drop="1t")
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    try:
+        got = torch.ops.dualsparse.ep_backward(grad, x, params, spec)
+        want = torch.ops.dualsparse.moe_backward(grad, x, params, spec)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[0].abs().max() > 0
+        load_aware.set_policy("steep2")
+        with pytest.raises(RuntimeError, match="load-aware drop policy"):
+            torch.ops.dualsparse.ep_backward(grad, x, params, spec)
+    finally:
+        load_aware.clear()
+        state.clear()
