@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from conftest import fp32_matmul_precision, rel_err
 from models import poisoned_empty, relayout
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from dsmoe_compiler.codegen import INTERPRETED
+
 pytest.importorskip("triton")
 
 

@@ -1,11 +1,11 @@
 """The grouped GEMMs' launch-shape policy (codegen/schedule.py), on the GPU autotuning lists: plain CPU, no kernels run."""
 
-import os
-
 import pytest
 
+from dsmoe_compiler.codegen import INTERPRETED
+
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter swaps in one small tile; the policy is about the GPU lists
+if INTERPRETED:  # the interpreter swaps in one small tile; the policy is about the GPU lists
     pytest.skip("GPU autotuning lists only", allow_module_level=True)
 
 from dsmoe_compiler.codegen import down_weighted, gate_up_glu, schedule  # noqa: E402
