@@ -54,9 +54,12 @@ GATE_UP_REFERENCE, DOWN_REFERENCE = GATE_UP[3], DOWN[3]  # every swept output is
 LAYER, TOP = True, 5
 LAUNCHES = {"tile": "one program per tile", "auto": "default launch shapes"}
 VARIANTS = None  # --variants: launch flags to try instead of the default (one program per tile / persistent, x stacked)
-FLAG_NAMES = {"persistent": "PERSISTENT", "stacked": "STACKED", "ctas2": "NUM_CTAS_2"}
-"""Variant flags: kernel constexprs, except NUM_CTAS_2, a launch option: each program a cluster of two CTAs
-(Triton's num_ctas = 2; an untried lead of docs/kernel-experiments.md: whether it shares weight tiles)."""
+FLAG_NAMES = {"persistent": "PERSISTENT", "stacked": "STACKED", "ctas2": "NUM_CTAS_2", "occ2": "PROGRAMS_X2"}
+"""Variant flags: kernel constexprs, except two launch options. NUM_CTAS_2: each program a cluster of two CTAs
+(Triton's num_ctas = 2, which does not compile our kernels on Triton 3.6: docs/kernel-experiments.md).
+PROGRAMS_X2: a persistent launch of two programs per SM, so that tiles small enough for two CTAs on one SM
+overlap one's epilogue with the other's K loop."""
+LAUNCH_FLAGS = ("PERSISTENT", "NUM_CTAS_2", "PROGRAMS_X2")
 
 
 def parse_tiles(text: str) -> list[tuple]:
@@ -126,10 +129,15 @@ def timeline(call, replays: int = 5) -> dict:
 def launch(kernel, grid_of, ptrs, scalars, constexprs, cfg, **flags):
     m, n, k, warps, stages, *group = cfg  # an optional sixth number: GROUP_SIZE_M (default 8)
     ctas = 2 if flags.pop("NUM_CTAS_2", False) else 1
+    doubled = flags.pop("PROGRAMS_X2", False)
     meta = dict(constexprs, **flags, BLOCK_SIZE_M=m, BLOCK_SIZE_N=n, BLOCK_SIZE_K=k, GROUP_SIZE_M=(group or [8])[0],
                 MIN_ROWS=0, MAX_ROWS=1 << 30)
     jit = kernel.fn if hasattr(kernel, "fn") else kernel
     grid = grid_of(meta)
+    if doubled and meta["PERSISTENT"]:  # the NUM_PROGRAMS scalar and the grid both twice the SMs
+        at = jit.arg_names.index("NUM_PROGRAMS") - len(ptrs)
+        scalars = tuple(2 * v if i == at else v for i, v in enumerate(scalars))
+        grid = (min(grid_of(dict(meta, PERSISTENT=False))[0], scalars[at]),)
     return lambda: jit[grid](*ptrs, *scalars, **meta, num_warps=warps, num_stages=stages, num_ctas=ctas)
 
 
@@ -181,9 +189,9 @@ def sweep_kernel(name, kernel, ptrs, constexprs, out, configs, flops, reference)
     if constexprs.get("STACKED"):
         variants = [dict(v, STACKED=s) for v in variants for s in (False, True)]
     if VARIANTS:  # only the flags this kernel has (STACKED is gate/up's); the reference variant first
-        known = [f for f in FLAG_NAMES.values() if f in ("PERSISTENT", "NUM_CTAS_2") or f in constexprs]
+        known = [f for f in FLAG_NAMES.values() if f in LAUNCH_FLAGS or f in constexprs]
         variants = [{f: v.get(f, False) for f in known} for v in VARIANTS]
-        reference_flags = {f: False for f in ("PERSISTENT", "NUM_CTAS_2") if f in known}
+        reference_flags = {f: False for f in LAUNCH_FLAGS if f in known}
         variants.insert(0, dict(variants[0], **reference_flags))
         variants = [dict(t) for t in dict.fromkeys(tuple(v.items()) for v in variants)]  # distinct, in order
     constexprs = {k: v for k, v in constexprs.items() if k not in variants[0]}
