@@ -60,36 +60,7 @@ def covers(x: torch.Tensor, params, spec: MoESpec, pairs: int) -> bool:
         return False
     if (spec.hidden * x.element_size()) % 16 or (spec.intermediate // spec.partition * x.element_size()) % 16:
         return False
-    return all(w is None or (w.dtype == x.dtype and _fits(w)) for w in _neuron_group(params, spec, 0)[:3])
-
-
-def _neuron_group(params, spec: MoESpec, p: int):
-    """(gate, up, down, gate_bias, up_bias, down_bias) of neuron group p of every expert, as ``reference.sub_expert_weights``
-    gives them for one sub-expert: [E, c, H], [E, c, H] and [E, H, c] views (gate None without a gate), [E, c] and
-    [E, H] biases, the down bias with p == 0 only (the Major half carries it)."""
-    ex, P, I = spec.experts, spec.partition, spec.intermediate
-    c = I // P
-    lo, hi = p * c, (p + 1) * c
-    # the first E experts: a tensor may hold more (LongCat-Flash's gate/up weights have rows for its zero-computation
-    # experts, which no pair reaches here)
-    take = lambda name: reference._param(spec, params, name)[:spec.num_experts] if name in spec.slots else None  # noqa: E731
-    if ex.layout == "separate":
-        gate, up, down = take("gate"), take("up"), take("down")
-        g_sl = u_sl = slice(lo, hi)
-        gb, ub = (None if b is None else b[:, g_sl] for b in (take("gate_bias"), take("up_bias")))
-    else:
-        gate = up = take("gate_up")
-        down, gub = take("down"), take("gate_up_bias")
-        g_sl, u_sl = ((slice(2 * lo, 2 * hi, 2), slice(2 * lo + 1, 2 * hi, 2)) if ex.interleaved
-                      else (slice(lo, hi), slice(I + lo, I + hi)))
-        gb, ub = (None, None) if gub is None else (gub[:, g_sl], gub[:, u_sl])
-
-    def out_rows(w, sl):  # [E, out, in] rows sl of the output channels (stored [E, in, out] when transposed)
-        return None if w is None else (w[:, :, sl].transpose(1, 2) if ex.transposed else w[:, sl])
-
-    down = down[:, lo:hi].transpose(1, 2) if ex.transposed else down[:, :, lo:hi]
-    db = take("down_bias") if p == 0 else None
-    return out_rows(gate, g_sl), out_rows(up, u_sl), down, gb, ub, db
+    return all(w is None or (w.dtype == x.dtype and _fits(w)) for w in reference.neuron_group_weights(params, spec, 0)[:3])
 
 
 def _stacked_gate_up(params, spec: MoESpec, p: int):
@@ -99,14 +70,12 @@ def _stacked_gate_up(params, spec: MoESpec, p: int):
     if ex.layout != "fused" or not ex.gated or not (P == 1 or ex.interleaved):
         return None
     rows = slice(2 * p * c, 2 * (p + 1) * c)  # P = 1: all 2I rows; interleaved: g, u, g, u, ... of group p
-    weight = reference._param(spec, params, "gate_up")[:spec.num_experts]
-    weight = weight[:, :, rows].transpose(1, 2) if ex.transposed else weight[:, rows]
-    bias = reference._param(spec, params, "gate_up_bias")
-    return weight, None if bias is None else bias[:spec.num_experts, rows]
+    bias = reference.expert_tensor(params, spec, "gate_up_bias")
+    return reference.expert_tensor(params, spec, "gate_up")[:, rows], None if bias is None else bias[:, rows]
 
 
 def _gate_and_up(rows, group, params, spec: MoESpec, p: int, offs, expert):
-    """The gate and up products of neuron group p (its ``_neuron_group`` views; gate None without a gate): one
+    """The gate and up products of neuron group p (its ``reference.neuron_group_weights`` views; gate None without a gate): one
     grouped product where the two weights form one block (then split as they are laid out), else one each."""
     stacked = _stacked_gate_up(params, spec, p)
     if stacked is None or not _fits(stacked[0]):
@@ -150,7 +119,7 @@ def experts(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, params,
         rows, w = x[token], weights[token, slot, None]
         if ex.weight_on_input:
             rows = (rows * w).to(rows.dtype)
-        group = _neuron_group(params, spec, p)
+        group = reference.neuron_group_weights(params, spec, p)
         h = reference.expert_glu(*_gate_and_up(rows, group, params, spec, p, offs, expert), ex)
         _, _, down, _, _, db = group
         y = _product(h, down, db, offs, expert)

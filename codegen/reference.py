@@ -123,39 +123,59 @@ def partial_transform(index: torch.Tensor, weights: torch.Tensor, partition: int
 
 
 # ---- experts -------------------------------------------------------------------------------------
-def _rows(w: torch.Tensor, transposed: bool, start: int, stop: int, step: int = 1) -> torch.Tensor:
-    """Output-channel slice of a 2-D [out, in] (or transposed [in, out]) weight, as a [out', in] view."""
-    return w[:, start:stop:step].t() if transposed else w[start:stop:step]
+def expert_tensor(params, spec: MoESpec, name: str):
+    """Expert tensor ``name`` over the block's E experts: [E, out, in] for a weight (a transposed view where it is
+    stored [E, in, out]), [E, out] for a bias; None where the block has none. Sliced to E only where the tensor holds
+    more experts (LongCat-Flash's gate/up rows for its zero-computation experts, which no pair reaches): even a
+    slice of the whole tensor costs its backward a zero-filled copy."""
+    t = _param(spec, params, name)
+    if t is None:
+        return None
+    t = t if t.shape[0] == spec.num_experts else t[:spec.num_experts]
+    return t.transpose(1, 2) if t.dim() == 3 and spec.experts.transposed else t
+
+
+def gate_up_slices(spec: MoESpec, lo: int, hi: int) -> tuple[slice, slice]:
+    """Rows of neurons lo..hi-1's gate and of their up in a fused gate/up weight: alternating where interleaved
+    (g, u, g, u, ...), else all gate rows then all up rows."""
+    if spec.experts.interleaved:
+        return slice(2 * lo, 2 * hi, 2), slice(2 * lo + 1, 2 * hi, 2)
+    return slice(lo, hi), slice(spec.intermediate + lo, spec.intermediate + hi)
+
+
+def neuron_group_weights(params, spec: MoESpec, p: int):
+    """(gate, up, down, gate_bias, up_bias, down_bias) of neuron group p (neurons p c .. (p + 1) c - 1) of every
+    expert, for 3-D expert tensors (layouts "fused" and "separate"): [E, c, H], [E, c, H] and [E, H, c] views (gate
+    None without a gate), [E, c] biases, and the down bias [E, H] with p == 0 only (the Major half carries the
+    whole expert's)."""
+    c = spec.intermediate // spec.partition
+    lo, hi = p * c, (p + 1) * c
+    tensor = functools.partial(expert_tensor, params, spec)
+    if spec.experts.layout == "separate":
+        gate, up, gate_bias, up_bias = tensor("gate"), tensor("up"), tensor("gate_bias"), tensor("up_bias")
+        g_rows = u_rows = slice(lo, hi)
+    else:
+        gate = up = tensor("gate_up")
+        gate_bias = up_bias = tensor("gate_up_bias")
+        g_rows, u_rows = gate_up_slices(spec, lo, hi)
+    rows = lambda t, sl: None if t is None else t[:, sl]  # noqa: E731
+    down_bias = tensor("down_bias") if p == 0 else None
+    return (rows(gate, g_rows), rows(up, u_rows), tensor("down")[:, :, lo:hi], rows(gate_bias, g_rows),
+            rows(up_bias, u_rows), down_bias)
 
 
 def sub_expert_weights(params, spec: MoESpec, sub: int):
     """(gate [c, H], up [c, H], down [H, c], gate_bias, up_bias, down_bias) views of sub-expert `sub`."""
-    ex, P = spec.experts, spec.partition
-    e, p = divmod(sub, P)
-    c = spec.intermediate // P
+    e, p = divmod(sub, spec.partition)
+    if spec.experts.layout != "list":
+        return tuple(None if t is None else t[e] for t in neuron_group_weights(params, spec, p))
+    c = spec.intermediate // spec.partition
     lo, hi = p * c, (p + 1) * c
-    if ex.layout in ("list", "separate"):
-        pick = (lambda n: _param(spec, params, f"{n}.{e}")) if ex.layout == "list" else (
-            lambda n: None if n not in spec.slots else _param(spec, params, n)[e])
-        gate, up, down = pick("gate"), pick("up"), pick("down")  # no gate: None (ExpertsSpec.gated)
-        if ex.layout == "separate" and ex.transposed:
-            gate, up, down = (None if w is None else w.t() for w in (gate, up, down))
-        gb, ub, db = (pick(n) for n in ("gate_bias", "up_bias", "down_bias"))
-        cut = lambda b: None if b is None else b[lo:hi]  # noqa: E731
-        return cut(gate), up[lo:hi], down[:, lo:hi], cut(gb), cut(ub), (db if p == 0 else None)
-    gate_up, down = _param(spec, params, "gate_up")[e], _param(spec, params, "down")[e]
-    gub, db = _param(spec, params, "gate_up_bias"), _param(spec, params, "down_bias")
-    I = spec.intermediate
-    if ex.interleaved:
-        g_sl, u_sl = (2 * lo, 2 * hi, 2), (2 * lo + 1, 2 * hi, 2)
-    else:
-        g_sl, u_sl = (lo, hi, 1), (I + lo, I + hi, 1)
-    gate, up = _rows(gate_up, ex.transposed, *g_sl), _rows(gate_up, ex.transposed, *u_sl)
-    dn = down[lo:hi].t() if ex.transposed else down[:, lo:hi]
-    gb = None if gub is None else gub[e][slice(*g_sl)]
-    ub = None if gub is None else gub[e][slice(*u_sl)]
+    gate, up, down, gb, ub, db = (_param(spec, params, f"{n}.{e}")  # no gate: None (ExpertsSpec.gated)
+                                  for n in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"))
+    cut = lambda b: None if b is None else b[lo:hi]  # noqa: E731
     # The down bias belongs to the whole expert: sub-expert p == 0 (the Major half) carries it.
-    return gate, up, dn, gb, ub, (db[e] if db is not None and p == 0 else None)
+    return cut(gate), up[lo:hi], down[:, lo:hi], cut(gb), cut(ub), (db if p == 0 else None)
 
 
 ACT = {"silu": F.silu, "relu": F.relu, "relu2": lambda t: torch.square(F.relu(t)), "gelu": F.gelu,

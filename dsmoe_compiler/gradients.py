@@ -29,6 +29,7 @@ upstream, without an error. Tests: ``tests/test_gradients.py``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -145,12 +146,6 @@ class _SubExperts:
     gate_up_bias: torch.Tensor | None = None
 
 
-def _experts_of(t: torch.Tensor | None, E: int) -> torch.Tensor | None:
-    """The first E experts of a 3-D (or 2-D bias) tensor. Only sliced where it holds more (LongCat-Flash's): a slice
-    of a whole tensor still costs its backward a zero-filled copy of the tensor."""
-    return t if t is None or t.shape[0] == E else t[:E]
-
-
 def _stacked_sub_experts(params, spec, subs: int) -> _SubExperts:
     """``reference.sub_expert_weights`` of every sub-expert, stacked ([S, ...]); a weight no sub-expert has stays
     None, one that only some have (the down bias, on the Major halves) is zero on the others. 3-D expert tensors
@@ -173,10 +168,7 @@ def _whole_tensor_sub_experts(params, spec) -> _SubExperts:
     gated weight stays one ``gate_up``."""
     ex, E, P, I = spec.experts, spec.num_experts, spec.partition, spec.intermediate
     c = I // P
-
-    def weight(name):  # [E, out, in]
-        w = _experts_of(reference._param(spec, params, name), E)
-        return None if w is None else (w.transpose(1, 2) if ex.transposed else w)
+    tensor = functools.partial(reference.expert_tensor, params, spec)  # weights [E, out, in], biases [E, out]
 
     def by_rows(w):  # [E, I, ...] -> [E * P, c, ...]: sub-expert e * P + p holds rows p * c .. (p + 1) * c
         return None if w is None else w.reshape(E * P, c, *w.shape[2:])
@@ -186,19 +178,16 @@ def _whole_tensor_sub_experts(params, spec) -> _SubExperts:
             return w.reshape(E * P, 2 * c, *w.shape[2:])
         return w.reshape(E, 2, P, c, *w.shape[2:]).transpose(1, 2).reshape(E * P, 2 * c, *w.shape[2:])
 
-    def bias(name):  # [E, out]
-        return _experts_of(reference._param(spec, params, name), E)
-
-    down = weight("down")  # [E, H, I] -> [E * P, H, c]
+    down = tensor("down")  # [E, H, I] -> [E * P, H, c]
     down = down.reshape(E, down.shape[1], P, c).transpose(1, 2).reshape(E * P, down.shape[1], c)
-    down_bias = bias("down_bias")
+    down_bias = tensor("down_bias")
     if down_bias is not None:  # the whole expert's bias, on its Major half (p = 0) only
         down_bias = torch.stack([down_bias, *[torch.zeros_like(down_bias)] * (P - 1)], dim=1).reshape(E * P, -1)
     if ex.layout == "separate":
-        return _SubExperts(down, down_bias, gate=by_rows(weight("gate")), up=by_rows(weight("up")),
-                           gate_bias=by_rows(bias("gate_bias")), up_bias=by_rows(bias("up_bias")))
-    gate_up_bias = bias("gate_up_bias")
-    return _SubExperts(down, down_bias, gate_up=stacked_rows(weight("gate_up")),
+        return _SubExperts(down, down_bias, gate=by_rows(tensor("gate")), up=by_rows(tensor("up")),
+                           gate_bias=by_rows(tensor("gate_bias")), up_bias=by_rows(tensor("up_bias")))
+    gate_up_bias = tensor("gate_up_bias")
+    return _SubExperts(down, down_bias, gate_up=stacked_rows(tensor("gate_up")),
                        gate_up_bias=None if gate_up_bias is None else stacked_rows(gate_up_bias))
 
 
@@ -240,18 +229,22 @@ _define_backward("moe_backward(Tensor grad, Tensor x, Tensor[] params, str spec)
                  lambda grad, x, params, spec: [x, *params])
 
 
-def _save_moe_inputs(ctx, inputs, output):
-    x, params, ctx.spec = inputs[:3]
-    ctx.save_for_backward(x, *params)
+def _register_block_autograd(op: str, backward, before: int, after: int) -> None:
+    """op's inputs: ``before`` without a gradient, then (x, params, spec), then ``after`` more; its gradients for x
+    and params come from ``backward(grad, x, params, spec) -> [grad_x, *grad_params]``."""
+    def save_inputs(ctx, inputs, output):
+        x, params, ctx.spec = inputs[before:before + 3]
+        ctx.save_for_backward(x, *params)
+
+    def gradients(ctx, grad):
+        x, *params = ctx.saved_tensors
+        grad_x, *grad_params = backward(grad, x, params, ctx.spec)
+        return (None,) * before + (grad_x, _param_grads(grad_params, params)) + (None,) * (1 + after)
+
+    torch.library.register_autograd(op, gradients, setup_context=save_inputs)
 
 
-def _moe_grad(ctx, grad):
-    x, *params = ctx.saved_tensors
-    grad_x, *grad_params = torch.ops.dualsparse.moe_backward(grad, x, params, ctx.spec)
-    return grad_x, _param_grads(grad_params, params), None, None
-
-
-torch.library.register_autograd("dualsparse::moe_trainable", _moe_grad, setup_context=_save_moe_inputs)
+_register_block_autograd("dualsparse::moe_trainable", torch.ops.dualsparse.moe_backward, before=0, after=1)
 MOE_TRAINABLE = torch.ops.dualsparse.moe_trainable.default
 
 
@@ -356,18 +349,7 @@ _LIB.impl("ep_trainable", lambda out, x, params, spec: out.clone(), "CompositeEx
 torch.library.register_fake("dualsparse::ep_trainable")(lambda out, x, params, spec: torch.empty_like(out))
 
 
-def _save_ep_inputs(ctx, inputs, output):
-    _, x, params, ctx.spec = inputs
-    ctx.save_for_backward(x, *params)
-
-
-def _ep_grad(ctx, grad):
-    x, *params = ctx.saved_tensors
-    grad_x, *grad_params = torch.ops.dualsparse.ep_backward(grad, x, params, ctx.spec)
-    return None, grad_x, _param_grads(grad_params, params), None
-
-
-torch.library.register_autograd("dualsparse::ep_trainable", _ep_grad, setup_context=_save_ep_inputs)
+_register_block_autograd("dualsparse::ep_trainable", torch.ops.dualsparse.ep_backward, before=1, after=0)
 
 
 # ---- the backend's choice --------------------------------------------------------------------------------
