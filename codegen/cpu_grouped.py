@@ -41,7 +41,7 @@ GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the CPU ``_grouped_mm`` takes (not fp64)."""
 
 
-def _fits(t: torch.Tensor | None) -> bool:
+def fits(t: torch.Tensor | None) -> bool:
     """An operand ``_grouped_mm`` takes: unit stride in one of its last two dims, every other stride a multiple of 16
     bytes."""
     if t is None:
@@ -60,7 +60,7 @@ def covers(x: torch.Tensor, params, spec: MoESpec, pairs: int) -> bool:
         return False
     if (spec.hidden * x.element_size()) % 16 or (spec.intermediate // spec.partition * x.element_size()) % 16:
         return False
-    return all(w is None or (w.dtype == x.dtype and _fits(w)) for w in reference.neuron_group_weights(params, spec, 0)[:3])
+    return all(w is None or (w.dtype == x.dtype and fits(w)) for w in reference.neuron_group_weights(params, spec, 0)[:3])
 
 
 def _stacked_gate_up(params, spec: MoESpec, p: int):
@@ -78,7 +78,7 @@ def _gate_and_up(rows, group, params, spec: MoESpec, p: int, offs, expert):
     """The gate and up products of neuron group p (its ``reference.neuron_group_weights`` views; gate None without a gate): one
     grouped product where the two weights form one block (then split as they are laid out), else one each."""
     stacked = _stacked_gate_up(params, spec, p)
-    if stacked is None or not _fits(stacked[0]):
+    if stacked is None or not fits(stacked[0]):
         gate, up, _, gb, ub, _ = group
         return _product(rows, gate, gb, offs, expert), _product(rows, up, ub, offs, expert)
     both = _product(rows, *stacked, offs, expert)

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from dsmoe_compiler import ops
-from dsmoe_compiler.codegen import reference
+from dsmoe_compiler.codegen import cpu_grouped, reference
 from dsmoe_compiler.codegen.reference import parse_spec
 
 _LIB = torch.library.Library("dualsparse", "FRAGMENT")
@@ -65,40 +65,98 @@ def _like(t: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
 
 
 def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
-    """``reference.experts`` as a few batched products over all sub-experts at once, each sub-expert's rows padded to
-    the fullest one's count: under autograd, a handful of ops a block instead of a dozen a sub-expert (the loop made a
-    training step host-bound). Falls back to the loop when padding would more than quadruple the rows."""
+    """``reference.experts`` as a few products over all sub-experts at once: under autograd, a handful of ops a block
+    instead of a dozen a sub-expert (the loop made a training step host-bound). Where ``torch._grouped_mm`` takes the
+    operands (``_grouped_fits``), each product is one grouped call over the kept pairs sorted by sub-expert; else a
+    batched product with each sub-expert's rows padded to the fullest one's count, or the loop itself when padding
+    would more than quadruple the rows."""
     subs, ex = spec.num_experts * spec.partition, spec.experts
     order, counts = reference.sorted_pairs(index, keep, subs)
-    kept, cap = int(counts.sum()), int(counts.max()) if subs else 0  # one host read of two numbers
-    if subs * cap > 4 * kept + 4096:
-        return reference.experts(x, index, weights, params, spec, keep)
+    stacked = _stacked_sub_experts(params, spec, subs)
+    grouped = _grouped_fits(x, spec, stacked)
+    if grouped:  # no host read without dropped pairs: every pair is kept
+        kept = index.numel() if keep is None else int(counts.sum())
+    else:
+        kept, cap = int(counts.sum()), int(counts.max()) if subs else 0  # one host read of two numbers
+        if subs * cap > 4 * kept + 4096:
+            return reference.experts(x, index, weights, params, spec, keep)
     order = order[:kept]
-    sub = torch.repeat_interleave(torch.arange(subs, device=x.device), counts)
-    # each kept pair's row in the padded batch [subs * cap]: its sub-expert's block, then its rank there
-    row = sub * cap + torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
+    sub = torch.repeat_interleave(torch.arange(subs, device=x.device), counts, output_size=kept)
     token = order // index.shape[1]
     w = weights.flatten()[order].unsqueeze(-1)
     xs = x[token]
     if ex.weight_on_input:
         xs = (xs * w).to(xs.dtype)
-    # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
-    # with (sub, rank) pairs took autograd's sorting accumulate
-    padded = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
-    stacked = _stacked_sub_experts(params, spec, subs)
+    if grouped:  # the rows in sub-expert order, as they are
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        rows = xs
+
+        def linear(rows, weight, bias):
+            y = _GroupedLinear.apply(rows, weight, offs)
+            return y if bias is None else y + bias[sub]
+    else:  # each kept pair's row in the padded batch [subs * cap]: its sub-expert's block, then its rank there
+        row = sub * cap + torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
+        # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
+        # with (sub, rank) pairs took autograd's sorting accumulate
+        rows = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
+        linear = _batched_linear
     if stacked.gate_up is not None:  # gate and up rows in one weight: one product, then split as they are laid out
-        both = _batched_linear(padded, stacked.gate_up, stacked.gate_up_bias)
+        both = linear(rows, stacked.gate_up, stacked.gate_up_bias)
         g, u = (both[..., 0::2], both[..., 1::2]) if ex.interleaved else both.chunk(2, dim=-1)
     else:
-        g = None if stacked.gate is None else _batched_linear(padded, stacked.gate, stacked.gate_bias)
-        u = _batched_linear(padded, stacked.up, stacked.up_bias)
-    y = _batched_linear(reference.expert_glu(g, u, ex), stacked.down, stacked.down_bias)
-    y = y.flatten(0, 1).index_select(0, row)
+        g = None if stacked.gate is None else linear(rows, stacked.gate, stacked.gate_bias)
+        u = linear(rows, stacked.up, stacked.up_bias)
+    y = linear(reference.expert_glu(g, u, ex), stacked.down, stacked.down_bias)
+    if not grouped:
+        y = y.flatten(0, 1).index_select(0, row)
     y = (y if ex.weight_on_input else y * w).to(torch.promote_types(x.dtype, torch.float32))
     # each token's sum over its k slots, from rows put back in pair order (dropped pairs: zero rows): a dense sum,
     # not index_add_'s atomics
     by_pair = y.new_zeros(index.numel(), x.shape[1]).index_copy(0, order, y)
     return by_pair.view(*index.shape, x.shape[1]).sum(dim=1).to(x.dtype)
+
+
+def _grouped_fits(x: torch.Tensor, spec, stacked: "_SubExperts") -> bool:
+    """Whether ``torch._grouped_mm`` takes the recompute's products: bf16 on a Hopper or newer GPU, or a CPU
+    ``_grouped_mm``'s dtypes (fp32, bf16, fp16; not the fp64 of the property tests, which take the padded
+    products); every weight in x's dtype with the strides it takes, and rows of 16-byte multiples."""
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif x.dtype not in cpu_grouped.GROUPED_DTYPES or not cpu_grouped.grouped_mm_on_cpu():
+        return False
+    c = spec.intermediate // spec.partition
+    if (spec.hidden * x.element_size()) % 16 or (c * x.element_size()) % 16:
+        return False
+    weights = [stacked.gate_up, stacked.gate, stacked.up, stacked.down]
+    return all(w is None or (w.dtype == x.dtype and cpu_grouped.fits(w) and w.data_ptr() % 16 == 0) for w in weights)
+
+
+def _column_major(weight: torch.Tensor) -> bool:
+    """A [S, out, in] weight stored [S, in, out] (a transposed view): its gradient is wanted in that layout."""
+    return weight.stride(-2) == 1 and weight.stride(-1) != 1
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """rows [n, in], sorted by sub-expert (offs: each one's end), times their sub-expert's weight [S, out, in]^T: one
+    ``torch._grouped_mm``, no padding. The weight's gradient is a grouped product over the rows (a sub-expert without
+    rows gets zeros), in the weight's own layout as in ``_SubExpertLinear``."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, offs):
+        ctx.save_for_backward(rows, weight, offs)
+        return torch._grouped_mm(rows, weight.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_rows = torch._grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (torch._grouped_mm(rows.t(), grad, offs=offs).transpose(1, 2) if _column_major(weight)
+                      else torch._grouped_mm(grad.t(), rows, offs=offs))
+        return grad_rows, grad_w, None
 
 
 class _SubExpertLinear(torch.autograd.Function):
@@ -118,8 +176,7 @@ class _SubExpertLinear(torch.autograd.Function):
         grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:  # [S, out, in], laid out as the weight is (rows or columns contiguous)
-            column_major = weight.stride(-2) == 1 and weight.stride(-1) != 1
-            grad_w = (torch.bmm(x.transpose(1, 2), grad).transpose(1, 2) if column_major
+            grad_w = (torch.bmm(x.transpose(1, 2), grad).transpose(1, 2) if _column_major(weight)
                       else torch.bmm(grad.transpose(1, 2), x))
         return grad_x, grad_w
 

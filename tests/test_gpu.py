@@ -97,6 +97,47 @@ def test_gradients_with_the_kernels(arch, inner):
     assert worst < 1e-5  # fp32 products without TF32 (dispatch.dot_precision); NaN fails too
 
 
+@pytest.mark.parametrize("layout", ["fused", "separate-transposed", "gpt_oss"])
+def test_grouped_recompute_in_bf16(layout, monkeypatch):
+    """The backward's recompute on ``torch._grouped_mm`` (bf16 on the GPU; ``gradients.batched_experts``) at OLMoE's
+    sizes, with expert 0 given no rows: output and gradients for x, the routing weights and every expert tensor
+    against the same recompute in fp32 (padded products), within 1e-2 or 1.25x the error of the padded products in
+    bf16 (GPT-OSS's clamped GLU rounds more: H200, 1.1e-2 at worst), and expert 0's gradients exactly zero."""
+    from dsmoe_compiler import gradients
+    from dsmoe_compiler.codegen import reference
+
+    x, params, spec = olmoe_case(512, layout)
+    _, weights, index = reference.route(x, params, spec)
+    index = torch.where(index == 0, 1, index)  # expert 0 empty (a token may now pick expert 1 twice)
+    grad = torch.randn_like(x)
+    experts = [i for i, name in enumerate(spec.slots) if not name.startswith("router")]
+    calls = []
+    original = gradients._GroupedLinear.apply
+    monkeypatch.setattr(gradients._GroupedLinear, "apply", lambda *a: calls.append(1) or original(*a))
+
+    def out_and_grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in [x, weights] + [params[i] for i in experts]]
+        routed = [p.to(dtype) for p in params]
+        for i, leaf in zip(experts, leaves[2:]):
+            routed[i] = leaf
+        out = gradients.batched_experts(leaves[0], index, leaves[1], routed, spec)
+        return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    want = out_and_grads(torch.float32)
+    with monkeypatch.context() as padded_only:
+        padded_only.setattr(gradients, "_grouped_fits", lambda *a: False)
+        padded = out_and_grads(torch.bfloat16)
+    assert not calls
+    got = out_and_grads(torch.bfloat16)
+    assert calls, "the grouped products did not run"
+    errors = [rel_err(a.float(), b) for a, b in zip(got, want)]
+    bars = [max(1e-2, 1.25 * rel_err(a.float(), b)) for a, b in zip(padded, want)]
+    print(f"{layout}: output, x, routing weights, expert tensors: "
+          + ", ".join(f"{e:.1e} (bar {bar:.1e})" for e, bar in zip(errors, bars)))
+    assert all(e < bar for e, bar in zip(errors, bars)), (errors, bars)  # NaN fails too
+    assert all(g.shape[0] == spec.num_experts and g[0].abs().max() == 0 for g in got[3:])
+
+
 def olmoe_case(tokens: int, layout: str = "fused", dtype=torch.float32):
     """x, params and spec at OLMoE's sizes in ``dtype`` on the GPU (64 experts, top-8, hidden 2048, intermediate 1024):
     the fused [E, 2I, H] / [E, H, I] weights, the same experts as separate (either orientation) or per-expert

@@ -222,6 +222,46 @@ def test_batched_experts_gradients_equal_the_loops(block, transform, seed, token
         assert a is not None and (rel_err(a, b) < 1e-10 or b.abs().max() == 0), i
 
 
+@given(block=blocks(), transform=st.sampled_from(["partial", "complete"]), seed=st.integers(0, 2**31),
+       tokens=st.sampled_from([1, 4, 9]), drop=st.booleans())
+@settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_grouped_recompute_gradients_equal_the_loops(block, transform, seed, tokens, drop):
+    """The recompute on ``torch._grouped_mm`` (fp32, sizes it takes: hidden and neuron groups of multiples of 4):
+    output and gradients for x, the routing weights and every parameter against the reference loop's in fp64, every
+    layout, P neuron groups, dropped pairs, sub-experts without rows (ModuleList blocks stack their weights)."""
+    from dsmoe_compiler import gradients
+    from dsmoe_compiler.codegen import reference
+    from dsmoe_compiler.passes.partition import partition_spec
+
+    spec, P = block
+    if transform == "complete" and spec.routing.score_after_topk:
+        transform = "partial"
+    spec = partition_spec(spec.replace(hidden=4 * spec.hidden, intermediate=4 * spec.intermediate), P, transform)
+    params = random_params(spec, seed, torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, spec.hidden, generator=g, dtype=torch.float64)
+    _, weights, index = reference.route(x, params, spec)
+    if spec.transform == "partial":
+        index, weights = reference.partial_transform(index, weights, spec.partition)
+    keep = torch.rand(index.shape, generator=g) > 0.3 if drop else None
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    want, want_grads = _experts_and_grads(reference.experts, x, index, weights, params, spec, keep, grad)
+    calls = []
+    original = gradients._GroupedLinear.apply
+    single = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gradients._GroupedLinear, "apply", lambda *a: calls.append(1) or original(*a))
+        got, got_grads = _experts_and_grads(gradients.batched_experts, single(x), index, single(weights),
+                                            [single(p) for p in params], spec, keep, single(grad))
+    assert calls, "the grouped products did not run"
+    assert rel_err(got.double(), want) < 1e-5 or want.abs().max() == 0
+    for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+        if b is None or b.abs().max() == 0:  # the loop never touched it: zero or absent here too
+            assert a is None or a.abs().max() == 0, i
+            continue
+        assert a is not None and rel_err(a.double(), b) < 1e-5, (i, rel_err(a.double(), b))
+
+
 @pytest.mark.parametrize("column_major", [False, True])
 def test_sub_expert_linear_gives_the_weights_layout(column_major):
     """``_SubExpertLinear``'s weight gradient: autograd's ``bmm`` values, laid out as the weight is (so that the
