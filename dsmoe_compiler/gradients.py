@@ -92,8 +92,7 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
         rows = xs
 
         def linear(rows, weight, bias):
-            y = _GroupedLinear.apply(rows, weight, offs)
-            return y if bias is None else y + bias[sub]
+            return _GroupedLinear.apply(rows, weight, bias, offs, sub)
     else:  # each kept pair's row in the padded batch [subs * cap]: its sub-expert's block, then its rank there
         row = sub * cap + torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
         # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
@@ -138,25 +137,32 @@ def _column_major(weight: torch.Tensor) -> bool:
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """rows [n, in], sorted by sub-expert (offs: each one's end), times their sub-expert's weight [S, out, in]^T: one
-    ``torch._grouped_mm``, no padding. The weight's gradient is a grouped product over the rows (a sub-expert without
-    rows gets zeros), in the weight's own layout as in ``_SubExpertLinear``."""
+    """rows [n, in], sorted by sub-expert (offs: each one's end; sub: each row's), times their sub-expert's weight
+    [S, out, in]^T plus its bias [S, out]: one ``torch._grouped_mm``, no padding. The weight's gradient is a grouped
+    product over the rows (a sub-expert without rows gets zeros), in the weight's own layout as in
+    ``_SubExpertLinear``; the bias's is each sub-expert's sum of its rows' gradients, accumulated in fp32 by a
+    grouped product with a column of ones (autograd's gradient of ``bias[sub]`` accumulates in the bias's dtype: 1.1e-2
+    off in bf16 at GPT-OSS's layout on the H200, and by atomics)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, offs):
+    def forward(ctx, rows, weight, bias, offs, sub):
         ctx.save_for_backward(rows, weight, offs)
-        return torch._grouped_mm(rows, weight.transpose(1, 2), offs=offs)
+        ctx.has_bias = bias is not None
+        y = torch._grouped_mm(rows, weight.transpose(1, 2), offs=offs)
+        return y if bias is None else y + bias[sub]
 
     @staticmethod
     def backward(ctx, grad):
         rows, weight, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_rows = torch._grouped_mm(grad, weight, offs=offs) if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_w = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_w = (torch._grouped_mm(rows.t(), grad, offs=offs).transpose(1, 2) if _column_major(weight)
                       else torch._grouped_mm(grad.t(), rows, offs=offs))
-        return grad_rows, grad_w, None
+        if ctx.has_bias and ctx.needs_input_grad[2]:  # 8 columns of ones: rows of 16 bytes, as the product takes
+            grad_bias = torch._grouped_mm(grad.t(), grad.new_ones(grad.shape[0], 8), offs=offs)[..., 0]
+        return grad_rows, grad_w, grad_bias, None, None
 
 
 class _SubExpertLinear(torch.autograd.Function):
