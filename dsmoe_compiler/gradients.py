@@ -7,7 +7,8 @@ the block's reference implementation again under autograd and returns its vector
 (``dualsparse::moe_backward``, opaque to AOT autograd and inductor like the forward). That is exact: the
 reference is the operator's definition (the kernels are checked against it), and a dropping block recomputes
 the same kept pairs from the same thresholds (on the kernels: up to exact ties, which their routing may break
-the other way). The recompute batches the experts over sub-experts (``batched_experts``);
+the other way). The recompute runs all sub-experts' products at once (``batched_experts``: ``torch._grouped_mm``
+where it takes them, else batched products over padded rows);
 ``benchmarks/train_step.py`` times a training step against inductor's. This backend is for inference.
 
 Inference graphs keep ``dualsparse::moe``, which has no autograd formula: a Python autograd kernel would add
