@@ -58,9 +58,17 @@ def covers(x: torch.Tensor, params, spec: MoESpec, pairs: int) -> bool:
             or spec.num_experts * spec.partition < MIN_SUB_EXPERTS
             or pairs > MAX_ROWS_PER_EXPERT * spec.num_experts * spec.partition or not grouped_mm_on_cpu()):
         return False
-    if (spec.hidden * x.element_size()) % 16 or (spec.intermediate // spec.partition * x.element_size()) % 16:
+    if not rows_fit(spec, x):
         return False
-    return all(w is None or (w.dtype == x.dtype and fits(w)) for w in reference.neuron_group_weights(params, spec, 0)[:3])
+    weights = reference.neuron_group_weights(params, spec, 0)[:3]
+    return all(w is None or (w.dtype == x.dtype and fits(w)) for w in weights)
+
+
+def rows_fit(spec: MoESpec, x: torch.Tensor) -> bool:
+    """Rows of the hidden size and of a neuron group's width, in x's dtype, are 16-byte multiples, as
+    ``_grouped_mm`` takes them."""
+    widths = (spec.hidden, spec.intermediate // spec.partition)
+    return all(width * x.element_size() % 16 == 0 for width in widths)
 
 
 def _stacked_gate_up(params, spec: MoESpec, p: int):
@@ -75,8 +83,9 @@ def _stacked_gate_up(params, spec: MoESpec, p: int):
 
 
 def _gate_and_up(rows, group, params, spec: MoESpec, p: int, offs, expert):
-    """The gate and up products of neuron group p (its ``reference.neuron_group_weights`` views; gate None without a gate): one
-    grouped product where the two weights form one block (then split as they are laid out), else one each."""
+    """The gate and up products of neuron group p (its ``reference.neuron_group_weights`` views; gate None without
+    a gate): one grouped product where the two weights form one block (then split as they are laid out), else one
+    each."""
     stacked = _stacked_gate_up(params, spec, p)
     if stacked is None or not fits(stacked[0]):
         gate, up, _, gb, ub, _ = group

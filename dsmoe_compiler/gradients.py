@@ -90,30 +90,31 @@ def batched_experts(x, index, weights, params, spec, keep=None) -> torch.Tensor:
         xs = (xs * w).to(xs.dtype)
     if grouped:  # the rows in sub-expert order, as they are
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        rows = xs
-
-        def linear(rows, weight, bias):
-            return _GroupedLinear.apply(rows, weight, bias, offs, sub)
+        grouped_linear = lambda rows, weight, bias: _GroupedLinear.apply(rows, weight, bias, offs, sub)  # noqa: E731
+        y = _sub_experts(xs, stacked, ex, grouped_linear)
     else:  # each kept pair's row in the padded batch [subs * cap]: its sub-expert's block, then its rank there
         row = sub * cap + torch.arange(kept, device=x.device) - (torch.cumsum(counts, 0) - counts)[sub]
         # index_copy / index_select on unique rows: their backwards are a gather and a plain scatter, where indexing
         # with (sub, rank) pairs took autograd's sorting accumulate
-        rows = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
-        linear = _batched_linear
+        padded = xs.new_zeros(subs * cap, x.shape[1]).index_copy(0, row, xs).view(subs, cap, x.shape[1])
+        y = _sub_experts(padded, stacked, ex, _batched_linear).flatten(0, 1).index_select(0, row)
+    y = (y if ex.weight_on_input else y * w).to(torch.promote_types(x.dtype, torch.float32))
+    # each token's sum over its k slots, from rows put back in pair order (dropped pairs: zero rows): a dense sum,
+    # not index_add_'s atomics
+    by_pair = y.new_zeros(index.numel(), x.shape[1]).index_copy(0, order, y)
+    return by_pair.view(*index.shape, x.shape[1]).sum(dim=1).to(x.dtype)
+
+
+def _sub_experts(rows, stacked: "_SubExperts", ex, linear):
+    """Gate/up, GLU and down of the rows, each product ``linear(rows, weight [S, out, in], bias [S, out])`` over all
+    sub-experts at once (grouped or padded rows)."""
     if stacked.gate_up is not None:  # gate and up rows in one weight: one product, then split as they are laid out
         both = linear(rows, stacked.gate_up, stacked.gate_up_bias)
         g, u = (both[..., 0::2], both[..., 1::2]) if ex.interleaved else both.chunk(2, dim=-1)
     else:
         g = None if stacked.gate is None else linear(rows, stacked.gate, stacked.gate_bias)
         u = linear(rows, stacked.up, stacked.up_bias)
-    y = linear(reference.expert_glu(g, u, ex), stacked.down, stacked.down_bias)
-    if not grouped:
-        y = y.flatten(0, 1).index_select(0, row)
-    y = (y if ex.weight_on_input else y * w).to(torch.promote_types(x.dtype, torch.float32))
-    # each token's sum over its k slots, from rows put back in pair order (dropped pairs: zero rows): a dense sum,
-    # not index_add_'s atomics
-    by_pair = y.new_zeros(index.numel(), x.shape[1]).index_copy(0, order, y)
-    return by_pair.view(*index.shape, x.shape[1]).sum(dim=1).to(x.dtype)
+    return linear(reference.expert_glu(g, u, ex), stacked.down, stacked.down_bias)
 
 
 def _grouped_fits(x: torch.Tensor, spec, stacked: "_SubExperts") -> bool:
@@ -125,8 +126,7 @@ def _grouped_fits(x: torch.Tensor, spec, stacked: "_SubExperts") -> bool:
             return False
     elif x.dtype not in cpu_grouped.GROUPED_DTYPES or not cpu_grouped.grouped_mm_on_cpu():
         return False
-    c = spec.intermediate // spec.partition
-    if (spec.hidden * x.element_size()) % 16 or (c * x.element_size()) % 16:
+    if not cpu_grouped.rows_fit(spec, x):
         return False
     weights = [stacked.gate_up, stacked.gate, stacked.up, stacked.down]
     return all(w is None or (w.dtype == x.dtype and cpu_grouped.fits(w) and w.data_ptr() % 16 == 0) for w in weights)
