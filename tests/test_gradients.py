@@ -188,22 +188,17 @@ def _experts_and_grads(fn, x, index, weights, params, spec, keep, grad):
     return out.detach(), torch.autograd.grad(out, leaves, grad, allow_unused=True)
 
 
-@given(block=blocks(), transform=st.sampled_from(["partial", "complete"]), seed=st.integers(0, 2**31),
-       tokens=st.sampled_from([1, 4, 9]), drop=st.booleans())
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-def test_batched_experts_gradients_equal_the_loops(block, transform, seed, tokens, drop):
-    """Every layout (fused, interleaved, transposed, separate, ModuleList, biases), P neuron groups under either
-    transformation, dropped pairs: the batched recompute's output and its gradients for x, the routing weights and
-    every parameter against the reference loop's, in fp64. The weight gradients come from ``_SubExpertLinear`` and
-    whole-tensor reshapes, not from autograd's own ``bmm`` and slices."""
+def _drawn_routed_case(block, transform, seed, tokens, drop, widen=1):
+    """A drawn block partitioned by P (``transform``; partial where scores come after top-k), its hidden size and
+    neurons ``widen`` times the drawn ones, fp64 parameters and x, its routing (partial-transformed), a drop mask,
+    and an output gradient: the arguments of ``reference.experts`` and ``_experts_and_grads``."""
     from dsmoe_compiler.codegen import reference
-    from dsmoe_compiler.gradients import batched_experts
     from dsmoe_compiler.passes.partition import partition_spec
 
     spec, P = block
     if transform == "complete" and spec.routing.score_after_topk:
         transform = "partial"
-    spec = partition_spec(spec, P, transform)
+    spec = partition_spec(spec.replace(hidden=widen * spec.hidden, intermediate=widen * spec.intermediate), P, transform)
     params = random_params(spec, seed, torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, spec.hidden, generator=g, dtype=torch.float64)
@@ -212,14 +207,34 @@ def test_batched_experts_gradients_equal_the_loops(block, transform, seed, token
         index, weights = reference.partial_transform(index, weights, spec.partition)
     keep = torch.rand(index.shape, generator=g) > 0.3 if drop else None
     grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    want, want_grads = _experts_and_grads(reference.experts, x, index, weights, params, spec, keep, grad)
-    got, got_grads = _experts_and_grads(batched_experts, x, index, weights, params, spec, keep, grad)
-    assert rel_err(got, want) < 1e-12 or want.abs().max() == 0
+    return x, index, weights, params, spec, keep, grad
+
+
+def _assert_like_the_loop(got, got_grads, want, want_grads, tolerance, grad_tolerance):
+    assert rel_err(got.double(), want) < tolerance or want.abs().max() == 0
     for i, (a, b) in enumerate(zip(got_grads, want_grads)):
-        if b is None:  # the loop never touched it (an expert no kept pair reached): zero or absent here too
-            assert a is None or a.abs().max() == 0, i
+        if b is None or b.abs().max() == 0:  # the loop never touched it (an expert no kept pair reached): zero or
+            assert a is None or a.abs().max() == 0, i  # absent here too
             continue
-        assert a is not None and (rel_err(a, b) < 1e-10 or b.abs().max() == 0), i
+        assert a is not None and rel_err(a.double(), b) < grad_tolerance, (i, rel_err(a.double(), b))
+
+
+@given(block=blocks(), transform=st.sampled_from(["partial", "complete"]), seed=st.integers(0, 2**31),
+       tokens=st.sampled_from([1, 4, 9]), drop=st.booleans())
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_batched_experts_gradients_equal_the_loops(block, transform, seed, tokens, drop):
+    """Every layout (fused, interleaved, transposed, separate, ModuleList, biases), P neuron groups under either
+    transformation, dropped pairs: the batched recompute's output and its gradients for x, the routing weights and
+    every parameter against the reference loop's, in fp64 (padded products: ``_grouped_mm`` takes no fp64). The
+    weight gradients come from ``_SubExpertLinear`` and whole-tensor reshapes, not from autograd's own ``bmm`` and
+    slices."""
+    from dsmoe_compiler.codegen import reference
+    from dsmoe_compiler.gradients import batched_experts
+
+    case = _drawn_routed_case(block, transform, seed, tokens, drop)
+    want, want_grads = _experts_and_grads(reference.experts, *case)
+    got, got_grads = _experts_and_grads(batched_experts, *case)
+    _assert_like_the_loop(got, got_grads, want, want_grads, 1e-12, 1e-10)
 
 
 @given(block=blocks(), transform=st.sampled_from(["partial", "complete"]), seed=st.integers(0, 2**31),
@@ -231,21 +246,10 @@ def test_grouped_recompute_gradients_equal_the_loops(block, transform, seed, tok
     layout, P neuron groups, dropped pairs, sub-experts without rows (ModuleList blocks stack their weights)."""
     from dsmoe_compiler import gradients
     from dsmoe_compiler.codegen import reference
-    from dsmoe_compiler.passes.partition import partition_spec
 
-    spec, P = block
-    if transform == "complete" and spec.routing.score_after_topk:
-        transform = "partial"
-    spec = partition_spec(spec.replace(hidden=4 * spec.hidden, intermediate=4 * spec.intermediate), P, transform)
-    params = random_params(spec, seed, torch.float64)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(tokens, spec.hidden, generator=g, dtype=torch.float64)
-    _, weights, index = reference.route(x, params, spec)
-    if spec.transform == "partial":
-        index, weights = reference.partial_transform(index, weights, spec.partition)
-    keep = torch.rand(index.shape, generator=g) > 0.3 if drop else None
-    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    want, want_grads = _experts_and_grads(reference.experts, x, index, weights, params, spec, keep, grad)
+    case = _drawn_routed_case(block, transform, seed, tokens, drop, widen=4)
+    want, want_grads = _experts_and_grads(reference.experts, *case)
+    x, index, weights, params, spec, keep, grad = case
     calls = []
     original = gradients._GroupedLinear.apply
     single = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
@@ -254,12 +258,7 @@ def test_grouped_recompute_gradients_equal_the_loops(block, transform, seed, tok
         got, got_grads = _experts_and_grads(gradients.batched_experts, single(x), index, single(weights),
                                             [single(p) for p in params], spec, keep, single(grad))
     assert calls, "the grouped products did not run"
-    assert rel_err(got.double(), want) < 1e-5 or want.abs().max() == 0
-    for i, (a, b) in enumerate(zip(got_grads, want_grads)):
-        if b is None or b.abs().max() == 0:  # the loop never touched it: zero or absent here too
-            assert a is None or a.abs().max() == 0, i
-            continue
-        assert a is not None and rel_err(a.double(), b) < 1e-5, (i, rel_err(a.double(), b))
+    _assert_like_the_loop(got, got_grads, want, want_grads, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("column_major", [False, True])
