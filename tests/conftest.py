@@ -13,6 +13,11 @@ settings.register_profile("ci", max_examples=200, derandomize=True, deadline=Non
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the kernel cases' subprocesses: a third faster (see the module)
+    import interpreter_patch
+
+    interpreter_patch.install()
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (README: pytest -n 2): no oversubscription
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 

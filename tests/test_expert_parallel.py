@@ -326,8 +326,10 @@ def _kernel_path_worker(rank, world, port, seed, out_dir):
     same tokens: outputs, EP loads and drop statistics, for P = 1, P = 2 with an expert split over the two ranks,
     and dropping with uniform and load-aware thresholds."""
     _init(rank, world, port)
+    import interpreter_patch
     from dsmoe_compiler.runtime import ep, load_aware, state
 
+    interpreter_patch.install()
     res = {}
     x_seed = torch.Generator().manual_seed(seed * 100 + rank)
     cases = (("none P=1", 6, 1, "none", None), ("none P=2 split", 3, 2, "none", None), ("1t", 6, 1, "1t", None),
