@@ -31,7 +31,7 @@ CASES = (("olmoe E=8 P=1", "olmoe", {"num_experts": 8}, 1),
 # rows no expert uses): sharded by its routed experts, outputs only (its gate_up_proj is not 1/W of the bytes)
 OUTPUT_CASES = (("longcat_flash E=8 P=2", "longcat_flash", {}, 2),)
 # At 4 ranks, the cases whose shards change shape with W (ranges overlapping an expert, shared experts, exactly 1/W
-# of the bytes) and the refusals; the other layouts' sharders are checked at 2 (CI time: 2 cores run 4 processes).
+# of the bytes); the other layouts' sharders and the refusals are checked at 2 (CI time: 2 cores run 4 processes).
 AT_FOUR = ("olmoe E=8 P=1", "gpt_oss E=6 P=2", "olmoe E=3 P=2")
 
 
@@ -107,7 +107,8 @@ def _worker(rank, world, port, seed, out_dir):
         res[name] = {"vs eager": _max_err(got, want), "vs unsharded EP": _max_err(got, full_ep),
                      "bytes": (before, after), "shards": shards, "old freed": old() is None, "fired": fired,
                      "seconds": time.monotonic() - t0}
-        if name.startswith("olmoe E=8"):  # every other way of running the sharded model must raise
+        if name.startswith("olmoe E=8") and world == 2:  # every other way of running the sharded model must raise
+            # (at 2 ranks only: the refusals do not depend on the world size, and at 4 they took 43 of 128 s)
             refusals = {}
             for how, run in (("eager", lambda: model(ids)),
                              ("dualsparse without expert_parallel", lambda: _compile(model, partition=P)(ids)),
@@ -179,6 +180,8 @@ def test_sharded_parameter_bytes(sharded_results, case):
 
 def test_sharded_model_refused_outside_ep(sharded_results):
     world, _, results = sharded_results
+    if world != 2:
+        pytest.skip("checked at 2 ranks")
     for rank, res in enumerate(results):
         assert set(res["refusals"]) == {"eager", "dualsparse without expert_parallel", "aot_eager", "backward"}
         for how, err in res["refusals"].items():
