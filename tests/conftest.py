@@ -73,3 +73,17 @@ def drop_runs(model, ids, mode: str, threshold: float) -> dict:
             outs[kernels] = torch.compile(model, backend="dualsparse", options=opts)(ids).logits
         outs[kernels + "_rate"] = dsmoe_compiler.drop_stats()["overall"]["drop_rate"]
     return outs
+
+
+# The files that take longest, longest first (seconds of a local `-n 2` run, twenty-fifth session: test_kernels 479,
+# test_capture_given 295, test_expert_parallel 245, test_capture_hf 232, test_ep_sharded 212, test_kernels_variants
+# 133). With `--dist loadfile --no-loadscope-reorder` (README) the two workers take files in this order, so no long file
+# is left for the end while the other worker idles; xdist's own order, by number of tests per file, put
+# test_kernels_variants (2 tests, 133 s) last.
+LONGEST_FIRST = ("test_kernels.py", "test_capture_given.py", "test_expert_parallel.py", "test_capture_hf.py",
+                 "test_ep_sharded.py", "test_kernels_variants.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

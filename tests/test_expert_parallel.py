@@ -269,8 +269,9 @@ def _main_worker(rank, world, port, seed, out_dir):
         res["compiled inductor olmoe P=2"] = _max_err(got, want) + (
             dsmoe_compiler.last_report().counters["expert_parallel"],)
         # a router input of its own (one more operator input); weight on the input; routing given by the graph;
-        # experts without a gate; DBRX's down weights as a transposed view; JetMoE's block patched whole
-        for arch in ("gemma4", "llama4", "deepseek_v4", "nemotron_h", "longcat_flash", "dbrx", "jetmoe"):
+        # experts without a gate. (DBRX, JetMoE and LongCat-Flash run compiled with EP in test_ep_sharded.py, unsharded
+        # and sharded, against eager.)
+        for arch in ("gemma4", "llama4", "deepseek_v4", "nemotron_h"):
             torch._dynamo.reset()
             model = hf_model(arch, None, seed=seed)
             with torch.no_grad():
@@ -435,8 +436,7 @@ def test_compiled_graph_has_expert_parallel_and_matches(group_results):
         if world == 2:  # Gemma-4 runs expert-parallel with its router input, DeepSeek-V4 with the ids and weights
             # its graph computed on each rank's rows, Llama-4 with each sent row scaled by its weight
             for name, expected_fired in (("compiled gemma4", 2), ("compiled llama4", 2), ("compiled llama4 P=2", 2),
-                                         ("compiled deepseek_v4", 2), ("compiled nemotron_h", 1),
-                                         ("compiled longcat_flash", 2), ("compiled dbrx", 2), ("compiled jetmoe", 2)):
+                                         ("compiled deepseek_v4", 2), ("compiled nemotron_h", 1)):
                 err, ok, fired = res[name]
                 assert ok and fired == expected_fired, f"rank={rank} {name}: max abs err {err:.3g}, fired {fired}"
 
