@@ -289,11 +289,12 @@ def test_dbrx_block_is_captured_exactly():
     expected, got, report = eager_and_compiled(model, ids)
     assert [b.variant.split()[0] for b in report.rewritten] == ["softmax"] * 2, str(report)
     _close(got, expected)
-    for ffn in ffns:
-        ffn.router.moe_jitter_eps = 0.01
-    model.train()
+    ffn = ffns[0]  # one FFN alone: the whole model in training mode took 16-28 s more to compile here
+    ffn.router.moe_jitter_eps = 0.01
+    ffn.train()
     torch._dynamo.reset()
-    torch.compile(model, backend="dualsparse", options={"inner": "eager"})(ids)
+    with torch.no_grad():
+        torch.compile(ffn, backend="dualsparse", options={"inner": "eager"})(torch.randn(2, 5, model.config.d_model))
     report = dsmoe_compiler.last_report()
     assert not report.rewritten and any("jitter" in b.reason for b in report.left_alone), str(report)
 
