@@ -825,3 +825,37 @@ def test_exchange_sizes_kernel_matches_torch(world, groups):
         got = exchange_sizes(counts, ep._rank_of(bounds, "cpu"), rank, out=torch.full((2 * world,), -1))
         assert torch.equal(got, want), f"rank {rank} bounds {bounds}: {got.tolist()} != {want.tolist()}"
         assert int(got[:world].sum()) == int(counts[rank].sum())
+
+
+if INTERPRETED:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _xor_and_sort_kernel(x_ptr, rows_ptr, all_ptr, sorted_ptr, R: tl.constexpr, C: tl.constexpr):
+        offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+        x = tl.load(x_ptr + offs)
+        tl.store(rows_ptr + tl.arange(0, R), tl.xor_sum(x, 1))
+        tl.store(all_ptr, tl.xor_sum(tl.xor_sum(x, 0), 0))
+        tl.store(sorted_ptr + offs, tl.sort(x, 1))
+
+
+@pytestmark_case
+def test_interpreter_patch_is_installed_and_exact():
+    """tests/interpreter_patch.py is on in this subprocess (else the kernel cases run at the interpreter's own speed,
+    about twice the time), and the numpy xor reduction it gives ``tl.xor_sum`` (and through it ``tl.sort``'s bitonic
+    network) equals Python's xor and torch's sort on random 32-bit integers."""
+    import functools
+    import operator
+
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter._patch_lang, "_dualsparse_wrapped", False), "interpreter_patch.install() found " \
+        "Triton's interpreter internals changed: update tests/interpreter_patch.py"
+    x = torch.randint(-2**31, 2**31 - 1, (8, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    rows, total, ordered = torch.full((8,), -1, dtype=torch.int32), torch.full((1,), -1, dtype=torch.int32), \
+        torch.full_like(x, -1)
+    _xor_and_sort_kernel[(1,)](x, rows, total, ordered, R=8, C=32)
+    assert rows.tolist() == [functools.reduce(operator.xor, r) for r in x.tolist()]
+    assert total.item() == functools.reduce(operator.xor, x.flatten().tolist())
+    assert torch.equal(ordered, x.sort(dim=1).values)
