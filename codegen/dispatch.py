@@ -306,6 +306,16 @@ PAIR_INTERLEAVED = os.environ.get("DSMOE_PAIR", "on") == "on"
 "off": gate and up apart, each load striding by 2."""
 
 
+FAST_SIGMOID = os.environ.get("DSMOE_FAST_SIGMOID", "off") == "on"
+"""The GLU's sigmoid by the one-instruction tanh (``gate_up_glu._fast_sigmoid``) for 16-bit outputs on NVIDIA GPUs."""
+
+
+def fast_sigmoid(x: torch.Tensor) -> bool:
+    """``FAST_SIGMOID`` where it applies: 16-bit activations on an NVIDIA GPU (inline PTX; not the interpreter)."""
+    return (FAST_SIGMOID and x.is_cuda and torch.version.hip is None and not INTERPRETED
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for inputs of ``dtype``, by the rule of inductor's own Triton products: TF32 where
     torch allows it for fp32 matmuls (``torch.backends.cuda.matmul.fp32_precision`` "tf32", e.g. after
@@ -476,7 +486,7 @@ class _Plan:
                  PAIRED=ex.layout == "fused" and ex.interleaved and PAIR_INTERLEAVED,
                  W_NMAJOR=gu_nmajor and PAIR_INTERLEAVED,
                  GROUPS="halves" if self.nested else "plain", INPUT_WEIGHT=ex.weight_on_input, CLAMP=ex.clamp,
-                 GATED=ex.gated, DOT_PRECISION=self.dot_precision))
+                 GATED=ex.gated, DOT_PRECISION=self.dot_precision, FAST_SIGMOID=fast_sigmoid(x)))
         self.down = _Kernel(
             down_weighted_kernel, lambda meta: launch_grid(meta, rows, groups, H, programs),
             (H, dn_k, groups, rows, self.rows_per_token, self.topk, dn_p,

@@ -53,11 +53,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one small 
 
 
 @triton.jit
-def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.constexpr, alpha, limit,
+         FAST_SIGMOID: tl.constexpr = False):
     """``reference.expert_glu`` on fp32 products (so ``glu_fp32`` needs nothing here); not GATED: act of the one
     product (``gate`` holds x·W_up)."""
     if not GATED:
-        return _activation(gate, ACTIVATION)
+        return _activation(gate, ACTIVATION, FAST_SIGMOID)
     if CLAMP == "softcap":  # alpha holds the gate's cap, limit up's (ExpertsSpec.gate_limit, limit)
         return _softcap(gate, alpha) * tl.sigmoid(gate) * _softcap(up, limit)
     if ACTIVATION == "gptoss":
@@ -68,7 +69,7 @@ def _glu(gate, up, ACTIVATION: tl.constexpr, CLAMP: tl.constexpr, GATED: tl.cons
         up = tl.minimum(tl.maximum(up, -limit), limit)
     if CLAMP == "before":
         gate = tl.minimum(gate, limit)
-    act = _activation(gate, ACTIVATION)
+    act = _activation(gate, ACTIVATION, FAST_SIGMOID)
     if CLAMP == "after":
         act = tl.minimum(act, limit)
     return act * up
@@ -81,8 +82,20 @@ def _softcap(v, cap):
 
 
 @triton.jit
-def _activation(gate, ACTIVATION: tl.constexpr):
+def _fast_sigmoid(v):
+    """sigmoid(v) = (1 + tanh(v / 2)) / 2 with the GPU's one-instruction tanh (``tanh.approx.f32``, absolute error
+    about 2^-11): one special-function operation per element where ``tl.sigmoid`` takes two (exp and reciprocal).
+    For 16-bit outputs only (``dispatch.fast_sigmoid``), where it stays under the output's own rounding."""
+    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * v], dtype=tl.float32, is_pure=True,
+                                  pack=1)
+    return 0.5 * t + 0.5
+
+
+@triton.jit
+def _activation(gate, ACTIVATION: tl.constexpr, FAST_SIGMOID: tl.constexpr = False):
     if ACTIVATION == "silu":
+        if FAST_SIGMOID:
+            return gate * _fast_sigmoid(gate)
         return gate * tl.sigmoid(gate)
     elif ACTIVATION == "relu":
         return tl.maximum(gate, 0.0)
@@ -110,7 +123,7 @@ def gate_up_glu_kernel(
     GROUPS: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, MIN_ROWS: tl.constexpr, MAX_ROWS: tl.constexpr, PERSISTENT: tl.constexpr,
     INPUT_WEIGHT: tl.constexpr = False, CLAMP: tl.constexpr = "none", GATED: tl.constexpr = True,
-    DOT_PRECISION: tl.constexpr = "tf32", WIDE: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr = "tf32", WIDE: tl.constexpr = False, FAST_SIGMOID: tl.constexpr = False,
 ):
     tiles_n = tl.cdiv(N, BLOCK_SIZE_N)
     g_all, u_all = w_ptr, u_ptr
@@ -135,7 +148,8 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
+                  FAST_SIGMOID)
     else:
         max_tiles_m = tl.cdiv(pairs, BLOCK_SIZE_M) + num_subs  # worst case, see schedule.py
         pid_m, pid_n = swizzle(tl.program_id(0), max_tiles_m, tiles_n, GROUP_SIZE_M)
@@ -144,7 +158,8 @@ def gate_up_glu_kernel(
             _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_ptr, sub, row0, rows_left,
                   pid_n, N, K, PAIRS, P, UP_OFFSET, TOPK, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
                   stride_hm, alpha, limit, W_ROWS, GATE_STEP, HAS_BIAS, ACTIVATION, W_DESC, W_TABLE, STACKED, PAIRED,
-                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
+                  W_NMAJOR, GROUPS, INPUT_WEIGHT, CLAMP, GATED, DOT_PRECISION, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
+                  FAST_SIGMOID)
 
 
 @triton.jit
@@ -155,7 +170,8 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
           W_DESC: tl.constexpr, W_TABLE: tl.constexpr, STACKED: tl.constexpr, PAIRED: tl.constexpr,
           W_NMAJOR: tl.constexpr, GROUPS: tl.constexpr, INPUT_WEIGHT: tl.constexpr, CLAMP: tl.constexpr,
           GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+          BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+          FAST_SIGMOID: tl.constexpr):
     """h rows [row0, row0 + min(rows_left, BLOCK_SIZE_M)) x neurons of column block pid_n of sub-expert sub.
     GROUPS "halves" (nested halves, ``schedule.group_tiles``): group sub is neuron half sub % 2 of expert
     sub // 2, and h rows are full width I = 2 N, this half's neurons at column (sub % 2) * N."""
@@ -195,7 +211,7 @@ def _tile(x_ptr, w_ptr, u_ptr, g_all, u_all, b_ptr, h_ptr, sorted_ptr, route_w_p
         b_base = b_ptr + expert * stride_be
         acc_g += tl.load(b_base + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_base + gate_rows + UP_OFFSET, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    h = _glu(acc_g, acc_u, ACTIVATION, CLAMP, GATED, alpha, limit)
+    h = _glu(acc_g, acc_u, ACTIVATION, CLAMP, GATED, alpha, limit, FAST_SIGMOID)
     h_cols = offs_n
     if GROUPS == "halves":
         h_cols += first_neuron
