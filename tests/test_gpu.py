@@ -220,6 +220,28 @@ def test_fp16_layer_at_olmoes_sizes(tokens, layout, monkeypatch):
     assert error < 1e-2
 
 
+@pytest.mark.parametrize("tokens, dtype", [(16, torch.bfloat16), (4096, torch.bfloat16), (4096, torch.float16)])
+def test_fast_sigmoid_over_a_wide_range_of_gates(tokens, dtype, monkeypatch):
+    """The SiLU's sigmoid by ``tanh.approx`` (``dispatch.FAST_SIGMOID``, the 16-bit default) against the exact one, with
+    inputs scaled so that the gates reach about ±50 (the approximation's error is absolute, so it matters most
+    where the sigmoid is tiny): within 1e-2 of fp64 experts, within 10 % of the exact sigmoid's own error, and not
+    the same output (so the switch reached the kernel)."""
+    from dsmoe_compiler.codegen import dispatch
+
+    monkeypatch.setattr(dispatch, "_empty", poisoned_empty)
+    x, params, spec = olmoe_case(tokens, "fused", dtype)
+    x = x * 12
+    errors, outs = {}, {}
+    for fast in (True, False):
+        monkeypatch.setattr(dispatch, "FAST_SIGMOID", fast)
+        dispatch._PLANS.clear()
+        errors[fast] = layer_error(x, params, spec)
+        outs[fast] = dispatch.moe_triton(x, params, spec)
+    print(f"{dtype} T={tokens} gates x12: rel. err. fast {errors[True]:.3e}, exact {errors[False]:.3e}")
+    assert errors[True] < 1e-2 and errors[True] <= 1.1 * errors[False]
+    assert not torch.equal(outs[True], outs[False])
+
+
 @pytest.mark.parametrize("arch, inner", [("deepseek_v3", "inductor"), ("qwen3_moe", "eager")])
 def test_dynamic_shapes_on_the_kernels(arch, inner):
     """``dynamic=True`` (one graph for every length, as serving with varying prompts ends up with): bf16 logits
