@@ -310,7 +310,7 @@ FAST_SIGMOID = os.environ.get("DSMOE_FAST_SIGMOID", "on") == "on"
 """The GLU's sigmoid by the one-instruction tanh (``gate_up_glu._fast_sigmoid``) for 16-bit outputs on NVIDIA GPUs:
 one special-function operation per element instead of two. H200, bf16 (``benchmarks/layer_ab.py --variants
 base:FAST_SIGMOID=off,fast:FAST_SIGMOID=on``, results/h200/layer_ab_fast_sigmoid.json): the gate/up kernel 1-14 %
-faster, the layer 0-5 %, its error against fp64 unchanged to three digits. "off": ``tl.sigmoid``."""
+faster, the layer -0.5 to +5 %, its error against fp64 unchanged to three digits. "off": ``tl.sigmoid``."""
 
 
 def fast_sigmoid(x: torch.Tensor) -> bool:
