@@ -314,9 +314,10 @@ faster, the layer -0.5 to +5 %, its error against fp64 unchanged to three digits
 
 
 def fast_sigmoid(x: torch.Tensor) -> bool:
-    """``FAST_SIGMOID`` where it applies: 16-bit activations on an NVIDIA GPU (inline PTX; not the interpreter)."""
+    """``FAST_SIGMOID`` where it applies: 16-bit activations on an NVIDIA GPU that has ``tanh.approx`` (sm_75 and
+    newer; inline PTX, so not the interpreter)."""
     return (FAST_SIGMOID and x.is_cuda and torch.version.hip is None and not INTERPRETED
-            and x.dtype in (torch.bfloat16, torch.float16))
+            and x.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (7, 5))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
