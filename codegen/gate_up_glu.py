@@ -110,7 +110,8 @@ def _activation(gate, ACTIVATION: tl.constexpr, FAST_SIGMOID: tl.constexpr = Fal
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED", "DOT_PRECISION"],
+                 key=["N", "K", "ROWS_BUCKET", "W_DESC", "W_TABLE", "STACKED", "GATED", "DOT_PRECISION",
+                      "FAST_SIGMOID"],
                  prune_configs_by={"early_config_prune": prune_launch_shape})
 @triton.jit
 def gate_up_glu_kernel(
