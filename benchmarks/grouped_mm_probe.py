@@ -67,7 +67,8 @@ def probe_case(name, T) -> dict:
                                     plan.down.constexprs, y, gemm_sweep.DOWN, dn_flops)
     y_ours = y.clone()  # rows by pair id, scaled by the routing weight
 
-    token = (sorted_ids.long() // K)
+    pair = sorted_ids.long()
+    token = pair // K
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     x_sorted = x.index_select(0, token)
     row["gather_ms"] = gemm_sweep.ms(lambda: x.index_select(0, token))
@@ -77,8 +78,8 @@ def probe_case(name, T) -> dict:
     row["glu_ms"] = gemm_sweep.ms(lambda: F.silu(gu[:, :I]) * gu[:, I:])
     row["gate_up_err"] = rel_err(F.silu(gu[:, :I].float()) * gu[:, I:].float(), h_ours)
     dn = torch._grouped_mm(h_ours, w_dn["model"], offs=offs)
-    scale = weights.reshape(-1)[sorted_ids.long()].float()[:, None]
-    row["down_err"] = rel_err(dn.float() * scale, y_ours[sorted_ids.long()])
+    scale = weights.reshape(-1)[pair].float()[:, None]
+    row["down_err"] = rel_err(dn.float() * scale, y_ours[pair])
     for layout in w_gu:
         row[f"gm_gate_up_{layout}"] = gemm_sweep.ms(lambda: torch._grouped_mm(x_sorted, w_gu[layout], offs=offs))
         row[f"gm_down_{layout}"] = gemm_sweep.ms(lambda: torch._grouped_mm(h_ours, w_dn[layout], offs=offs))
